@@ -1,0 +1,145 @@
+"""Log-likelihood of a continuation given a context: the one scoring primitive every metric shares.
+
+The contract is lm-evaluation-harness's `HFLM._loglikelihood_tokens` for causal LMs:
+
+* the model sees ``(context + continuation)[-(max_length + 1):][:-1]`` — context is cut from the left when the
+  pair is too long, and the final token is only ever a target, never an input;
+* the answer per request is ``(Σ log p(continuation | context), is_greedy)``, where ``is_greedy`` says whether
+  every continuation token is the argmax of its position's distribution;
+* requests run longest-first (so an out-of-memory error shows on the first batch, not the last) and come back in
+  the caller's order.
+
+Batches are right-padded with an attention mask, so every real token keeps positions ``0..len-1`` and never
+attends to padding. Log-softmax (as ``logit - logsumexp``, a bounded number of rows at a time) runs in fp32
+whatever dtype the model computes in; sums accumulate in fp64.
+
+Shape legend: b = requests in a batch, t = padded input length, v = vocabulary, n = continuation tokens in a batch.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+Request = tuple[list[int], list[int]]
+_ROWS_PER_CHUNK = 4096  # continuation tokens upcast to fp32 at once: 4096 x 49k vocab x 4 bytes = 0.8 GB
+
+
+def model_input(context: Sequence[int], continuation: Sequence[int], max_length: int | None) -> list[int]:
+    """The tokens the model is fed for one request: lm-eval's left truncation, final token dropped."""
+    whole = list(context) + list(continuation)
+    if max_length is not None:
+        whole = whole[-(max_length + 1):]
+    return whole[:-1]
+
+
+def _check(request: Request, index: int, max_length: int | None) -> None:
+    context, continuation = request
+    if len(context) == 0:
+        raise ValueError(
+            f"request {index}: empty context; a causal LM needs at least one token before the continuation "
+            "(prefix a BOS/EOS token, as lm-evaluation-harness does for an empty context)"
+        )
+    if len(continuation) == 0:
+        raise ValueError(f"request {index}: empty continuation; there is nothing to score")
+    if max_length is not None and len(continuation) > max_length:
+        raise ValueError(
+            f"request {index}: continuation of {len(continuation)} tokens is longer than max_length={max_length}"
+        )
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next(model.parameters()).device
+
+
+def _forward_kwargs(model: torch.nn.Module) -> dict[str, bool]:
+    """Ask for no KV cache where the model's forward takes `use_cache` (scoring never decodes)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"use_cache": False} if "use_cache" in params else {}
+
+
+def _score_batch(
+    model: torch.nn.Module, batch: list[Request], max_length: int | None, device: torch.device, kwargs: dict
+) -> list[tuple[float, bool]]:
+    inputs = [model_input(ctx, cont, max_length) for ctx, cont in batch]
+    in_lens = [len(x) for x in inputs]
+    cont_lens = [len(cont) for _, cont in batch]
+    width = max(in_lens)
+
+    input_ids = torch.zeros(len(batch), width, dtype=torch.long)  # [b, t]; pad id is irrelevant (masked)
+    attention_mask = torch.zeros(len(batch), width, dtype=torch.long)  # [b, t]
+    for i, ids in enumerate(inputs):
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, : len(ids)] = 1
+
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs).logits
+
+    # The logit at input position p predicts token p + 1, so a continuation of c tokens is read from the last c
+    # real positions of its row: [in_len - c, in_len).
+    rows = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor(cont_lens))  # [n]
+    positions = torch.cat([torch.arange(n_in - c, n_in) for n_in, c in zip(in_lens, cont_lens)])  # [n]
+    targets = torch.tensor([tok for _, cont in batch for tok in cont], dtype=torch.long, device=device)  # [n]
+    rows, positions = rows.to(device), positions.to(device)
+
+    token_lp = torch.empty(len(targets), dtype=torch.float64, device=device)  # [n]
+    misses = torch.empty(len(targets), dtype=torch.float64, device=device)  # [n]
+    for lo in range(0, len(targets), _ROWS_PER_CHUNK):  # bounds the fp32 copy to [chunk, v]
+        sl = slice(lo, lo + _ROWS_PER_CHUNK)
+        scores = logits[rows[sl], positions[sl]].float()  # [c, v], fp32 whatever the model's dtype
+        # log_softmax(x)[y] = x[y] - logsumexp(x), without materialising the full log-softmax
+        token_lp[sl] = (scores.gather(-1, targets[sl, None]).squeeze(-1) - scores.logsumexp(dim=-1)).double()
+        misses[sl] = (scores.argmax(dim=-1) != targets[sl]).double()
+
+    sums = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, rows, token_lp)
+    n_miss = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, rows, misses)
+    return [(float(s), bool(m == 0)) for s, m in zip(sums.tolist(), n_miss.tolist())]
+
+
+def score_continuations(
+    model: torch.nn.Module,
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    progress: bool = False,
+    desc: str = "scoring",
+) -> list[tuple[float, bool]]:
+    """For each (context_ids, continuation_ids): (summed log-probability of the continuation, is_greedy).
+
+    Works for any Hugging Face causal LM (anything whose ``model(input_ids=..., attention_mask=...)`` returns
+    ``.logits``). ``max_length`` caps the model's input length as lm-evaluation-harness does (context truncated
+    from the left); None feeds whole requests. The model is put in eval mode for the call and restored after.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"max_length must be >= 1 or None, got {max_length}")
+    reqs: list[Request] = [(list(ctx), list(cont)) for ctx, cont in requests]
+    for i, req in enumerate(reqs):
+        _check(req, i, max_length)
+
+    # lm-eval's order: longest first, ties broken by the tokens themselves (deterministic batches).
+    order = sorted(range(len(reqs)), key=lambda i: (-len(reqs[i][0]) - len(reqs[i][1]), reqs[i][0] + reqs[i][1]))
+    results: list[tuple[float, bool] | None] = [None] * len(reqs)
+    device, kwargs = _device(model), _forward_kwargs(model)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), tqdm(total=len(reqs), desc=desc, disable=not progress) as bar:
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                for i, answer in zip(idx, _score_batch(model, [reqs[i] for i in idx], max_length, device, kwargs)):
+                    results[i] = answer
+                bar.update(len(idx))
+    finally:
+        model.train(was_training)
+    return results  # type: ignore[return-value]  # every slot filled above
