@@ -1,0 +1,181 @@
+"""Configs: one pydantic model per component; YAML mirrors them exactly.
+
+Unknown keys are errors that name the key; values are checked where they are declared; `--set a.b=c` overrides
+are applied to the YAML tree before validation, so they are checked the same way.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that does not validate; the message names each bad field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class SyntheticDataConfig(_Strict):
+    """The teacher writes the corpus (used when `data.source` is null)."""
+
+    num_documents: int = Field(256, ge=2)
+    max_new_tokens: int = Field(160, ge=1)
+    temperature: float = Field(0.8, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    batch_size: int = Field(32, ge=1)
+
+
+class DataConfig(_Strict):
+    source: Optional[str] = None  # .txt/.jsonl/.parquet file, folder of .txt, or HF dataset; null: teacher-written
+    field: str = "text"
+    split: str = "train"
+    max_documents: Optional[int] = Field(None, ge=1)
+    block_size: int = Field(256, ge=8)
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    synthetic: SyntheticDataConfig = SyntheticDataConfig()
+
+
+class StudentConfig(_Strict):
+    init: Literal["teacher_layers", "random"] = "teacher_layers"
+    num_layers: Optional[int] = Field(None, ge=1)  # evenly spaced teacher layers (or depth of a random student)
+    layers: Optional[list[int]] = None  # explicit teacher layer indices, in order
+    hidden_size: Optional[int] = Field(None, ge=8)  # width overrides: random init only
+    intermediate_size: Optional[int] = Field(None, ge=8)
+    num_attention_heads: Optional[int] = Field(None, ge=1)
+    num_key_value_heads: Optional[int] = Field(None, ge=1)
+    tie_word_embeddings: Optional[bool] = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "StudentConfig":
+        if self.layers is not None:
+            if not self.layers:
+                raise ValueError("layers: must not be empty")
+            if any(i < 0 for i in self.layers) or len(set(self.layers)) != len(self.layers):
+                raise ValueError("layers: must be distinct non-negative teacher layer indices")
+            if self.num_layers is not None and self.num_layers != len(self.layers):
+                raise ValueError("num_layers and layers disagree; give one of them")
+        widths = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+        if self.init == "teacher_layers" and any(getattr(self, w) is not None for w in widths):
+            bad = [w for w in widths if getattr(self, w) is not None]
+            raise ValueError(f"{', '.join(bad)}: width overrides need init: random (teacher layers keep their shapes)")
+        return self
+
+
+class LossConfig(_Strict):
+    mode: Literal["cache", "online", "ce"] = "cache"  # ce: cross-entropy only (the baseline; no teacher)
+    loss: str = "forward_kl"
+    temperature: float = Field(1.0, gt=0)
+    ce_weight: float = Field(0.0, ge=0, le=1)
+    top_k: int = Field(64, ge=1)  # teacher cache: top-k log-probs kept per position
+    beta: float = Field(0.5, ge=0, le=1)  # jsd
+    alpha: float = Field(0.1, ge=0, le=1)  # skew_kl / skew_reverse_kl
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, v: str) -> str:
+        from pocketlm.distill.losses import DIVERGENCES
+
+        if v not in DIVERGENCES:
+            raise ValueError(f"unknown loss {v!r}; valid: {', '.join(DIVERGENCES.names())}")
+        return v
+
+    def loss_params(self) -> dict[str, float]:
+        return {"jsd": {"beta": self.beta}, "skew_kl": {"alpha": self.alpha},
+                "skew_reverse_kl": {"alpha": self.alpha}}.get(self.loss, {})
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = Field(10, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    eval_every: int = Field(50, ge=1)
+    save_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast mixed precision, fp32 master weights
+    eval_batch_size: int = Field(8, ge=1)
+
+
+class DistillConfig(_Strict):
+    teacher: str = "smollm2-135m-instruct"
+    teacher_dtype: Literal["float32", "bfloat16"] = "float32"
+    trust_remote_code: bool = False
+    data: DataConfig = DataConfig()
+    student: StudentConfig = StudentConfig()
+    distill: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    output_dir: str = "runs/distill"
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` → (["a", "b", "c"], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. train.steps=100")
+    key, _, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {text!r}: empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({e})") from None
+    return parts, value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    out = dict(tree)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for p in parts[:-1]:
+            child = node.get(p)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[p] = child
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def format_validation_error(e: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for err in e.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling and level)"
+        lines.append(f"  {where}: {msg}" + (f" (got {err['input']!r})" if err["type"] != "extra_forbidden"
+                                             and not isinstance(err.get("input"), dict) else ""))
+    return "\n".join(lines)
+
+
+def load_config(model: type[BaseModel], path: str | Path | None = None, overrides: list[str] | None = None):
+    """Read a YAML file (or nothing, for defaults), apply `key=value` overrides, validate into `model`."""
+    tree: dict = {}
+    source = str(path) if path else "(defaults)"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p} is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of keys, got {type(tree).__name__}")
+    tree = apply_overrides(tree, overrides or [])
+    try:
+        return model.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None

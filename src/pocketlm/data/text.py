@@ -1,0 +1,176 @@
+"""Text → documents → token blocks: the training data path.
+
+Documents come from a `.txt` file (blank-line separated), a folder of `.txt` files (one document each), a `.jsonl`
+or `.parquet` file (a named field), or any Hugging Face dataset (hub name or local path, through `datasets`).
+They are split into train/validation *by document* (no block straddles the split), tokenized with the teacher's
+tokenizer, joined with EOS between documents and cut into fixed-length blocks. The blocks are cached on disk,
+keyed by tokenizer, data, block size and split, so the second run skips tokenization.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the file and the problem."""
+
+
+# ---------------------------------------------------------------------------------------------- reading documents
+def _read_txt(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); convert it to UTF-8 first") from None
+
+
+def _split_blank_lines(text: str) -> list[str]:
+    docs, current = [], []
+    for line in text.splitlines():
+        if line.strip():
+            current.append(line)
+        elif current:
+            docs.append("\n".join(current))
+            current = []
+    if current:
+        docs.append("\n".join(current))
+    return docs
+
+
+def _from_dataset(ds, field: str, where: str) -> list[str]:
+    if field not in ds.column_names:
+        raise DataError(f"{where} has no field {field!r}; its fields are: {', '.join(ds.column_names)}")
+    return [t for t in ds[field] if isinstance(t, str)]
+
+
+def read_documents(
+    source: str | os.PathLike,
+    *,
+    field: str = "text",
+    split: str = "train",
+    max_documents: int | None = None,
+) -> list[str]:
+    """Read non-empty documents from a path or a Hugging Face dataset name."""
+    import datasets
+
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.is_dir() and any(path.glob("*.txt")):
+        docs = [_read_txt(p) for p in sorted(path.glob("*.txt"))]
+    elif path.is_file() and path.suffix in (".txt", ".raw", ".md"):
+        docs = _split_blank_lines(_read_txt(path))
+    elif path.is_file() and path.suffix in (".jsonl", ".json", ".parquet", ".csv"):
+        builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}[path.suffix]
+        try:
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as e:  # noqa: BLE001 - datasets raises many types for a bad file
+            raise DataError(f"could not read {path} as {builder}: {str(e).splitlines()[0]}") from None
+        docs = _from_dataset(ds, field, str(path))
+    elif path.exists() and path.is_file():
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .txt, .jsonl, .parquet or .csv")
+    elif not path.exists() and text.startswith((".", "/", "~")):
+        raise DataError(f"data not found: {path}")
+    else:  # a hub dataset name, or a local dataset folder (parquet/json/arrow files) that `datasets` reads
+        try:
+            ds = datasets.load_dataset(text, split=split)
+        except Exception as e:  # noqa: BLE001
+            raise DataError(
+                f"could not load the dataset {text!r} (split {split!r}): {str(e).splitlines()[0]}. "
+                f"Offline? Pass a local file or folder instead."
+            ) from None
+        docs = _from_dataset(ds, field, f"dataset {text!r}")
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise DataError(f"{text} holds no non-empty documents")
+    return docs[:max_documents] if max_documents else docs
+
+
+def hash_documents(docs: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(hashlib.sha256(d.encode("utf-8")).digest())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- blocks
+def split_documents(docs: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Shuffle documents by seed and hold out `val_fraction` of them (at least one) for validation."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    n_val = 0 if val_fraction == 0 else max(1, round(len(docs) * val_fraction))
+    if n_val >= len(docs):
+        raise DataError(f"only {len(docs)} document(s): too few to hold out a validation split")
+    val = [docs[i] for i in sorted(order[:n_val])]
+    train = [docs[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
+def pack(docs: Sequence[str], tokenizer, block_size: int) -> torch.Tensor:
+    """Tokenize documents, join them with EOS between, and cut into `[n, block_size]` blocks (remainder dropped)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token to separate documents")
+    ids: list[int] = []
+    for ids_doc in tokenizer(list(docs), add_special_tokens=False)["input_ids"]:
+        ids.extend(ids_doc)
+        ids.append(eos)
+    n = len(ids) // block_size
+    if n == 0:
+        raise DataError(f"{len(ids)} tokens are fewer than one block of {block_size}; add data or lower block_size")
+    return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)  # [n, L]
+
+
+@dataclass
+class TokenBlocks:
+    """Packed train/validation blocks and where they came from."""
+
+    train: torch.Tensor  # [n_train, L] int64
+    val: torch.Tensor  # [n_val, L] int64
+    data_hash: str  # hash of the source documents, the split and the block size
+    block_size: int
+
+    @property
+    def n_tokens(self) -> int:
+        return self.train.numel()
+
+
+def build_blocks(
+    docs: Sequence[str],
+    tokenizer,
+    *,
+    block_size: int,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    tokenizer_fingerprint: str | None = None,
+) -> TokenBlocks:
+    """Split, tokenize and pack documents, reusing an on-disk cache keyed by tokenizer, data, block size and split."""
+    from pocketlm.models.load import fingerprint_tokenizer
+
+    tok_fp = tokenizer_fingerprint or fingerprint_tokenizer(tokenizer)
+    key = hashlib.sha256(
+        json.dumps([tok_fp, hash_documents(docs), block_size, val_fraction, seed]).encode()
+    ).hexdigest()[:16]
+    path = Path(cache_dir) / f"blocks-{key}.safetensors" if cache_dir else None
+    if path is not None and path.is_file():
+        t = load_file(str(path))
+        return TokenBlocks(t["train"], t["val"], key, block_size)
+    train_docs, val_docs = split_documents(docs, val_fraction, seed)
+    train = pack(train_docs, tokenizer, block_size)
+    val = pack(val_docs, tokenizer, block_size) if val_docs else torch.empty(0, block_size, dtype=torch.long)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({"train": train.contiguous(), "val": val.contiguous()}, str(tmp))
+        os.replace(tmp, path)
+    return TokenBlocks(train, val, key, block_size)

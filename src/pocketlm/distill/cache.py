@@ -1,0 +1,195 @@
+"""Teacher cache: one pass of the teacher over the training blocks, kept on disk as top-k log-probs.
+
+Layout of a cache folder::
+
+    manifest.json            what the cache is of (teacher, tokenizer, data, k) and its shards with checksums
+    shard-00000.safetensors  "logprobs" [n, L, k] float16 (log p at T=1, descending), "indices" [n, L, k] int32
+
+Position t of a block holds the teacher's distribution over the token at t+1, as the student's logits do. The
+tail mass (1 − Σ top-k) is not stored: the loss recomputes it from the log-probs (see `distill.losses`).
+Shards are written to a temporary file and renamed, so an interrupted build resumes from the shards that exist;
+a cache whose manifest does not match the run, or whose shard checksum fails, is refused with the reason.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+CACHE_VERSION = 1
+
+
+class CacheMismatchError(ValueError):
+    """A teacher cache that was built for something else, or is damaged."""
+
+
+@dataclass
+class CacheManifest:
+    teacher_fingerprint: str
+    tokenizer_fingerprint: str
+    data_hash: str
+    k: int
+    block_size: int
+    n_blocks: int
+    shard_blocks: int
+    teacher_dtype: str
+    version: int = CACHE_VERSION
+    shards: list[dict] = field(default_factory=list)  # {"file", "start", "end", "sha256"}
+
+    def key(self) -> dict:
+        """The fields two caches must share to be interchangeable."""
+        return {
+            "version": self.version,
+            "teacher_fingerprint": self.teacher_fingerprint,
+            "tokenizer_fingerprint": self.tokenizer_fingerprint,
+            "data_hash": self.data_hash,
+            "k": self.k,
+            "block_size": self.block_size,
+            "n_blocks": self.n_blocks,
+        }
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+@torch.inference_mode()
+def teacher_topk(teacher, input_ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k log-probs (fp32 log-softmax) and indices of the teacher at every position: [b, L, k] each."""
+    logits = teacher(input_ids=input_ids).logits  # [b, L, V]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    values, indices = logp.topk(k, dim=-1)  # sorted, descending
+    return values, indices
+
+
+def build_teacher_cache(
+    teacher,
+    blocks: torch.Tensor,
+    out_dir: str | os.PathLike,
+    *,
+    k: int,
+    teacher_fingerprint: str,
+    tokenizer_fingerprint: str,
+    data_hash: str,
+    batch_size: int = 8,
+    shard_blocks: int = 256,
+    progress: bool = True,
+) -> "TeacherCache":
+    """Run the teacher once over `blocks` [n, L] and write the cache; shards already written are kept (resume)."""
+    out = Path(out_dir)
+    n, L = blocks.shape
+    vocab = teacher.get_output_embeddings().weight.shape[0]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"cache k must be between 1 and the vocabulary size {vocab}, got {k}")
+    manifest = CacheManifest(
+        teacher_fingerprint=teacher_fingerprint,
+        tokenizer_fingerprint=tokenizer_fingerprint,
+        data_hash=data_hash,
+        k=k,
+        block_size=L,
+        n_blocks=n,
+        shard_blocks=shard_blocks,
+        teacher_dtype=str(next(teacher.parameters()).dtype).removeprefix("torch."),
+    )
+    mpath = out / "manifest.json"
+    if mpath.is_file():
+        old = json.loads(mpath.read_text())
+        if CacheManifest(**old).key() == manifest.key():
+            try:
+                return TeacherCache.open(out, expect=manifest.key())
+            except CacheMismatchError:
+                pass  # damaged or unfinished: rebuild the missing/bad shards below
+        else:
+            raise CacheMismatchError(
+                f"{out} holds a teacher cache for different inputs ({_diff(old, manifest.key())}); "
+                f"use another cache folder or delete this one"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    teacher.eval()
+    bar = tqdm(total=n, desc="teacher cache", unit="block", disable=not progress)
+    for s_idx, start in enumerate(range(0, n, shard_blocks)):
+        end = min(start + shard_blocks, n)
+        name = f"shard-{s_idx:05d}.safetensors"
+        path = out / name
+        if not path.is_file():
+            vals, idxs = [], []
+            for b in range(start, end, batch_size):
+                v, i = teacher_topk(teacher, blocks[b : min(b + batch_size, end)], k)
+                vals.append(v.to(torch.float16))
+                idxs.append(i.to(torch.int32))
+                bar.update(min(b + batch_size, end) - b)
+            tmp = out / f".{name}.tmp{os.getpid()}"
+            save_file({"logprobs": torch.cat(vals).contiguous(), "indices": torch.cat(idxs).contiguous()}, str(tmp))
+            os.replace(tmp, path)
+        else:
+            bar.update(end - start)
+        manifest.shards.append({"file": name, "start": start, "end": end, "sha256": _sha256(path)})
+    bar.close()
+    _write_json_atomic(mpath, asdict(manifest))
+    return TeacherCache.open(out, expect=manifest.key())
+
+
+def _diff(old: dict, new: dict) -> str:
+    parts = [f"{key}: cache has {old.get(key)!r}, run needs {val!r}" for key, val in new.items() if old.get(key) != val]
+    return "; ".join(parts) or "unknown difference"
+
+
+class TeacherCache:
+    """A verified teacher cache held in memory; `get(block_ids)` returns ([b, L, k] log-probs, [b, L, k] indices)."""
+
+    def __init__(self, manifest: CacheManifest, logprobs: torch.Tensor, indices: torch.Tensor) -> None:
+        self.manifest = manifest
+        self.logprobs = logprobs  # [n, L, k] float16
+        self.indices = indices  # [n, L, k] int32
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, expect: dict | None = None, verify: bool = True) -> "TeacherCache":
+        root = Path(path)
+        mpath = root / "manifest.json"
+        if not mpath.is_file():
+            raise CacheMismatchError(f"{root} is not a teacher cache (no manifest.json)")
+        try:
+            manifest = CacheManifest(**json.loads(mpath.read_text()))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise CacheMismatchError(f"{mpath} is not a valid cache manifest: {e}") from None
+        if expect is not None and manifest.key() != expect:
+            raise CacheMismatchError(f"teacher cache {root} does not match this run: {_diff(manifest.key(), expect)}")
+        vals, idxs = [], []
+        for shard in manifest.shards:
+            spath = root / shard["file"]
+            if not spath.is_file():
+                raise CacheMismatchError(f"teacher cache shard {spath} is missing")
+            if verify and _sha256(spath) != shard["sha256"]:
+                raise CacheMismatchError(f"teacher cache shard {spath} is damaged (checksum mismatch); rebuild the cache")
+            t = load_file(str(spath))
+            vals.append(t["logprobs"])
+            idxs.append(t["indices"])
+        if not vals:
+            raise CacheMismatchError(f"teacher cache {root} has no shards")
+        logprobs, indices = torch.cat(vals), torch.cat(idxs)
+        expected = (manifest.n_blocks, manifest.block_size, manifest.k)
+        if tuple(logprobs.shape) != expected or tuple(indices.shape) != expected:
+            raise CacheMismatchError(f"teacher cache {root} holds {tuple(logprobs.shape)}, manifest says {expected}")
+        return cls(manifest, logprobs, indices)
+
+    def __len__(self) -> int:
+        return self.manifest.n_blocks
+
+    def get(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.logprobs[block_ids], self.indices[block_ids].long()

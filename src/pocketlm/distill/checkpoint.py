@@ -1,0 +1,171 @@
+"""Checkpoints in Hugging Face layout, written atomically, holding everything an exact resume needs.
+
+    step-000100/
+      config.json, model.safetensors, tokenizer files     the student, loadable by `from_pretrained`
+      optimizer.safetensors                               AdamW moments, flattened "state.{param}.{key}"
+      trainer_state.json                                  step, optimizer param groups, scheduler, RNG, metrics
+
+Nothing is pickled: tensors go to safetensors, the rest to JSON. A checkpoint is built in a hidden temporary
+folder and renamed into place, so a crash mid-write leaves the previous checkpoint as the latest.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+_STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:06d}"
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints under `root`, oldest first (a folder counts once its trainer_state.json is in place)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and (p / "trainer_state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    ckpts = list_checkpoints(root)
+    return ckpts[-1][1] if ckpts else None
+
+
+# ---------------------------------------------------------------------------------------------- optimizer state
+def optimizer_to_flat(state_dict: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    tensors: dict[str, torch.Tensor] = {}
+    for pid, st in state_dict["state"].items():
+        for key, val in st.items():
+            t = val if isinstance(val, torch.Tensor) else torch.tensor(val)
+            tensors[f"state.{pid}.{key}"] = t.detach().cpu().contiguous()
+    return tensors, state_dict["param_groups"]
+
+
+def optimizer_from_flat(tensors: dict[str, torch.Tensor], param_groups: list[dict]) -> dict:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = t
+    return {"state": state, "param_groups": param_groups}
+
+
+# ---------------------------------------------------------------------------------------------- RNG
+def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    meta = {
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    return tensors, meta
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+    v, internal, gauss = meta["python"]
+    random.setstate((v, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+def save_checkpoint(
+    root: str | os.PathLike,
+    step: int,
+    *,
+    model,
+    tokenizer=None,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write step `step` atomically and keep only the newest `keep` checkpoints."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = step_dir(root, step)
+    tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        opt_tensors, groups = optimizer_to_flat(optimizer.state_dict())
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        rng_tensors, rng_meta = capture_rng()
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        trainer_state = {
+            "step": step,
+            "optimizer_param_groups": groups,
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_meta,
+            **state,
+        }
+        # written last: its presence marks the folder complete
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1, default=_json_default))
+        _fsync_dir(tmp)
+        if final.exists():  # a re-save of the same step (e.g. after resume): replace it whole
+            old = root / f".old-step-{step:06d}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for _, old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _json_default(o):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def load_training_state(ckpt: str | os.PathLike, optimizer, scheduler) -> dict[str, Any]:
+    """Restore optimizer, scheduler and RNG from a checkpoint folder; returns trainer_state.json's content."""
+    ckpt = Path(ckpt)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    opt = optimizer_from_flat(load_file(str(ckpt / "optimizer.safetensors")), state["optimizer_param_groups"])
+    optimizer.load_state_dict(opt)
+    scheduler.load_state_dict(state["scheduler"])
+    restore_rng(load_file(str(ckpt / "rng.safetensors")), state["rng"])
+    return state

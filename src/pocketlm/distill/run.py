@@ -1,0 +1,168 @@
+"""`pocketlm distill`: teacher + data → blocks → (teacher cache) → student → trained checkpoint.
+
+Every intermediate product lives in the run folder and is reused when its inputs match (the teacher-written
+corpus, the token blocks, the teacher cache), so a re-run after an interruption continues instead of starting over.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pocketlm.config import DistillConfig
+from pocketlm.data.synthetic import teacher_corpus
+from pocketlm.data.text import TokenBlocks, build_blocks, read_documents
+from pocketlm.distill.checkpoint import latest_checkpoint
+from pocketlm.distill.cache import TeacherCache, build_teacher_cache
+from pocketlm.distill.trainer import Trainer, TrainResult
+from pocketlm.models.load import check_vocab_compatible, fingerprint_model, fingerprint_tokenizer, load_model
+
+
+@dataclass
+class Prepared:
+    """What every student of one run shares: the teacher, its tokenizer, the documents and the blocks."""
+
+    teacher: Any
+    tokenizer: Any
+    teacher_fingerprint: str
+    tokenizer_fingerprint: str
+    train_docs: list[str]
+    val_docs: list[str]
+    blocks: TokenBlocks
+
+
+def _corpus_path(out: Path, cfg: DistillConfig, teacher_fp: str) -> Path:
+    key = hashlib.sha256(json.dumps([teacher_fp, cfg.data.synthetic.model_dump(), cfg.train.seed]).encode())
+    return out / "data" / f"teacher-corpus-{key.hexdigest()[:12]}.jsonl"
+
+
+def load_documents(cfg: DistillConfig, teacher, tokenizer, teacher_fp: str, out: Path, progress: bool) -> list[str]:
+    d = cfg.data
+    if d.source is not None:
+        return read_documents(d.source, field=d.field, split=d.split, max_documents=d.max_documents)
+    path = _corpus_path(out, cfg, teacher_fp)
+    if path.is_file():
+        return read_documents(path, field="text")
+    s = d.synthetic
+    docs = teacher_corpus(
+        teacher, tokenizer, num_documents=s.num_documents, max_new_tokens=s.max_new_tokens,
+        temperature=s.temperature, top_p=s.top_p, batch_size=s.batch_size, seed=cfg.train.seed, progress=progress,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for doc in docs:
+            f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return docs
+
+
+def prepare(cfg: DistillConfig, *, progress: bool = True, teacher=None, tokenizer=None) -> Prepared:
+    """Load the teacher and build the token blocks (both reused by every student of the run)."""
+    from pocketlm.data.text import split_documents
+
+    out = Path(cfg.output_dir)
+    if teacher is None:
+        teacher, tokenizer = load_model(cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code)
+    t_fp, k_fp = fingerprint_model(teacher), fingerprint_tokenizer(tokenizer)
+    docs = load_documents(cfg, teacher, tokenizer, t_fp, out, progress)
+    blocks = build_blocks(
+        docs, tokenizer, block_size=cfg.data.block_size, val_fraction=cfg.data.val_fraction, seed=cfg.train.seed,
+        cache_dir=out / "data", tokenizer_fingerprint=k_fp,
+    )
+    train_docs, val_docs = split_documents(docs, cfg.data.val_fraction, cfg.train.seed)
+    return Prepared(teacher, tokenizer, t_fp, k_fp, train_docs, val_docs, blocks)
+
+
+def build_student(cfg: DistillConfig, teacher):
+    from pocketlm.models.init import init_student_from_teacher, student_config_from_teacher
+    from pocketlm.models.student import PocketLMForCausalLM
+
+    s = cfg.student
+    torch.manual_seed(cfg.train.seed)
+    if s.init == "teacher_layers":
+        conf = student_config_from_teacher(teacher.config, num_layers=s.num_layers, layers=s.layers)
+        student = init_student_from_teacher(teacher, conf, layers=s.layers)
+    else:
+        overrides = {k: v for k, v in s.model_dump().items()
+                     if k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                              "tie_word_embeddings") and v is not None}
+        if "hidden_size" in overrides and "num_attention_heads" in overrides:
+            overrides["head_dim"] = overrides["hidden_size"] // overrides["num_attention_heads"]
+        conf = student_config_from_teacher(teacher.config, num_layers=s.num_layers, layers=s.layers, **overrides)
+        student = PocketLMForCausalLM(conf)
+    check_vocab_compatible(teacher, student)
+    return student.float()
+
+
+def get_cache(cfg: DistillConfig, prep: Prepared, progress: bool) -> TeacherCache:
+    return build_teacher_cache(
+        prep.teacher, prep.blocks.train, Path(cfg.output_dir) / "teacher_cache", k=cfg.distill.top_k,
+        teacher_fingerprint=prep.teacher_fingerprint, tokenizer_fingerprint=prep.tokenizer_fingerprint,
+        data_hash=prep.blocks.data_hash, batch_size=cfg.train.eval_batch_size, progress=progress,
+    )
+
+
+def save_student(student, tokenizer, dest: Path) -> Path:
+    """Write the final student as a Hugging Face folder, atomically."""
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    return dest
+
+
+@dataclass
+class DistillResult:
+    student_dir: str
+    train: TrainResult
+    teacher_fingerprint: str
+    data_hash: str
+    n_train_tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["train"].pop("history", None)
+        return d
+
+
+def run_distill(
+    cfg: DistillConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    prepared: Prepared | None = None,
+    desc: str = "distill",
+) -> DistillResult:
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume and latest_checkpoint(out / "checkpoints") is not None:
+        raise FileExistsError(
+            f"{out} already holds checkpoints of a run; pass --resume to continue it, or choose another output_dir"
+        )
+    (out / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
+    prep = prepared or prepare(cfg, progress=progress)
+    cache = get_cache(cfg, prep, progress) if cfg.distill.mode == "cache" else None
+    student = build_student(cfg, prep.teacher)
+    trainer = Trainer(
+        student, train_blocks=prep.blocks.train, val_blocks=prep.blocks.val, train_cfg=cfg.train,
+        loss_cfg=cfg.distill, out_dir=out, teacher=prep.teacher if cfg.distill.mode == "online" else None,
+        cache=cache, tokenizer=prep.tokenizer, progress=progress, desc=desc,
+        run_info={"teacher": cfg.teacher, "teacher_fingerprint": prep.teacher_fingerprint,
+                  "data_hash": prep.blocks.data_hash},
+    )
+    if resume:
+        trainer.resume()
+    result = trainer.train()
+    model = trainer.accelerator.unwrap_model(trainer.student)
+    dest = save_student(model, prep.tokenizer, out / "student")
+    return DistillResult(str(dest), result, prep.teacher_fingerprint, prep.blocks.data_hash, prep.blocks.n_tokens)

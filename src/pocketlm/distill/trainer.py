@@ -1,0 +1,252 @@
+"""The distillation trainer: our logic on top of `accelerate`.
+
+One loop serves three modes: `cache` (teacher top-k read from the teacher cache), `online` (the teacher runs every
+step, full-vocabulary loss) and `ce` (cross-entropy on the data alone: the baseline every distilled student is
+compared with). The data order is a pure function of (seed, step), so a checkpoint only needs the step to know the
+data position; with optimizer, scheduler and RNG restored, a resumed run ends with the weights an uninterrupted one
+would have.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from pocketlm.config import LossConfig, TrainConfig
+from pocketlm.distill.cache import TeacherCache
+from pocketlm.distill.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from pocketlm.distill.losses import kd_loss
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the run stopped without writing a checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_val_perplexity: float | None
+    tokens_seen: int
+    wall_seconds: float
+    tokens_per_second: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint: str | None = None
+
+
+def cosine_with_warmup(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    """Linear warmup to the peak LR, then cosine decay to `min_ratio` × peak at `total` steps."""
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def batch_indices(n_blocks: int, batch_size: int, seed: int, micro_step: int) -> torch.Tensor:
+    """Block ids of micro-batch number `micro_step`: epochs are seeded permutations, the last partial batch dropped."""
+    per_epoch = n_blocks // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"{n_blocks} training blocks are fewer than one batch of {batch_size}")
+    epoch, offset = divmod(micro_step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n_blocks, generator=g)
+    return order[offset * batch_size : (offset + 1) * batch_size]
+
+
+class Trainer:
+    def __init__(
+        self,
+        student,
+        *,
+        train_blocks: torch.Tensor,
+        val_blocks: torch.Tensor | None,
+        train_cfg: TrainConfig,
+        loss_cfg: LossConfig,
+        out_dir: str | os.PathLike,
+        teacher=None,
+        cache: TeacherCache | None = None,
+        tokenizer=None,
+        run_info: dict[str, Any] | None = None,
+        progress: bool = True,
+        desc: str = "distill",
+    ) -> None:
+        from accelerate import Accelerator
+
+        if loss_cfg.mode == "cache" and cache is None:
+            raise ValueError("distill.mode is 'cache' but no teacher cache was given")
+        if loss_cfg.mode == "online" and teacher is None:
+            raise ValueError("distill.mode is 'online' but no teacher was given")
+        if cache is not None and len(cache) != len(train_blocks):
+            raise ValueError(f"teacher cache has {len(cache)} blocks, training data {len(train_blocks)}")
+        self.cfg, self.loss_cfg = train_cfg, loss_cfg
+        self.out_dir = Path(out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.train_blocks, self.val_blocks = train_blocks, val_blocks
+        self.teacher, self.cache, self.tokenizer = teacher, cache, tokenizer
+        self.run_info = run_info or {}
+        self.progress, self.desc = progress, desc
+        self.accelerator = Accelerator(
+            mixed_precision="bf16" if train_cfg.precision == "bf16" else "no", cpu=not torch.cuda.is_available()
+        )
+        decay, no_decay = [], []
+        for name, p in student.named_parameters():
+            (no_decay if p.ndim < 2 else decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": train_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=train_cfg.lr,
+            betas=train_cfg.betas,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, cosine_with_warmup(train_cfg.warmup_steps, train_cfg.steps, train_cfg.min_lr_ratio)
+        )
+        self.student, self.optimizer = self.accelerator.prepare(student, optimizer)
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.tokens_seen = 0
+
+    # ------------------------------------------------------------------------------------------ one step
+    def _micro_loss(self, ids: torch.Tensor, block_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        device = self.accelerator.device
+        ids = ids.to(device)
+        inputs, targets = ids[:, :-1], ids[:, 1:]  # [b, L-1] each
+        with self.accelerator.autocast():
+            logits = self.student(input_ids=inputs).logits  # [b, L-1, V]
+        mask = torch.ones_like(targets, dtype=torch.bool)
+        lc = self.loss_cfg
+        if lc.mode == "ce":
+            ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            return ce, {"ce": ce.item()}
+        if lc.mode == "cache":
+            lp, idx = self.cache.get(block_ids)  # [b, L, k] each
+            teacher_kw = {"teacher_topk": (lp[:, :-1].to(device), idx[:, :-1].to(device))}
+        else:
+            with torch.no_grad():
+                teacher_kw = {"teacher_logits": self.teacher(input_ids=inputs).logits}
+        out = kd_loss(
+            logits, targets, mask, loss=lc.loss, temperature=lc.temperature, ce_weight=lc.ce_weight,
+            **teacher_kw, **lc.loss_params(),
+        )
+        return out.loss, {"kd": out.kd.item(), "ce": out.ce.item()}
+
+    def _train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        self.student.train()
+        totals: dict[str, float] = {}
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            micro_step = self.step * cfg.grad_accum + micro
+            block_ids = batch_indices(len(self.train_blocks), cfg.batch_size, cfg.seed, micro_step)
+            loss, parts = self._micro_loss(self.train_blocks[block_ids], block_ids)
+            if not torch.isfinite(loss):
+                last = latest_checkpoint(self.ckpt_dir)
+                raise NonFiniteLossError(
+                    f"loss is {loss.item()} at step {self.step + 1} (micro-batch {micro}, blocks "
+                    f"{block_ids.tolist()}); stopped without saving. Last good checkpoint: {last or 'none'}. "
+                    f"Lower train.lr, check the data, or use train.precision=fp32."
+                )
+            self.accelerator.backward(loss / cfg.grad_accum)
+            loss_sum += loss.item() / cfg.grad_accum
+            for k, v in parts.items():
+                totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
+            self.tokens_seen += block_ids.numel() * (self.train_blocks.shape[1] - 1)
+        grad_norm = self.accelerator.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
+        if not torch.isfinite(torch.as_tensor(grad_norm)):
+            raise NonFiniteLossError(f"gradient norm is {float(grad_norm)} at step {self.step + 1}; stopped without saving")
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"loss": loss_sum, **totals, "lr": lr, "grad_norm": float(grad_norm)}
+
+    # ------------------------------------------------------------------------------------------ eval / save
+    def validate(self) -> float | None:
+        from pocketlm.eval.perplexity import block_perplexity
+
+        if self.val_blocks is None or len(self.val_blocks) == 0:
+            return None
+        model = self.accelerator.unwrap_model(self.student)
+        was_training = model.training
+        model.eval()
+        res = block_perplexity(model, self.val_blocks, batch_size=self.cfg.eval_batch_size)
+        model.train(was_training)
+        return res.token_perplexity
+
+    def save(self) -> Path:
+        model = self.accelerator.unwrap_model(self.student)
+        return save_checkpoint(
+            self.ckpt_dir, self.step, model=model, tokenizer=self.tokenizer, optimizer=self.optimizer,
+            scheduler=self.scheduler, keep=self.cfg.keep_checkpoints,
+            state={"tokens_seen": self.tokens_seen, "history": self.history, "run": self.run_info},
+        )
+
+    def resume(self, ckpt: str | os.PathLike | None = None) -> bool:
+        """Continue from `ckpt` (default: the latest under the run folder); False when there is none."""
+        path = Path(ckpt) if ckpt else latest_checkpoint(self.ckpt_dir)
+        if path is None:
+            return False
+        from safetensors.torch import load_file
+
+        weights = load_file(str(path / "model.safetensors"))
+        model = self.accelerator.unwrap_model(self.student)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        tied = set(getattr(model, "_tied_weights_keys", None) or [])
+        if unexpected or [m for m in missing if m not in tied]:
+            raise ValueError(f"checkpoint {path} does not fit this student (missing {missing}, unexpected {unexpected})")
+        if tied:
+            model.tie_weights()
+        state = load_training_state(path, self.optimizer, self.scheduler)
+        self.step = state["step"]
+        self.tokens_seen = state.get("tokens_seen", 0)
+        self.history = state.get("history", [])
+        return True
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def train(self) -> TrainResult:
+        cfg = self.cfg
+        metrics_path = self.out_dir / "metrics.jsonl"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        # the log holds exactly the steps behind the current weights (rows of a killed run past its checkpoint go)
+        with open(metrics_path, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in self.history)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=self.desc, unit="step", disable=not self.progress)
+        t0, tokens0 = time.perf_counter(), self.tokens_seen
+        last_ckpt = None
+        try:
+            while self.step < cfg.steps:
+                ts, tok_before = time.perf_counter(), self.tokens_seen
+                row = self._train_step()
+                dt = time.perf_counter() - ts
+                row.update(step=self.step, tokens_seen=self.tokens_seen,
+                           tokens_per_s=(self.tokens_seen - tok_before) / max(dt, 1e-9))
+                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                    row["val_perplexity"] = self.validate()
+                self.history.append(row)
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                bar.update(1)
+                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                    last_ckpt = self.save()
+        finally:
+            bar.close()
+        wall = time.perf_counter() - t0
+        val = next((r["val_perplexity"] for r in reversed(self.history) if r.get("val_perplexity") is not None), None)
+        return TrainResult(
+            steps=self.step, final_val_perplexity=val, tokens_seen=self.tokens_seen, wall_seconds=wall,
+            tokens_per_second=(self.tokens_seen - tokens0) / max(wall, 1e-9), history=self.history,
+            checkpoint=str(last_ckpt or latest_checkpoint(self.ckpt_dir) or ""),
+        )

