@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from pocketlm.distill.cache import CacheMismatchError, TeacherCache, build_teacher_cache, teacher_topk
+from pocketlm.distill.cache import CacheMismatchError, TeacherCache, build_teacher_cache
 
 from conftest import make_teacher
 
@@ -23,12 +23,15 @@ def test_cache_holds_the_teachers_topk(tmp_path, setup):
     cache = build_teacher_cache(teacher, blocks, tmp_path, **kw)
     assert len(cache) == 10 and len(cache.manifest.shards) == 3
     ids = torch.tensor([7, 0, 3])
-    lp, idx = cache.get(ids)
+    lp, idx, tail = cache.get(ids)
     with torch.no_grad():
         ref = torch.log_softmax(teacher(input_ids=blocks[ids]).logits.float(), -1)  # [3, 12, V]
     ref_v, ref_i = ref.topk(5, dim=-1)
     assert torch.equal(idx, ref_i)
     torch.testing.assert_close(lp.float(), ref_v, atol=2e-3, rtol=1e-3)  # stored as fp16
+    # the tail bucket: log of the mass outside the top-k, by brute force over the rest of the vocabulary
+    rest = ref.exp().sum(-1) - ref_v.exp().sum(-1)
+    torch.testing.assert_close(tail, rest.log(), rtol=1e-4, atol=1e-5)
     assert (lp[..., :-1] >= lp[..., 1:]).all()
 
 

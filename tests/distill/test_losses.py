@@ -456,3 +456,29 @@ def test_matches_trl_generalized_jsd_loss(beta):
     params = {} if beta == 0.0 else {"beta": beta}
     ours = kd_loss(student, targets, mask, teacher_logits=teacher, loss=name, temperature=tau, **params)
     torch.testing.assert_close(ours.kd / tau**2, want.float(), **TOL)
+
+
+def test_cached_tail_equals_recomputed_tail_and_keeps_reverse_kl_finite():
+    """The teacher cache stores the exact log tail mass; given it, the sparse loss equals the recomputed-tail form,
+    and a confident teacher whose fp16 top-k sums to >= 1 no longer makes reverse KL infinite."""
+    g = torch.Generator().manual_seed(0)
+    t_logits = torch.randn(2, 3, 40, generator=g) * 3
+    s_logits = torch.randn(2, 3, 40, generator=g)
+    logp = torch.log_softmax(t_logits, -1)
+    vals, idx = logp.topk(6, -1)
+    tail = torch.logsumexp(logp.scatter(-1, idx, float("-inf")), -1)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    tgt = torch.zeros(2, 3, dtype=torch.long)
+    for name in DIVERGENCES.names():
+        a = kd_loss(s_logits, tgt, mask, teacher_topk=(vals, idx), loss=name).loss
+        b = kd_loss(s_logits, tgt, mask, teacher_topk=(vals, idx, tail), loss=name).loss
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # a very confident teacher: in fp16 its top-k rounds to a full (or over-full) distribution
+    sharp = torch.log_softmax(t_logits * 20, -1)
+    v, i = sharp.topk(6, -1)
+    tail = torch.logsumexp(sharp.scatter(-1, i, float("-inf")), -1)
+    s = s_logits.clone().requires_grad_(True)
+    out = kd_loss(s, tgt, mask, teacher_topk=(v.half(), i, tail), loss="reverse_kl")
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert torch.isfinite(s.grad).all()

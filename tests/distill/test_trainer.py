@@ -81,8 +81,8 @@ def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, teacher_di
 
     def poisoned(self, ids):
         calls["n"] += 1
-        lp, idx = real_get(self, ids)
-        return (lp.clone().fill_(float("nan")), idx) if calls["n"] == 5 else (lp, idx)  # step 5's batch
+        lp, idx, tail = real_get(self, ids)
+        return (lp.clone().fill_(float("nan")), idx, tail) if calls["n"] == 5 else (lp, idx, tail)  # step 5
 
     monkeypatch.setattr(cache_mod.TeacherCache, "get", poisoned)
     with pytest.raises(NonFiniteLossError, match="at step 5") as e:

@@ -3,10 +3,10 @@
 Layout of a cache folder::
 
     manifest.json            what the cache is of (teacher, tokenizer, data, k) and its shards with checksums
-    shard-00000.safetensors  "logprobs" [n, L, k] float16 (log p at T=1, descending), "indices" [n, L, k] int32
+    shard-00000.safetensors  "logprobs" [n, L, k] float16 (log p at T=1, descending), "indices" [n, L, k] int32,
+                             "tail" [n, L] float32 (log of the mass outside the top-k: one extra bucket)
 
-Position t of a block holds the teacher's distribution over the token at t+1, as the student's logits do. The
-tail mass (1 − Σ top-k) is not stored: the loss recomputes it from the log-probs (see `distill.losses`).
+Position t of a block holds the teacher's distribution over the token at t+1, as the student's logits do.
 Shards are written to a temporary file and renamed, so an interrupted build resumes from the shards that exist;
 a cache whose manifest does not match the run, or whose shard checksum fails, is refused with the reason.
 """
@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 class CacheMismatchError(ValueError):
@@ -70,12 +70,20 @@ def _write_json_atomic(path: Path, obj) -> None:
 
 
 @torch.inference_mode()
-def teacher_topk(teacher, input_ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k log-probs (fp32 log-softmax) and indices of the teacher at every position: [b, L, k] each."""
+def teacher_topk(teacher, input_ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's top-k log-probs and indices ([b, L, k], fp32 log-softmax) and log tail mass ([b, L]).
+
+    The tail is log Σ of the probabilities outside the top-k, computed in log space: exact even when it is tiny,
+    where 1 − Σ exp(top-k) of rounded log-probs would give an empty (or negative) tail.
+    """
     logits = teacher(input_ids=input_ids).logits  # [b, L, V]
     logp = torch.log_softmax(logits.float(), dim=-1)
     values, indices = logp.topk(k, dim=-1)  # sorted, descending
-    return values, indices
+    if k == logp.shape[-1]:
+        tail = torch.full(values.shape[:-1], float("-inf"))
+    else:
+        tail = torch.logsumexp(logp.scatter(-1, indices, float("-inf")), dim=-1)  # [b, L]
+    return values, indices, tail
 
 
 def build_teacher_cache(
@@ -128,14 +136,16 @@ def build_teacher_cache(
         name = f"shard-{s_idx:05d}.safetensors"
         path = out / name
         if not path.is_file():
-            vals, idxs = [], []
+            vals, idxs, tails = [], [], []
             for b in range(start, end, batch_size):
-                v, i = teacher_topk(teacher, blocks[b : min(b + batch_size, end)], k)
+                v, i, t = teacher_topk(teacher, blocks[b : min(b + batch_size, end)], k)
                 vals.append(v.to(torch.float16))
                 idxs.append(i.to(torch.int32))
+                tails.append(t)
                 bar.update(min(b + batch_size, end) - b)
             tmp = out / f".{name}.tmp{os.getpid()}"
-            save_file({"logprobs": torch.cat(vals).contiguous(), "indices": torch.cat(idxs).contiguous()}, str(tmp))
+            tensors = {"logprobs": torch.cat(vals), "indices": torch.cat(idxs), "tail": torch.cat(tails)}
+            save_file({key: t.contiguous() for key, t in tensors.items()}, str(tmp))
             os.replace(tmp, path)
         else:
             bar.update(end - start)
@@ -153,10 +163,12 @@ def _diff(old: dict, new: dict) -> str:
 class TeacherCache:
     """A verified teacher cache held in memory; `get(block_ids)` returns ([b, L, k] log-probs, [b, L, k] indices)."""
 
-    def __init__(self, manifest: CacheManifest, logprobs: torch.Tensor, indices: torch.Tensor) -> None:
+    def __init__(self, manifest: CacheManifest, logprobs: torch.Tensor, indices: torch.Tensor,
+                 tail: torch.Tensor) -> None:
         self.manifest = manifest
         self.logprobs = logprobs  # [n, L, k] float16
         self.indices = indices  # [n, L, k] int32
+        self.tail = tail  # [n, L] float32
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, expect: dict | None = None, verify: bool = True) -> "TeacherCache":
@@ -170,26 +182,31 @@ class TeacherCache:
             raise CacheMismatchError(f"{mpath} is not a valid cache manifest: {e}") from None
         if expect is not None and manifest.key() != expect:
             raise CacheMismatchError(f"teacher cache {root} does not match this run: {_diff(manifest.key(), expect)}")
-        vals, idxs = [], []
+        vals, idxs, tails = [], [], []
         for shard in manifest.shards:
             spath = root / shard["file"]
             if not spath.is_file():
                 raise CacheMismatchError(f"teacher cache shard {spath} is missing")
             if verify and _sha256(spath) != shard["sha256"]:
                 raise CacheMismatchError(f"teacher cache shard {spath} is damaged (checksum mismatch); rebuild the cache")
-            t = load_file(str(spath))
-            vals.append(t["logprobs"])
-            idxs.append(t["indices"])
+            try:
+                t = load_file(str(spath))
+                vals.append(t["logprobs"])
+                idxs.append(t["indices"])
+                tails.append(t["tail"])
+            except Exception as e:  # noqa: BLE001 - unverified and unreadable, or a missing tensor
+                raise CacheMismatchError(f"teacher cache shard {spath} cannot be read ({e})") from None
         if not vals:
             raise CacheMismatchError(f"teacher cache {root} has no shards")
-        logprobs, indices = torch.cat(vals), torch.cat(idxs)
+        logprobs, indices, tail = torch.cat(vals), torch.cat(idxs), torch.cat(tails)
         expected = (manifest.n_blocks, manifest.block_size, manifest.k)
-        if tuple(logprobs.shape) != expected or tuple(indices.shape) != expected:
+        if tuple(logprobs.shape) != expected or tuple(indices.shape) != expected or tail.shape != expected[:2]:
             raise CacheMismatchError(f"teacher cache {root} holds {tuple(logprobs.shape)}, manifest says {expected}")
-        return cls(manifest, logprobs, indices)
+        return cls(manifest, logprobs, indices, tail)
 
     def __len__(self) -> int:
         return self.manifest.n_blocks
 
-    def get(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.logprobs[block_ids], self.indices[block_ids].long()
+    def get(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """([b, L, k] log-probs, [b, L, k] indices, [b, L] log tail mass) of the given blocks."""
+        return self.logprobs[block_ids], self.indices[block_ids].long(), self.tail[block_ids]

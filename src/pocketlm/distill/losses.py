@@ -156,9 +156,17 @@ def dense_logprobs(student_logits: Tensor, teacher_logits: Tensor, temperature: 
 
 
 def sparse_logprobs(
-    student_logits: Tensor, topk_logprobs: Tensor, topk_indices: Tensor, temperature: float
+    student_logits: Tensor,
+    topk_logprobs: Tensor,
+    topk_indices: Tensor,
+    temperature: float,
+    tail_logprob: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(t_logp, s_logp), each [..., k + 1]: the k cached tokens then one tail bucket (see the module docstring)."""
+    """(t_logp, s_logp), each [..., k + 1]: the k cached tokens then one tail bucket (see the module docstring).
+
+    `tail_logprob` [...] is the teacher's log tail mass computed at cache time in fp32 (exact, never rounded to
+    an empty tail); without it the tail is recovered from the k log-probs as 1 − Σ exp.
+    """
     vocab, k = student_logits.shape[-1], topk_indices.shape[-1]
     if k > vocab:
         raise ValueError(f"teacher top-k has k={k} entries but the vocabulary has only {vocab}")
@@ -168,6 +176,8 @@ def sparse_logprobs(
     lp = _upcast(topk_logprobs)  # [..., k]
     if k == vocab:
         t_tail = torch.full_like(lp[..., :1], _NEG_INF)
+    elif tail_logprob is not None:
+        t_tail = _upcast(tail_logprob).reshape(lp.shape[:-1] + (1,))
     else:
         t_tail = _log1mexp(torch.logsumexp(lp, dim=-1, keepdim=True).clamp(max=0.0))  # [..., 1]
     t_buckets = torch.cat([lp, t_tail], dim=-1)  # [..., k+1]
@@ -220,7 +230,7 @@ def _chunk_sums(
         if len(teacher) == 1:
             t_logp, s_logp = dense_logprobs(student, teacher[0], temperature)
         else:
-            t_logp, s_logp = sparse_logprobs(student, teacher[0], teacher[1], temperature)
+            t_logp, s_logp = sparse_logprobs(student, *teacher[:2], temperature, *teacher[2:])
         kd = divergence(t_logp, s_logp, **params).sum()
     with torch.set_grad_enabled(ce_grad):
         z = _upcast(student)  # CE at temperature 1: logsumexp - target logit (no [N, V] log-softmax kept)
@@ -234,7 +244,7 @@ def kd_loss(
     mask: Tensor,
     *,
     teacher_logits: Tensor | None = None,
-    teacher_topk: tuple[Tensor, Tensor] | None = None,
+    teacher_topk: tuple[Tensor, ...] | None = None,
     loss: str = "forward_kl",
     temperature: float = 1.0,
     ce_weight: float = 0.0,
@@ -242,7 +252,8 @@ def kd_loss(
     **params: float,
 ) -> KDLossOutput:
     """Distillation loss of ``student_logits`` [b, s, V] against a dense teacher ([b, s, V] ``teacher_logits``,
-    online) or a cached one (``teacher_topk`` = ([b, s, k] log-probs at T=1, [b, s, k] indices)), per the module
+    online) or a cached one (``teacher_topk`` = ([b, s, k] log-probs at T=1, [b, s, k] indices[, [b, s] log tail
+    mass])), per the module
     contract. ``params`` go to the divergence (``beta``, ``alpha``). ``chunk_size`` processes that many positions
     at a time, each chunk recomputed in backward (activation checkpointing), so the fp32 working set is
     [chunk_size, V] rather than [N, V]; the result is the same.
@@ -272,13 +283,15 @@ def kd_loss(
             )
         teacher = (_select(teacher_logits, mask),)  # [N, V]
     else:
-        topk_logprobs, topk_indices = teacher_topk
+        topk_logprobs, topk_indices, *tail = teacher_topk
         if topk_logprobs.shape != topk_indices.shape or topk_logprobs.shape[:-1] != mask.shape:
             raise ValueError(
                 f"teacher_topk log-probs {tuple(topk_logprobs.shape)} and indices {tuple(topk_indices.shape)} "
                 f"must both be [b, s, k] with [b, s] = {tuple(mask.shape)}"
             )
-        teacher = (_select(topk_logprobs, mask), _select(topk_indices, mask))  # [N, k] each
+        if tail and tail[0].shape != mask.shape:
+            raise ValueError(f"teacher tail log-mass {tuple(tail[0].shape)} must be [b, s] = {tuple(mask.shape)}")
+        teacher = tuple(_select(t, mask) for t in (topk_logprobs, topk_indices, *tail))  # [N, k], [N, k], [N]
 
     student = _select(student_logits, mask)  # [N, V]
     tgt = _select(targets, mask)  # [N]

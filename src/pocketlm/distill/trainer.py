@@ -130,8 +130,8 @@ class Trainer:
             ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
             return ce, {"ce": ce.item()}
         if lc.mode == "cache":
-            lp, idx = self.cache.get(block_ids)  # [b, L, k] each
-            teacher_kw = {"teacher_topk": (lp[:, :-1].to(device), idx[:, :-1].to(device))}
+            cached = self.cache.get(block_ids)  # [b, L, k], [b, L, k], [b, L]
+            teacher_kw = {"teacher_topk": tuple(t[:, :-1].to(device) for t in cached)}
         else:
             with torch.no_grad():
                 teacher_kw = {"teacher_logits": self.teacher(input_ids=inputs).logits}
