@@ -21,12 +21,12 @@ DEMO_CONFIG: dict[str, Any] = {
     "data": {
         "block_size": 256,
         "val_fraction": 0.1,
-        "synthetic": {"num_documents": 224, "max_new_tokens": 160, "temperature": 0.8, "top_p": 0.95,
-                      "batch_size": 32},
+        "synthetic": {"num_documents": 192, "max_new_tokens": 160, "temperature": 0.8, "top_p": 0.95,
+                      "batch_size": 64, "dtype": "bfloat16"},
     },
     "student": {"init": "teacher_layers", "num_layers": 8},
     "distill": {"mode": "cache", "loss": "forward_kl", "temperature": 1.0, "ce_weight": 0.0, "top_k": 64},
-    "train": {"steps": 90, "batch_size": 8, "lr": 3e-4, "warmup_steps": 10, "eval_every": 30, "save_every": 30,
+    "train": {"steps": 80, "batch_size": 4, "lr": 5e-4, "warmup_steps": 8, "eval_every": 20, "save_every": 20,
               "precision": "bf16", "seed": 0},
     "output_dir": "outputs/demo",
 }
@@ -50,15 +50,15 @@ def _table(rows: list[dict[str, Any]], teacher_ne: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title="pocketlm demo: held-out perplexity on teacher-written text (lower is better)")
-    for col, just in [("model", "left"), ("params", "right"), ("non-embedding", "right"),
-                      ("size vs teacher", "right"), ("perplexity", "right"), ("bits/byte", "right")]:
+    t = Table(title="pocketlm demo: perplexity on held-out teacher-written text (lower is better)")
+    for col, just in [("model", "left"), ("params", "right"), ("non-emb.", "right"),
+                      ("vs teacher", "right"), ("perplexity", "right"), ("bits/byte", "right")]:
         t.add_column(col, justify=just)
     for r in rows:
         t.add_row(r["name"], f"{r['params']['total'] / 1e6:.1f} M", f"{r['params']['non_embedding'] / 1e6:.1f} M",
                   f"{r['params']['non_embedding'] / teacher_ne:.0%}", f"{r['perplexity']['token_perplexity']:.2f}",
                   f"{r['perplexity']['bits_per_byte']:.3f}")
-    Console().print(t)
+    Console(width=max(100, Console().width)).print(t)
 
 
 def run_demo(out: str | os.PathLike = "outputs/demo", *, progress: bool = True, overrides: list[str] | None = None):

@@ -5,6 +5,7 @@ corpus, the token blocks, the teacher cache), so a re-run after an interruption 
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -21,7 +22,9 @@ from pocketlm.data.text import TokenBlocks, build_blocks, read_documents
 from pocketlm.distill.checkpoint import latest_checkpoint
 from pocketlm.distill.cache import TeacherCache, build_teacher_cache
 from pocketlm.distill.trainer import Trainer, TrainResult
-from pocketlm.models.load import check_vocab_compatible, fingerprint_model, fingerprint_tokenizer, load_model
+from pocketlm.models.load import (
+    check_vocab_compatible, fingerprint_model, fingerprint_tokenizer, load_model, parse_dtype,
+)
 
 
 @dataclass
@@ -50,10 +53,14 @@ def load_documents(cfg: DistillConfig, teacher, tokenizer, teacher_fp: str, out:
     if path.is_file():
         return read_documents(path, field="text")
     s = d.synthetic
+    writer = teacher
+    if s.dtype != cfg.teacher_dtype:  # a cast copy: casting the teacher itself would round its weights for good
+        writer = copy.deepcopy(teacher).to(parse_dtype(s.dtype))
     docs = teacher_corpus(
-        teacher, tokenizer, num_documents=s.num_documents, max_new_tokens=s.max_new_tokens,
+        writer, tokenizer, num_documents=s.num_documents, max_new_tokens=s.max_new_tokens,
         temperature=s.temperature, top_p=s.top_p, batch_size=s.batch_size, seed=cfg.train.seed, progress=progress,
     )
+    del writer
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
