@@ -1,0 +1,69 @@
+"""The CLI: --help everywhere, --version, clear errors without tracebacks, export through the command users run."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pocketlm import __version__
+from pocketlm.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("args", [[], ["distill"], ["demo"], ["export"]])
+def test_help_on_every_command(args):
+    r = runner.invoke(app, [*args, "--help"])
+    assert r.exit_code == 0 and "Usage" in r.output
+
+
+def test_version():
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and __version__ in r.output
+
+
+def test_bad_config_is_one_clear_line(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  steps: -1\n  lernrate: 3\n")
+    r = runner.invoke(app, ["distill", str(cfg)])
+    assert r.exit_code == 2
+    assert "train.steps" in r.output and "train.lernrate" in r.output and "Traceback" not in r.output
+
+
+def test_missing_teacher_is_a_clear_error(tmp_path, corpus_file):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"teacher: {tmp_path}/nowhere\ndata:\n  source: {corpus_file}\noutput_dir: {tmp_path}/run\n")
+    r = runner.invoke(app, ["distill", str(cfg)])
+    assert r.exit_code == 2 and "model path not found" in r.output and "Traceback" not in r.output
+
+
+def test_export_llama_through_the_cli(tmp_path, tokenizer):
+    from pocketlm.models.student import PocketLMConfig, PocketLMForCausalLM
+
+    torch.manual_seed(0)
+    student = PocketLMForCausalLM(PocketLMConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    student.save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+    r = runner.invoke(app, ["export", str(tmp_path / "student"), "--format", "llama", "--out", str(tmp_path / "llama")])
+    assert r.exit_code == 0, r.output
+    ids = torch.tensor([[5, 9, 23, 7, 11]])
+    with torch.no_grad():
+        ours = student(input_ids=ids).logits
+    torch.save(ids, tmp_path / "ids.pt")
+    # a fresh interpreter that never imports pocketlm loads the export with plain transformers
+    code = (
+        "import sys, torch; from transformers import AutoModelForCausalLM as A; "
+        f"m = A.from_pretrained(r'{tmp_path / 'llama'}'); assert 'pocketlm' not in sys.modules; "
+        f"ids = torch.load(r'{tmp_path / 'ids.pt'}', weights_only=True); "
+        f"torch.save(m(input_ids=ids).logits.detach(), r'{tmp_path / 'theirs.pt'}'); print(type(m).__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "LlamaForCausalLM" in out.stdout
+    theirs = torch.load(tmp_path / "theirs.pt", weights_only=True)
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    bad = runner.invoke(app, ["export", str(tmp_path / "student"), "--format", "onnx", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "valid: llama" in bad.output
