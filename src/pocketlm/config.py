@@ -77,6 +77,8 @@ class LossConfig(_Strict):
     top_k: int = Field(64, ge=1)  # teacher cache: top-k log-probs kept per position
     beta: float = Field(0.5, ge=0, le=1)  # jsd
     alpha: float = Field(0.1, ge=0, le=1)  # skew_kl / skew_reverse_kl
+    # positions per loss chunk (recomputed in backward): caps the loss's [positions, vocab] fp32 working set
+    chunk_size: Optional[int] = Field(None, ge=1)
 
     @field_validator("loss")
     @classmethod

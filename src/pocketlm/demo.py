@@ -21,7 +21,7 @@ DEMO_CONFIG: dict[str, Any] = {
     "data": {
         "block_size": 256,
         "val_fraction": 0.1,
-        "synthetic": {"num_documents": 192, "max_new_tokens": 160, "temperature": 0.8, "top_p": 0.95,
+        "synthetic": {"num_documents": 192, "max_new_tokens": 160, "temperature": 1.0, "top_p": 1.0,
                       "batch_size": 64, "dtype": "bfloat16"},
     },
     "student": {"init": "teacher_layers", "num_layers": 8},

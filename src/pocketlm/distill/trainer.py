@@ -132,12 +132,12 @@ class Trainer:
         if lc.mode == "cache":
             cached = self.cache.get(block_ids)  # [b, L, k], [b, L, k], [b, L]
             teacher_kw = {"teacher_topk": tuple(t[:, :-1].to(device) for t in cached)}
-        else:
-            with torch.no_grad():
+        else:  # online: the teacher runs in the same precision as the student's forward
+            with torch.no_grad(), self.accelerator.autocast():
                 teacher_kw = {"teacher_logits": self.teacher(input_ids=inputs).logits}
         out = kd_loss(
             logits, targets, mask, loss=lc.loss, temperature=lc.temperature, ce_weight=lc.ce_weight,
-            **teacher_kw, **lc.loss_params(),
+            chunk_size=lc.chunk_size, **teacher_kw, **lc.loss_params(),
         )
         return out.loss, {"kd": out.kd.item(), "ce": out.ce.item()}
 
