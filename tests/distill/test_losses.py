@@ -12,6 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from pocketlm.distill import losses
 from pocketlm.distill.losses import (
     DIVERGENCES,
     KDLossOutput,
@@ -482,3 +485,286 @@ def test_cached_tail_equals_recomputed_tail_and_keeps_reverse_kl_finite():
     assert torch.isfinite(out.loss)
     out.loss.backward()
     assert torch.isfinite(s.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------- student buckets
+# _SparseStudentLogProbs (one softmax buffer, one-pass backward) against the plain autograd formulation it replaced,
+# kept in the module as _sparse_student_logprobs_reference.
+
+
+def _reference_student_buckets(student_logits, idx, temperature, targets=None):
+    """Drop-in for losses._student_buckets built on the reference: (buckets, lse - z[targets] or lse)."""
+    z32 = losses._upcast(student_logits)  # once, so that a half-precision gradient is rounded once
+    z = z32 if temperature == 1.0 else z32 / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    second = lse if targets is None else lse - z.gather(-1, targets.long()[..., None]).squeeze(-1)
+    return losses._sparse_student_logprobs_reference(z32, idx, temperature), second
+
+
+def _distinct_topk_indices(n, v, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)])
+
+
+def _rows_with_tail_mass(log10_tails, v=40, k=5, seed=0):
+    """One row per entry: logits whose non-top-k tokens hold about 10**t of the mass (t = None: a random row),
+    with the top-k at random distinct positions. Returns (z [n, v] fp32, idx [n, k], exact tail masses fp64)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = _distinct_topk_indices(len(log10_tails), v, k, seed)
+    rows = []
+    for t, ix in zip(log10_tails, idx):
+        z = torch.randn(v, generator=g, dtype=torch.float64)
+        if t is not None:
+            inside = torch.zeros(v, dtype=torch.bool)
+            inside[ix] = True
+            z = torch.where(inside, 0.5 * z, 0.5 * z - 40.0)  # the tail far below, then moved to mass 10**t
+            mass = lambda zz: (torch.logsumexp(zz[~inside], 0) - torch.logsumexp(zz, 0)).item()  # noqa: E731
+            for _ in range(3):  # shifting the tail by d changes its log-mass by about d while it is small
+                z = torch.where(inside, z, z + (t * math.log(10) - mass(z)))
+        rows.append(z.float())
+    z = torch.stack(rows)
+    tails = torch.tensor([(torch.logsumexp(r.double().scatter(0, ix, -math.inf), 0)
+                           - torch.logsumexp(r.double(), 0)).item() for r, ix in zip(z, idx)], dtype=torch.float64)
+    return z, idx, tails
+
+
+def _function_vs_reference(z, idx, tau, targets=None, seed=0, grad_tol=TOL):
+    """Values and gradients (for random upstream gradients) of the Function and of the reference."""
+    g = torch.Generator().manual_seed(seed)
+    results = []
+    for impl in (losses._student_buckets, _reference_student_buckets):
+        zz = z.clone().requires_grad_()
+        s, second = impl(zz, idx, tau, targets)
+        results.append((s, second, zz))
+    (s, second, zz), (s_ref, second_ref, zz_ref) = results
+    torch.testing.assert_close(s, s_ref, **TOL)
+    torch.testing.assert_close(second, second_ref, **TOL)
+    gs = torch.randn(s.shape, generator=g, dtype=torch.float64).to(s.dtype)
+    gs = torch.where(torch.isinf(s_ref), 0.0, gs)  # an empty bucket (-inf) gets no gradient from a real loss
+    h = torch.randn(second.shape, generator=g, dtype=torch.float64).to(second.dtype)
+    grads = []
+    for s_, sec, leaf in ((s, second, zz), (s_ref, second_ref, zz_ref)):
+        objective = (torch.where(torch.isinf(s_), 0.0, s_) * gs).sum() + (sec * h).sum()
+        grads.append(torch.autograd.grad(objective, leaf)[0])
+    assert grads[0].dtype == z.dtype and torch.isfinite(grads[0]).all()
+    torch.testing.assert_close(grads[0], grads[1], **grad_tol)
+    return s
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.7, 2.0])
+@pytest.mark.parametrize("with_targets", [False, True], ids=["lse", "ce"])
+def test_student_buckets_function_matches_reference(tau, with_targets):
+    g = torch.Generator().manual_seed(30)
+    z = torch.randn(6, 50, generator=g) * 3
+    idx = _distinct_topk_indices(6, 50, 7, seed=31)
+    targets = torch.randint(0, 50, (6,), generator=g) if with_targets else None
+    targets = None if targets is None else torch.where(torch.arange(6) == 0, idx[:, 0], targets)  # target in K too
+    _function_vs_reference(z, idx, tau, targets)
+
+
+def test_student_buckets_at_a_real_vocabulary_size_are_as_accurate_as_the_reference():
+    """V = 49152 (SmolLM2), k = 64, logits around 20 (4 rows): both forms against an fp64 ground truth (the same
+    formulation on the fp64-converted inputs). At this size the plain forms differ from each other by ~ulp(lse)
+    (the reference's tail is a difference of two rounded logsumexps), so the check is: no larger error than the
+    reference's, in values (buckets and CE) and in gradient."""
+    g = torch.Generator().manual_seed(45)
+    n, v, k = 4, 49152, 64
+    for scale, tau in ((1.0, 1.0), (3.0, 1.0), (8.0, 2.0)):
+        z = torch.randn(n, v, generator=g) * scale + 20.0
+        idx = _distinct_topk_indices(n, v, k, seed=46)
+        idx[:2] = z[:2].topk(k, dim=-1).indices  # rows where the student agrees with the teacher
+        targets = idx[:, 5]
+        weights, h = torch.randn(n, k + 1, generator=g), torch.randn(n, generator=g)
+        got = []
+        for impl, x in ((losses._student_buckets, z), (_reference_student_buckets, z),
+                        (_reference_student_buckets, z.double())):
+            x = x.clone().requires_grad_()
+            s, ce = impl(x, idx, tau, targets)
+            (grad,) = torch.autograd.grad((s * weights.to(s.dtype)).sum() + (ce * h.to(s.dtype)).sum(), x)
+            got.append([t.detach().double() for t in (s, ce, grad)])
+        new, ref, truth = got
+        for name, a, b, t in zip(("buckets", "ce", "grad"), new, ref, truth):
+            err, ref_err = (a - t).abs().max().item(), (b - t).abs().max().item()
+            assert err <= 1.5 * ref_err + 1e-7, f"{name} (scale {scale}, tau {tau}): {err:.2e} vs {ref_err:.2e}"
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_student_buckets_when_top_k_holds_almost_all_mass(tau):
+    """Tails from 1e-3 down to 1e-60: the tail is summed over the non-top-k tokens (no 1 - sum cancellation), and
+    rows below sqrt(fp32 tiny) ~ 1e-19, where those terms could underflow, take the exact masked-logsumexp path."""
+    log10_tails = [None, -3, -7, -9, -12, -18, -25, -40, -60]
+    z, idx, tails = _rows_with_tail_mass(log10_tails)
+    for want, t in zip(tails.tolist(), log10_tails):  # the fixture does what it says
+        assert t is None or abs(want / math.log(10) - t) < 0.05
+    targets = idx[:, 1].clone()
+    s = _function_vs_reference(z, idx, tau, targets)
+    if tau == 1.0:  # against the fp64 ground truth too: the tail mass itself to ~1e-6 relative, however small
+        torch.testing.assert_close(s[:, -1].double(), tails, rtol=1e-7, atol=1e-6)
+
+
+def test_student_buckets_with_underflowing_tail_and_minus_inf_logits():
+    """A tail e^-200 below the top-k (every tail q_j is 0 in fp32), and -inf logits in and outside the top-k."""
+    g = torch.Generator().manual_seed(32)
+    z = torch.randn(3, 12, generator=g)
+    idx = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 8]])
+    z[0, 3:] -= 200.0
+    z[1, 4] = -math.inf  # a top-k token the student excludes
+    z[2, 9:] = -math.inf  # part of the tail excluded
+    s = _function_vs_reference(z, idx, 1.0, targets=torch.tensor([1, 3, 6]))
+    assert torch.isfinite(s[0]).all() and torch.isneginf(s[1, 1])
+
+
+@pytest.mark.parametrize("tau", [1.0, 1.5])
+def test_student_buckets_full_vocabulary_has_empty_tail(tau):
+    g = torch.Generator().manual_seed(33)
+    z = torch.randn(4, 9, generator=g) * 2
+    idx = torch.stack([torch.randperm(9, generator=g) for _ in range(4)])
+    s = _function_vs_reference(z, idx, tau, targets=torch.tensor([0, 3, 8, 2]))
+    assert torch.isneginf(s[:, -1]).all()
+
+
+def test_student_buckets_repeated_indices_are_still_differentiated_correctly():
+    """torch.topk never repeats an index, but a repeated one is handled like the reference (k < V)."""
+    g = torch.Generator().manual_seed(34)
+    z = torch.randn(3, 10, generator=g)
+    idx = torch.tensor([[1, 1, 4], [2, 5, 2], [7, 8, 9]])
+    _function_vs_reference(z, idx, 1.3, targets=torch.tensor([1, 0, 9]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_student_buckets_half_precision_logits(dtype):
+    """Computed in fp32 from the exactly upcast logits; the gradient comes back in the input dtype."""
+    g = torch.Generator().manual_seed(35)
+    z = (torch.randn(5, 30, generator=g) * 3).to(dtype)
+    idx = _distinct_topk_indices(5, 30, 4, seed=36)
+    for tau in (1.0, 2.0):
+        s, _ = losses._student_buckets(z, idx, tau)
+        assert s.dtype == torch.float32
+        # values at fp32 tolerance; gradients rounded (once) to the input dtype: at most one ulp apart
+        _function_vs_reference(z, idx, tau, targets=idx[:, 0], grad_tol={})
+
+
+@pytest.mark.parametrize("case", ["random", "tempered", "full_vocab", "tiny_tail_fallback", "repeated_index"])
+def test_student_buckets_gradcheck_float64(case):
+    g = torch.Generator().manual_seed(37)
+    v, k, tau = 7, 3, 1.0
+    z = torch.randn(3, v, generator=g, dtype=torch.float64)
+    idx = torch.tensor([[0, 2, 5], [1, 3, 6], [4, 5, 0]])
+    if case == "tempered":
+        tau = 1.7
+    elif case == "full_vocab":
+        k = v
+        idx = torch.stack([torch.randperm(v, generator=g) for _ in range(3)])
+    elif case == "tiny_tail_fallback":  # tail ~ e^-400 < sqrt(fp64 tiny) ~ 1e-154: the exact path, in fp64 too
+        z[0] = torch.where(torch.isin(torch.arange(v), idx[0]), z[0] + 400.0, z[0])
+    elif case == "repeated_index":
+        idx = torch.tensor([[0, 0, 5], [1, 3, 6], [4, 4, 4]])
+    targets = torch.tensor([2, 0, 6])
+
+    def fn(zz):
+        s, ce = losses._SparseStudentLogProbs.apply(zz, idx, tau, targets)
+        return (s[:, :k] if k == v else s), ce  # an empty tail is a constant -inf
+
+    assert torch.autograd.gradcheck(fn, (z.requires_grad_(),))
+    assert torch.autograd.gradcheck(lambda zz: losses._SparseStudentLogProbs.apply(zz, idx, tau)[0][:, :k],
+                                    (z,))
+
+
+def test_student_buckets_backward_twice_with_retain_graph():
+    """The first backward may reuse the saved softmax buffer for the gradient only when the graph is not kept:
+    retained backwards agree with each other, with the last (buffer-reusing) one and with the reference."""
+    g = torch.Generator().manual_seed(38)
+    z = (torch.randn(4, 20, generator=g) * 2).requires_grad_()
+    idx = _distinct_topk_indices(4, 20, 3, seed=39)
+    weights = torch.randn(4, 4, generator=g)
+    objectives = []
+    for impl in (losses._student_buckets, _reference_student_buckets):
+        s, ce = impl(z, idx, 1.0, idx[:, 2])
+        objectives.append((s * weights).sum() + ce.sum())
+    (ref,) = torch.autograd.grad(objectives[1], z)
+    (first,) = torch.autograd.grad(objectives[0], z, retain_graph=True)
+    objectives[0].backward(retain_graph=True)
+    objectives[0].backward()  # this one may donate the buffer
+    torch.testing.assert_close(first, ref, **TOL)
+    torch.testing.assert_close(z.grad, 2 * first, **TOL)
+
+
+def _grad_fn_names(t):
+    names, todo, seen = set(), [t.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        todo.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+def test_sparse_logprobs_uses_the_function():
+    student, teacher, _, _ = make_batch(seed=40)
+    lp, idx = cache_topk(teacher, 3)
+    _, s_logp = sparse_logprobs(student.requires_grad_(), lp, idx, 2.0)
+    assert any("SparseStudentLogProbs" in n for n in _grad_fn_names(s_logp))
+
+
+class _CountNewFullSizeTensors(TorchDispatchMode):
+    """Counts ops that allocate a new tensor of exactly `numel` elements (not views, in-place or out= ops)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.ops = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func._schema.is_mutable or func.is_view:
+            return out
+        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor)}
+        for o in torch.utils._pytree.tree_leaves(out):
+            if isinstance(o, torch.Tensor) and o.numel() == self.numel and o.untyped_storage().data_ptr() not in inputs:
+                self.ops.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("ce_weight", [0.0, 0.5, 1.0])
+def test_sparse_step_at_tau_1_allocates_one_full_size_buffer(ce_weight):
+    """Forward and backward of the sparse loss at tau = 1 (fp32, unchunked) allocate a single [N, V] tensor, the
+    softmax buffer, which backward turns into the gradient in place; the CE (logged or trained) only gathers."""
+    student, teacher, targets, mask = make_batch(seed=41, b=2, s=4, v=64)
+    mask = torch.ones_like(mask)
+    topk = cache_topk(teacher, 6)
+    st = student.clone().requires_grad_()
+    with _CountNewFullSizeTensors(st.numel()) as counter:
+        out = kd_loss(st, targets, mask, teacher_topk=topk, loss="forward_kl", ce_weight=ce_weight)
+        out.loss.backward()
+    assert counter.ops == ["aten._softmax.default"]
+    ref = F.cross_entropy(student.view(-1, 64), targets.view(-1))
+    torch.testing.assert_close(out.ce, ref, **TOL)
+
+
+# ------------------------------------------------------------------ kd_loss with the Function vs the reference form
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("chunk_size", [None, 3])
+@pytest.mark.parametrize("ce_weight", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_sparse_kd_loss_matches_reference_formulation(tau, ce_weight, chunk_size, dtype, monkeypatch):
+    """kd_loss (masked rows, chunked or not, CE logged or trained) equals the same call where the student buckets
+    and the CE come from the plain autograd formulation, in value and in gradient."""
+    student, teacher, targets, mask = make_batch(seed=42, b=3, s=5, v=23, scale=3.0, dtype=dtype)
+    topk = cache_topk(teacher, 5)
+    results = []
+    for impl in (losses._student_buckets, _reference_student_buckets):
+        monkeypatch.setattr(losses, "_student_buckets", impl)
+        st = student.clone().requires_grad_()
+        out = kd_loss(st, targets, mask, teacher_topk=topk, loss="jsd", beta=0.3, temperature=tau,
+                      ce_weight=ce_weight, chunk_size=chunk_size)
+        out.loss.backward()
+        results.append((out.loss.detach(), out.kd, out.ce, st.grad))
+    for name, got, want in zip(("loss", "kd", "ce", "grad"), *results):
+        tol = {} if name == "grad" and dtype == torch.bfloat16 else TOL  # bf16 gradients: bf16 tolerance
+        torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{name}: {m}")
+    assert (results[0][3][~mask] == 0).all()

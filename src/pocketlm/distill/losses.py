@@ -46,6 +46,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from pocketlm.registry import Registry
@@ -143,6 +144,127 @@ def skew_reverse_kl(t_logp: Tensor, s_logp: Tensor, alpha: float = 0.1) -> Tenso
     return _kl(s_logp, _log_mixture(s_logp, t_logp, alpha))
 
 
+# ---------------------------------------------------------------------------------------------------- student buckets
+
+
+def _graph_is_kept() -> bool:
+    """Whether the running backward keeps the graph (retain_graph / create_graph), i.e. whether saved tensors may
+    be read again; True when unknown, so that nothing saved is overwritten."""
+    try:
+        return bool(torch._C._autograd._get_current_graph_task_keep_graph())
+    except (AttributeError, RuntimeError):
+        return True
+
+
+class _SparseStudentLogProbs(torch.autograd.Function):
+    """Student buckets ``[z_K - lse, log sum_{j not in K} e^z_j - lse]`` [N, k + 1] and ``lse - z[targets]``
+    [N] (just ``lse`` when ``targets`` is None), with z = logits / tau (computed in at least fp32),
+    lse = logsumexp(z), K the indices ``idx`` [N, k]. At tau = 1 the second output is the CE, for free.
+
+    Same values as ``_sparse_student_logprobs_reference`` (up to fp32 rounding), cheaper: forward makes one
+    softmax buffer q [N, V] and three reductions (max z, max q, tail sum), with no masked copy of z and no second
+    exp pass; backward writes the whole gradient with one pass over that buffer, in place when the graph is not
+    kept (``_graph_is_kept``), so a step allocates a single [N, V] fp32 tensor (plus z / tau at tau != 1 and the
+    fp32 copy of half-precision logits). With g the incoming
+    gradient of the k + 1 buckets, h that of the second output and G = sum(g) - h,
+    dL/dz_j = (g_j [j in K] + g_tail q_j / q_tail [j not in K] - q_j G - h [j = target]) / tau.
+
+    Tail: summed directly over the non-top-k q_j (the top-k entries zeroed), so there is no cancellation when the
+    top-k holds almost all the mass. Rows whose tail mass is below sqrt(finfo.tiny) (where q_j could lose digits
+    to underflow) are recomputed exactly, like the reference, from z with the top-k masked to -inf; the buffer
+    then holds q_j / q_tail for them (``scale`` 1) instead of q_j (``scale`` their sum over the tail). An empty tail (k == V, or
+    only -inf logits outside K) is log 0 = -inf with a zero gradient. ``idx`` entries are expected distinct (as
+    ``torch.topk`` gives); repeated ones are still differentiated correctly for k < V.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, logits: Tensor, idx: Tensor, temperature: float, targets: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        z = _upcast(logits)
+        if temperature != 1.0:
+            z = z.div_(temperature) if z is not logits else z / temperature
+        q = torch.softmax(z, dim=-1)  # [N, V], the buffer saved for backward
+        # q is proportional to e^(z - max z), its largest entry being 1 / S' (S' the kernel's own sum, which for a
+        # large V can be ~1e-5 off), so lse = max z + log(sum q / max q) with sum q from accurate reductions: the
+        # non-top-k part after zeroing the top-k, plus the top-k entries (each index once).
+        log_qmax = q.amax(dim=-1, keepdim=True).log()
+        q_top = q.gather(-1, idx)  # [N, k]
+        if idx.shape[-1] > 1:
+            sorted_idx, order = idx.sort(dim=-1)
+            repeat = F.pad(sorted_idx[:, 1:] == sorted_idx[:, :-1], (1, 0))
+            top_sum = q_top.gather(-1, order).masked_fill(repeat, 0.0).sum(dim=-1, keepdim=True)
+        else:
+            top_sum = q_top.sum(dim=-1, keepdim=True)
+        q.scatter_(-1, idx, 0.0)
+        scale = q.sum(dim=-1, keepdim=True)  # [N, 1] tail mass, in q's units
+        log_total = (scale + top_sum).log()
+        lse = z.amax(dim=-1, keepdim=True) - log_qmax + log_total  # [N, 1]
+        s_top = z.gather(-1, idx) - lse  # [N, k]
+        second = lse if targets is None else lse - z.gather(-1, targets[:, None])  # [N, 1]
+        s_tail = scale.log() - log_total
+        exact = (s_tail < 0.5 * math.log(torch.finfo(q.dtype).tiny)).squeeze(-1)
+        if bool(exact.any()):
+            rows = exact.nonzero().squeeze(-1)
+            zr = z[rows].scatter_(-1, idx[rows], _NEG_INF)  # [n_exact, V]
+            lse_tail = torch.logsumexp(zr, dim=-1, keepdim=True)
+            empty = torch.isneginf(lse_tail)
+            w = (zr - torch.where(empty, 0.0, lse_tail)).exp_()  # q_j / q_tail, 0 in K (and for an empty tail)
+            q.index_copy_(0, rows, w)
+            s_tail.index_copy_(0, rows, lse_tail - lse[rows])
+            scale.index_fill_(0, rows, 1.0)
+        del z
+        ctx.temperature = temperature
+        ctx.in_dtype = logits.dtype
+        ctx.save_for_backward(q, idx, s_top, s_tail, scale, targets)
+        return torch.cat([s_top, s_tail], dim=-1), second.squeeze(-1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor, h: Tensor) -> tuple[Tensor | None, None, None, None]:
+        q, idx, s_top, s_tail, scale, targets = ctx.saved_tensors
+        inv_tau = 1.0 / ctx.temperature
+        g, h = g.to(q.dtype), h.to(q.dtype)[:, None]
+        big_g = g.sum(dim=-1, keepdim=True) - h  # [N, 1]
+        # not in K: q_j (g_tail / q_tail - G) = buffer_j (g_tail - q_tail G) / scale; in K the buffer is 0.
+        coef = (g[:, -1:] - s_tail.exp() * big_g) / scale
+        coef = torch.where(torch.isneginf(s_tail), 0.0, coef) * inv_tau  # empty tail: no such j
+        grad = q if not _graph_is_kept() else torch.empty_like(q)
+        torch.mul(q, coef, out=grad)
+        # in K: g_j - q_j G (set, then add, so that a repeated index gets every g_j but q_j G once)
+        grad.scatter_(-1, idx, s_top.exp() * big_g * -inv_tau)
+        grad.scatter_add_(-1, idx, g[:, :-1] * inv_tau)
+        if targets is not None:
+            grad.scatter_add_(-1, targets[:, None], h * -inv_tau)
+        return grad.to(ctx.in_dtype), None, None, None
+
+
+def _student_buckets(
+    student_logits: Tensor, idx: Tensor, temperature: float, targets: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """(s_logp [..., k + 1], lse - z[targets] or lse [...]) of ``_SparseStudentLogProbs``, any leading dims."""
+    lead, vocab = student_logits.shape[:-1], student_logits.shape[-1]
+    s_logp, second = _SparseStudentLogProbs.apply(
+        student_logits.reshape(-1, vocab), idx.reshape(-1, idx.shape[-1]), temperature,
+        None if targets is None else targets.long().reshape(-1),
+    )
+    return s_logp.reshape(*lead, s_logp.shape[-1]), second.reshape(lead)
+
+
+def _sparse_student_logprobs_reference(student_logits: Tensor, idx: Tensor, temperature: float) -> Tensor:
+    """The plain autograd form of the student buckets [..., k + 1] (three [N, V] passes plus a masked copy in
+    forward, several in backward): the test oracle for ``_SparseStudentLogProbs``."""
+    z = _upcast(student_logits)
+    z = z if temperature == 1.0 else z / temperature  # [..., V]
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)  # [..., 1]
+    s_top = z.gather(-1, idx) - lse  # [..., k]
+    if idx.shape[-1] == z.shape[-1]:
+        s_tail = torch.full_like(lse, _NEG_INF)
+    else:
+        s_tail = torch.logsumexp(z.scatter(-1, idx, _NEG_INF), dim=-1, keepdim=True) - lse  # [..., 1]
+    return torch.cat([s_top, s_tail], dim=-1)
+
+
 # ---------------------------------------------------------------------------------------------------- distributions
 
 
@@ -167,6 +289,20 @@ def sparse_logprobs(
     `tail_logprob` [...] is the teacher's log tail mass computed at cache time in fp32 (exact, never rounded to
     an empty tail); without it the tail is recovered from the k log-probs as 1 − Σ exp.
     """
+    t_logp, s_logp, _ = _sparse_buckets(student_logits, topk_logprobs, topk_indices, temperature, tail_logprob)
+    return t_logp, s_logp
+
+
+def _sparse_buckets(
+    student_logits: Tensor,
+    topk_logprobs: Tensor,
+    topk_indices: Tensor,
+    temperature: float,
+    tail_logprob: Tensor | None = None,
+    targets: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``sparse_logprobs`` plus the student's logsumexp(z / tau) - z[targets] / tau [...] (logsumexp(z / tau)
+    without ``targets``), which at tau = 1 is its per-position CE."""
     vocab, k = student_logits.shape[-1], topk_indices.shape[-1]
     if k > vocab:
         raise ValueError(f"teacher top-k has k={k} entries but the vocabulary has only {vocab}")
@@ -184,15 +320,8 @@ def sparse_logprobs(
     t_logp = F.log_softmax(t_buckets if temperature == 1.0 else t_buckets / temperature, dim=-1)
 
     # Student: exact tempered log-probs at the indices, and the exact log-mass of everything else.
-    z = _upcast(student_logits)
-    z = z if temperature == 1.0 else z / temperature  # [..., V]
-    lse = torch.logsumexp(z, dim=-1, keepdim=True)  # [..., 1]
-    s_top = z.gather(-1, idx) - lse  # [..., k]
-    if k == vocab:
-        s_tail = torch.full_like(lse, _NEG_INF)
-    else:
-        s_tail = torch.logsumexp(z.scatter(-1, idx, _NEG_INF), dim=-1, keepdim=True) - lse  # [..., 1]
-    return t_logp, torch.cat([s_top, s_tail], dim=-1)
+    s_logp, second = _student_buckets(student_logits, idx, temperature, targets)
+    return t_logp, s_logp, second
 
 
 # ---------------------------------------------------------------------------------------------------- the loss
@@ -225,17 +354,38 @@ def _chunk_sums(
     targets: Tensor,
     *teacher: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """Sum over the chunk's positions of the divergence and of the CE; a term with weight 0 gets no graph."""
-    with torch.set_grad_enabled(kd_grad):
+    """Sum over the chunk's positions of the divergence and of the CE; a term with weight 0 gets no graph.
+
+    Sparse at tau = 1 the CE comes with the KD buckets (``_SparseStudentLogProbs`` shares their logsumexp and
+    folds the CE gradient into their single backward pass), so it costs only a gather, gradient or not.
+    """
+    shared_ce = len(teacher) > 1 and temperature == 1.0
+    with torch.set_grad_enabled(kd_grad or (ce_grad and shared_ce)):
         if len(teacher) == 1:
             t_logp, s_logp = dense_logprobs(student, teacher[0], temperature)
         else:
-            t_logp, s_logp = sparse_logprobs(student, *teacher[:2], temperature, *teacher[2:])
-        kd = divergence(t_logp, s_logp, **params).sum()
-    with torch.set_grad_enabled(ce_grad):
-        z = _upcast(student)  # CE at temperature 1: logsumexp - target logit (no [N, V] log-softmax kept)
-        ce = (torch.logsumexp(z, dim=-1) - z.gather(-1, targets.long()[:, None]).squeeze(-1)).sum()
+            t_logp, s_logp, nll = _sparse_buckets(student, *teacher[:2], temperature, *teacher[2:],
+                                                  targets=targets if shared_ce else None)
+    with torch.set_grad_enabled(kd_grad):
+        kd = divergence(t_logp, s_logp if kd_grad else s_logp.detach(), **params).sum()
+    if shared_ce:
+        ce = (nll if ce_grad else nll.detach()).sum()
+    elif ce_grad or len(teacher) == 1:
+        with torch.set_grad_enabled(ce_grad):
+            z = _upcast(student)  # CE at temperature 1: logsumexp - target logit (no [N, V] log-softmax kept)
+            ce = (torch.logsumexp(z, dim=-1) - z.gather(-1, targets.long()[:, None]).squeeze(-1)).sum()
+    else:  # sparse, tau != 1, CE for logging only: the same value in row blocks, with no [N, V] temporaries
+        with torch.no_grad():
+            ce = (_logsumexp_rows(student) - _upcast(student.gather(-1, targets.long()[:, None]).squeeze(-1))).sum()
     return kd, ce
+
+
+def _logsumexp_rows(x: Tensor, block_elems: int = 1 << 18) -> Tensor:
+    """logsumexp over the last dim of [N, V] in at least fp32, computed a few rows at a time (no gradient)."""
+    rows = max(1, block_elems // max(x.shape[-1], 1))
+    if x.shape[0] <= rows:
+        return torch.logsumexp(_upcast(x), dim=-1)
+    return torch.cat([torch.logsumexp(_upcast(b), dim=-1) for b in x.split(rows)])
 
 
 def kd_loss(
@@ -301,9 +451,12 @@ def kd_loss(
     step = max(n, 1) if chunk_size is None else chunk_size
     recompute = chunk_size is not None and grad and any(x.requires_grad for x in (student, *teacher))
     # split (not slicing) so backward concatenates the chunks' gradients once instead of one [N, V] per chunk;
-    # when n == 0 split yields one empty chunk, which keeps the graph and still validates the params.
+    # a single chunk is passed whole (split's backward would still copy its gradient); when n == 0 that chunk is
+    # empty, which keeps the graph and still validates the params.
+    whole = (student, tgt, *teacher)
+    chunks = [whole] if step >= n else zip(*(x.split(step) for x in whole))
     kd_sum = ce_sum = None
-    for chunk in zip(*(x.split(step) for x in (student, tgt, *teacher))):
+    for chunk in chunks:
         kd, ce = checkpoint(sums, *chunk, use_reentrant=False) if recompute else sums(*chunk)
         kd_sum, ce_sum = (kd, ce) if kd_sum is None else (kd_sum + kd, ce_sum + ce)
 
