@@ -96,9 +96,9 @@ class Trainer:
         self.teacher, self.cache, self.tokenizer = teacher, cache, tokenizer
         self.run_info = run_info or {}
         self.progress, self.desc = progress, desc
-        self.accelerator = Accelerator(
-            mixed_precision="bf16" if train_cfg.precision == "bf16" else "no", cpu=not torch.cuda.is_available()
-        )
+        # precision is ours, not accelerate's: its mixed-precision setting is process-global (a second Trainer
+        # with another precision in the same process would be refused), an autocast context is not
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         decay, no_decay = [], []
         for name, p in student.named_parameters():
             (no_decay if p.ndim < 2 else decay).append(p)
@@ -117,12 +117,17 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.tokens_seen = 0
 
+    def _autocast(self):
+        """bf16 autocast of the forward passes when train.precision is bf16 (fp32 master weights and optimizer)."""
+        return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16,
+                              enabled=self.cfg.precision == "bf16")
+
     # ------------------------------------------------------------------------------------------ one step
     def _micro_loss(self, ids: torch.Tensor, block_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         device = self.accelerator.device
         ids = ids.to(device)
         inputs, targets = ids[:, :-1], ids[:, 1:]  # [b, L-1] each
-        with self.accelerator.autocast():
+        with self._autocast():
             logits = self.student(input_ids=inputs).logits  # [b, L-1, V]
         mask = torch.ones_like(targets, dtype=torch.bool)
         lc = self.loss_cfg
@@ -133,7 +138,7 @@ class Trainer:
             cached = self.cache.get(block_ids)  # [b, L, k], [b, L, k], [b, L]
             teacher_kw = {"teacher_topk": tuple(t[:, :-1].to(device) for t in cached)}
         else:  # online: the teacher runs in the same precision as the student's forward
-            with torch.no_grad(), self.accelerator.autocast():
+            with torch.no_grad(), self._autocast():
                 teacher_kw = {"teacher_logits": self.teacher(input_ids=inputs).logits}
         out = kd_loss(
             logits, targets, mask, loss=lc.loss, temperature=lc.temperature, ce_weight=lc.ce_weight,
