@@ -83,6 +83,9 @@ def _pocketlm_config(spec: dict):
     tree["data"]["block_size"] = spec["seq_len"]
     tree["student"]["num_layers"] = spec.get("layers", tree["student"]["num_layers"])
     tree["distill"]["mode"] = spec.get("mode", "cache")
+    # the peer's objective exactly: GKD with lmbda=0, beta=0 is forward KL at T=1 with no CE term (the demo itself
+    # mixes in CE; that would change the work and the loss being compared)
+    tree["distill"].update(loss="forward_kl", temperature=1.0, ce_weight=0.0)
     tree["train"].update(
         # no LR warm-up and a cosine to 0: the same schedule as TRL's "cosine" with warmup_steps=0
         steps=spec["warmup"] + spec["steps"], batch_size=spec["batch_size"], grad_accum=1, warmup_steps=0,
