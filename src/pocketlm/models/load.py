@@ -2,7 +2,7 @@
 
 Every path ends in `transformers`' own `from_pretrained`; this module only decides *what* to call it on and turns
 the ways that can fail into errors that say what to do. Nothing here executes code from the model's files unless
-the caller passes `trust_remote_code=True`.
+the caller turns on the `trust_remote_code` option.
 """
 from __future__ import annotations
 
