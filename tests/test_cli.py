@@ -12,7 +12,7 @@ from pocketlm.cli import app
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("args", [[], ["distill"], ["demo"], ["export"]])
+@pytest.mark.parametrize("args", [[], ["distill"], ["demo"], ["export"], ["eval"], ["eval", "perplexity"]])
 def test_help_on_every_command(args):
     r = runner.invoke(app, [*args, "--help"])
     assert r.exit_code == 0 and "Usage" in r.output
@@ -67,3 +67,22 @@ def test_export_llama_through_the_cli(tmp_path, tokenizer):
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
     bad = runner.invoke(app, ["export", str(tmp_path / "student"), "--format", "onnx", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "valid: llama" in bad.output
+
+
+def test_eval_perplexity_cli_equals_the_api(teacher_dir, corpus_file):
+    import json as _json
+
+    from pocketlm.data.text import read_documents
+    from pocketlm.eval.perplexity import perplexity
+    from pocketlm.models.load import load_model
+
+    r = runner.invoke(app, ["eval", "perplexity", "--model", str(teacher_dir), "--data", str(corpus_file),
+                            "--max-length", "16", "--json"])
+    assert r.exit_code == 0, r.output
+    got = _json.loads(r.output[r.output.index("{"):])
+    m, tok = load_model(teacher_dir)
+    want = perplexity(m, tok, read_documents(corpus_file), max_length=16, progress=False).to_dict()
+    assert got["tokens"] == want["tokens"] and got["words"] == want["words"]
+    assert got["word_perplexity"] == pytest.approx(want["word_perplexity"], rel=1e-9)
+    bad = runner.invoke(app, ["eval", "perplexity", "--model", str(teacher_dir), "--data", "/no/such.txt"])
+    assert bad.exit_code == 2 and "data not found" in bad.output
