@@ -52,10 +52,34 @@ def test_interrupted_build_resumes_from_written_shards(tmp_path, setup):
     full = build_teacher_cache(teacher, blocks, tmp_path / "a", **kw)
     part = tmp_path / "b"
     build_teacher_cache(teacher, blocks, part, **kw)
-    (part / "manifest.json").unlink()  # as if killed before the manifest was written
+    # as if killed after two shards: the manifest written first (no shards listed), shard 2 not yet there
+    manifest = json.loads((part / "manifest.json").read_text())
+    (part / "manifest.json").write_text(json.dumps({**manifest, "shards": []}))
     (part / "shard-00002.safetensors").unlink()
+    kept = (part / "shard-00000.safetensors").stat().st_mtime_ns
     again = build_teacher_cache(teacher, blocks, part, **kw)
     assert torch.equal(again.indices, full.indices) and torch.equal(again.logprobs, full.logprobs)
+    assert (part / "shard-00000.safetensors").stat().st_mtime_ns == kept  # reused, not rebuilt
+
+
+def test_damaged_shard_is_rebuilt_and_orphans_are_dropped(tmp_path, setup):
+    teacher, blocks, kw = setup
+    full = build_teacher_cache(teacher, blocks, tmp_path / "a", **kw)
+    root = tmp_path / "b"
+    build_teacher_cache(teacher, blocks, root, **kw)
+    shard = root / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF  # one flipped bit in the tensor bytes
+    shard.write_bytes(bytes(data))
+    again = build_teacher_cache(teacher, blocks, root, **kw)
+    assert all(torch.equal(getattr(again, f), getattr(full, f)) for f in ("logprobs", "indices", "tail"))
+    # shards with no manifest beside them have no provenance: a build for other data must not reuse them
+    orphan = tmp_path / "c"
+    build_teacher_cache(teacher, blocks, orphan, **kw)
+    (orphan / "manifest.json").unlink()
+    other = build_teacher_cache(teacher, blocks.flip(0), orphan, **{**kw, "data_hash": "d2"})
+    assert torch.equal(other.indices, build_teacher_cache(teacher, blocks.flip(0), tmp_path / "d",
+                                                          **{**kw, "data_hash": "d2"}).indices)
 
 
 def test_damaged_or_truncated_shard_is_named(tmp_path, setup):

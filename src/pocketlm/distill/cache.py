@@ -76,11 +76,11 @@ def teacher_topk(teacher, input_ids: torch.Tensor, k: int) -> tuple[torch.Tensor
     The tail is log Σ of the probabilities outside the top-k, computed in log space: exact even when it is tiny,
     where 1 − Σ exp(top-k) of rounded log-probs would give an empty (or negative) tail.
     """
-    logits = teacher(input_ids=input_ids).logits  # [b, L, V]
+    logits = teacher(input_ids=input_ids, use_cache=False).logits  # [b, L, V]
     logp = torch.log_softmax(logits.float(), dim=-1)
     values, indices = logp.topk(k, dim=-1)  # sorted, descending
     if k == logp.shape[-1]:
-        tail = torch.full(values.shape[:-1], float("-inf"))
+        tail = torch.full(values.shape[:-1], float("-inf"), device=values.device)
     else:
         tail = torch.logsumexp(logp.scatter(-1, indices, float("-inf")), dim=-1)  # [b, L]
     return values, indices, tail
@@ -117,18 +117,30 @@ def build_teacher_cache(
     )
     mpath = out / "manifest.json"
     if mpath.is_file():
-        old = json.loads(mpath.read_text())
-        if CacheManifest(**old).key() == manifest.key():
-            try:
-                return TeacherCache.open(out, expect=manifest.key())
-            except CacheMismatchError:
-                pass  # damaged or unfinished: rebuild the missing/bad shards below
-        else:
+        try:
+            old = CacheManifest(**json.loads(mpath.read_text()))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise CacheMismatchError(f"{mpath} is not a valid cache manifest ({e}); delete the folder") from None
+        if old.key() != manifest.key():
             raise CacheMismatchError(
-                f"{out} holds a teacher cache for different inputs ({_diff(old, manifest.key())}); "
+                f"{out} holds a teacher cache for different inputs ({_diff(old.key(), manifest.key())}); "
                 f"use another cache folder or delete this one"
             )
+        try:
+            return TeacherCache.open(out, expect=manifest.key())
+        except CacheMismatchError:  # unfinished or damaged: drop the shards that fail their recorded checksum
+            for shard in old.shards:
+                spath = out / shard["file"]
+                if spath.is_file() and _sha256(spath) != shard["sha256"]:
+                    spath.unlink()
+    elif out.is_dir():
+        # shards without a manifest have no provenance: they may come from other data or another teacher
+        for stale in out.glob("shard-*.safetensors"):
+            stale.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    # the manifest (with no shards yet) goes first: shards found beside it later were built for these inputs
+    if not mpath.is_file():
+        _write_json_atomic(mpath, asdict(manifest))
     teacher.eval()
     bar = tqdm(total=n, desc="teacher cache", unit="block", disable=not progress)
     for s_idx, start in enumerate(range(0, n, shard_blocks)):
@@ -138,10 +150,10 @@ def build_teacher_cache(
         if not path.is_file():
             vals, idxs, tails = [], [], []
             for b in range(start, end, batch_size):
-                v, i, t = teacher_topk(teacher, blocks[b : min(b + batch_size, end)], k)
-                vals.append(v.to(torch.float16))
-                idxs.append(i.to(torch.int32))
-                tails.append(t)
+                v, i, t = teacher_topk(teacher, blocks[b : min(b + batch_size, end)].to(teacher.device), k)
+                vals.append(v.to(torch.float16).cpu())
+                idxs.append(i.to(torch.int32).cpu())
+                tails.append(t.cpu())
                 bar.update(min(b + batch_size, end) - b)
             tmp = out / f".{name}.tmp{os.getpid()}"
             tensors = {"logprobs": torch.cat(vals), "indices": torch.cat(idxs), "tail": torch.cat(tails)}
