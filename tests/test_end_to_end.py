@@ -38,6 +38,16 @@ def test_demo_path_on_the_embedded_teacher(tmp_path):
     assert teacher["perplexity"]["token_perplexity"] < min(kd["perplexity"]["token_perplexity"],
                                                            ce["perplexity"]["token_perplexity"])
     assert kd["train"]["train"]["steps"] == 3 and doc["provenance"]["packages"]["torch"].startswith("2.13")
+    # the two students really were trained differently: the distilled run logged a KD term, the CE run none
+    import torch
+    from safetensors.torch import load_file
+
+    rows = [json.loads(x) for x in (out / "distilled" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["kd"] > 0 for r in rows)
+    assert all("kd" not in json.loads(x) for x in (out / "ce_only" / "metrics.jsonl").read_text().splitlines())
+    w_kd = load_file(str(out / "distilled" / "student" / "model.safetensors"))
+    w_ce = load_file(str(out / "ce_only" / "student" / "model.safetensors"))
+    assert not torch.equal(w_kd["model.norm.weight"], w_ce["model.norm.weight"])
     from transformers import AutoModelForCausalLM
 
     student = AutoModelForCausalLM.from_pretrained(out / "distilled" / "student")

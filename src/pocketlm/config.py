@@ -62,7 +62,8 @@ class StudentConfig(_Strict):
                 raise ValueError("layers: must be distinct non-negative teacher layer indices")
             if self.num_layers is not None and self.num_layers != len(self.layers):
                 raise ValueError("num_layers and layers disagree; give one of them")
-        widths = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+        widths = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                  "tie_word_embeddings")
         if self.init == "teacher_layers" and any(getattr(self, w) is not None for w in widths):
             bad = [w for w in widths if getattr(self, w) is not None]
             raise ValueError(f"{', '.join(bad)}: width overrides need init: random (teacher layers keep their shapes)")

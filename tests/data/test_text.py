@@ -88,12 +88,17 @@ def test_pack_joins_with_eos_and_cuts_blocks(tokenizer):
         pack(docs, tokenizer, 10_000)
 
 
-def test_blocks_are_cached_by_content(tmp_path, tokenizer, corpus_file):
+def test_blocks_are_cached_by_content(tmp_path, tokenizer, corpus_file, monkeypatch):
+    from pocketlm.data import text
+
     docs = read_documents(corpus_file)
     a = build_blocks(docs, tokenizer, block_size=16, cache_dir=tmp_path)
     files = list(tmp_path.glob("blocks-*.safetensors"))
     assert len(files) == 1
+    real_pack = text.pack
+    monkeypatch.setattr(text, "pack", lambda *a, **k: pytest.fail("the cached blocks were not used"))
     b = build_blocks(docs, tokenizer, block_size=16, cache_dir=tmp_path)
+    monkeypatch.setattr(text, "pack", real_pack)
     assert torch.equal(a.train, b.train) and torch.equal(a.val, b.val) and a.data_hash == b.data_hash
     c = build_blocks(docs[:-1], tokenizer, block_size=16, cache_dir=tmp_path)
     assert c.data_hash != a.data_hash and len(list(tmp_path.glob("blocks-*.safetensors"))) == 2

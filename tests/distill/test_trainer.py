@@ -142,3 +142,12 @@ def test_trainers_of_different_precision_in_one_process(tmp_path, teacher_dir, c
     b = run_distill(tiny_cfg(teacher_dir, corpus_file, tmp_path / "bf16", steps=2, precision="bf16"), progress=False)
     la, lb = a.train.history[0]["loss"], b.train.history[0]["loss"]
     assert la != lb and abs(la - lb) / la < 0.02  # same weights and batch: bf16 autocast moves the loss only a little
+
+
+def test_resume_refuses_a_changed_run_but_allows_bookkeeping_changes(tmp_path, teacher_dir, corpus_file):
+    out = tmp_path / "r"
+    run_distill(tiny_cfg(teacher_dir, corpus_file, out, steps=2), progress=False)
+    with pytest.raises(ValueError, match=r"train\.lr: 0\.001 then, 0\.002 now"):
+        run_distill(tiny_cfg(teacher_dir, corpus_file, out, steps=4, lr=2e-3), resume=True, progress=False)
+    res = run_distill(tiny_cfg(teacher_dir, corpus_file, out, steps=2, eval_every=1), resume=True, progress=False)
+    assert res.train.steps == 2

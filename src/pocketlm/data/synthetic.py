@@ -79,7 +79,7 @@ def teacher_corpus(
     try:
         for start in range(0, len(rendered), batch_size):
             batch = rendered[start : start + batch_size]
-            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             torch.manual_seed(seed + start)  # each batch seeded on its own: resumable and order-independent
             out = model.generate(
                 **enc,

@@ -129,19 +129,24 @@ def save_checkpoint(
         # written last: its presence marks the folder complete
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1, default=_json_default))
         _fsync_dir(tmp)
-        if final.exists():  # a re-save of the same step (e.g. after resume): replace it whole
-            old = root / f".old-step-{step:06d}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for _, old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished folder into place; an existing one is swapped out first, so `final` is never half-written."""
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
 
 
 def _json_default(o):

@@ -19,7 +19,7 @@ import torch
 from pocketlm.config import DistillConfig
 from pocketlm.data.synthetic import teacher_corpus
 from pocketlm.data.text import TokenBlocks, build_blocks, read_documents
-from pocketlm.distill.checkpoint import latest_checkpoint
+from pocketlm.distill.checkpoint import latest_checkpoint, replace_dir
 from pocketlm.distill.cache import TeacherCache, build_teacher_cache
 from pocketlm.distill.trainer import Trainer, TrainResult
 from pocketlm.models.load import (
@@ -100,8 +100,6 @@ def build_student(cfg: DistillConfig, teacher):
         overrides = {k: v for k, v in s.model_dump().items()
                      if k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
                               "tie_word_embeddings") and v is not None}
-        if "hidden_size" in overrides and "num_attention_heads" in overrides:
-            overrides["head_dim"] = overrides["hidden_size"] // overrides["num_attention_heads"]
         conf = student_config_from_teacher(teacher.config, num_layers=s.num_layers, layers=s.layers, **overrides)
         student = PocketLMForCausalLM(conf)
     check_vocab_compatible(teacher, student)
@@ -122,9 +120,7 @@ def save_student(student, tokenizer, dest: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     student.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
+    replace_dir(tmp, dest)
     return dest
 
 
@@ -156,7 +152,6 @@ def run_distill(
         raise FileExistsError(
             f"{out} already holds checkpoints of a run; pass --resume to continue it, or choose another output_dir"
         )
-    (out / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
     prep = prepared or prepare(cfg, progress=progress)
     cache = get_cache(cfg, prep, progress) if cfg.distill.mode == "cache" else None
     student = build_student(cfg, prep.teacher)
@@ -164,11 +159,12 @@ def run_distill(
         student, train_blocks=prep.blocks.train, val_blocks=prep.blocks.val, train_cfg=cfg.train,
         loss_cfg=cfg.distill, out_dir=out, teacher=prep.teacher if cfg.distill.mode == "online" else None,
         cache=cache, tokenizer=prep.tokenizer, progress=progress, desc=desc,
-        run_info={"teacher": cfg.teacher, "teacher_fingerprint": prep.teacher_fingerprint,
-                  "data_hash": prep.blocks.data_hash},
+        run_info={"config": {k: v for k, v in cfg.model_dump(mode="json").items() if k != "output_dir"},
+                  "teacher_fingerprint": prep.teacher_fingerprint, "data_hash": prep.blocks.data_hash},
     )
     if resume:
-        trainer.resume()
+        trainer.resume()  # refuses a checkpoint written by a different config, teacher or data
+    (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
     result = trainer.train()
     model = trainer.accelerator.unwrap_model(trainer.student)
     dest = save_student(model, prep.tokenizer, out / "student")

@@ -64,6 +64,23 @@ def batch_indices(n_blocks: int, batch_size: int, seed: int, micro_step: int) ->
     return order[offset * batch_size : (offset + 1) * batch_size]
 
 
+# settings that may change between a run and its resumption without changing what is computed
+_RESUME_FREE = {"train.eval_every", "train.save_every", "train.keep_checkpoints", "train.eval_batch_size"}
+
+
+def _differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """Leaf keys whose values differ between two nested dicts (ignoring `_RESUME_FREE`)."""
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        name = f"{prefix}{key}"
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, "" if name == "config" else name + ".")
+        elif name not in _RESUME_FREE and a != b:
+            out.append(f"{name}: {a!r} then, {b!r} now")
+    return out
+
+
 class Trainer:
     def __init__(
         self,
@@ -112,7 +129,7 @@ class Trainer:
         )
         self.student, self.optimizer = self.accelerator.prepare(student, optimizer)
         if teacher is not None:
-            teacher.eval().requires_grad_(False)
+            teacher.eval().requires_grad_(False).to(self.accelerator.device)
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.tokens_seen = 0
@@ -128,7 +145,7 @@ class Trainer:
         ids = ids.to(device)
         inputs, targets = ids[:, :-1], ids[:, 1:]  # [b, L-1] each
         with self._autocast():
-            logits = self.student(input_ids=inputs).logits  # [b, L-1, V]
+            logits = self.student(input_ids=inputs, use_cache=False).logits  # [b, L-1, V]
         mask = torch.ones_like(targets, dtype=torch.bool)
         lc = self.loss_cfg
         if lc.mode == "ce":
@@ -139,7 +156,7 @@ class Trainer:
             teacher_kw = {"teacher_topk": tuple(t[:, :-1].to(device) for t in cached)}
         else:  # online: the teacher runs in the same precision as the student's forward
             with torch.no_grad(), self._autocast():
-                teacher_kw = {"teacher_logits": self.teacher(input_ids=inputs).logits}
+                teacher_kw = {"teacher_logits": self.teacher(input_ids=inputs, use_cache=False).logits}
         out = kd_loss(
             logits, targets, mask, loss=lc.loss, temperature=lc.temperature, ce_weight=lc.ce_weight,
             chunk_size=lc.chunk_size, **teacher_kw, **lc.loss_params(),
@@ -203,6 +220,13 @@ class Trainer:
         path = Path(ckpt) if ckpt else latest_checkpoint(self.ckpt_dir)
         if path is None:
             return False
+        saved_run = json.loads((path / "trainer_state.json").read_text()).get("run", {})
+        changed = _differences(saved_run, self.run_info)
+        if changed:
+            raise ValueError(
+                f"cannot resume from {path}: the run differs from the one that wrote it ({'; '.join(changed[:6])}); "
+                f"resume with the same config, data and teacher, or start a new output_dir"
+            )
         from safetensors.torch import load_file
 
         weights = load_file(str(path / "model.safetensors"))
