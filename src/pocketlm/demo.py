@@ -77,7 +77,7 @@ def run_demo(out: str | os.PathLike = "outputs/demo", *, progress: bool = True, 
           f"{base.data.synthetic.num_documents} documents ...", flush=True)
     prep = prepare(base, progress=progress)
     print(f"[demo] {prep.blocks.train.shape[0]} training blocks of {base.data.block_size} tokens "
-          f"({prep.blocks.n_tokens:,} tokens), {len(prep.val_docs)} held-out documents", flush=True)
+          f"({prep.blocks.n_tokens:,} tokens), {len(prep.blocks.val_docs)} held-out documents", flush=True)
 
     runs = {
         "student (distilled)": base.model_copy(update={"output_dir": str(out / "distilled")}),
@@ -98,7 +98,7 @@ def run_demo(out: str | os.PathLike = "outputs/demo", *, progress: bool = True, 
     models = [("teacher", prep.teacher, None)] + [(n, *load_model(p)[:1], results[n]) for n, p in students.items()]
     for name, model, res in models:
         print(f"[demo] scoring {name} ...", flush=True)
-        ppl = perplexity(model, prep.tokenizer, prep.val_docs, max_length=512, progress=progress)
+        ppl = perplexity(model, prep.tokenizer, prep.blocks.val_docs, max_length=512, progress=progress)
         row = {"name": name, "params": param_counts(model), "perplexity": ppl.to_dict()}
         if res is not None:
             row["train"] = res.to_dict()
@@ -115,7 +115,7 @@ def run_demo(out: str | os.PathLike = "outputs/demo", *, progress: bool = True, 
         "tokenizer_fingerprint": prep.tokenizer_fingerprint,
         "data_hash": prep.blocks.data_hash,
         "n_train_tokens": prep.blocks.n_tokens,
-        "n_val_documents": len(prep.val_docs),
+        "n_val_documents": len(prep.blocks.val_docs),
         "models": rows,
         "distilled_beats_ce": kd < ce,
         "wall_seconds": time.perf_counter() - start,

@@ -100,6 +100,7 @@ def test_blocks_are_cached_by_content(tmp_path, tokenizer, corpus_file, monkeypa
     b = build_blocks(docs, tokenizer, block_size=16, cache_dir=tmp_path)
     monkeypatch.setattr(text, "pack", real_pack)
     assert torch.equal(a.train, b.train) and torch.equal(a.val, b.val) and a.data_hash == b.data_hash
+    assert a.val_docs == b.val_docs == split_documents(docs, 0.1, 0)[1]  # the documents behind the val blocks
     c = build_blocks(docs[:-1], tokenizer, block_size=16, cache_dir=tmp_path)
     assert c.data_hash != a.data_hash and len(list(tmp_path.glob("blocks-*.safetensors"))) == 2
     assert hash_documents(docs) != hash_documents(docs[:-1])

@@ -138,6 +138,7 @@ class TokenBlocks:
     val: torch.Tensor  # [n_val, L] int64
     data_hash: str  # hash of the source documents, the split and the block size
     block_size: int
+    val_docs: list[str]  # the held-out documents behind `val` (scored whole, e.g. by rolling-window perplexity)
 
     @property
     def n_tokens(self) -> int:
@@ -162,10 +163,10 @@ def build_blocks(
         json.dumps([tok_fp, hash_documents(docs), block_size, val_fraction, seed]).encode()
     ).hexdigest()[:16]
     path = Path(cache_dir) / f"blocks-{key}.safetensors" if cache_dir else None
+    train_docs, val_docs = split_documents(docs, val_fraction, seed)
     if path is not None and path.is_file():
         t = load_file(str(path))
-        return TokenBlocks(t["train"], t["val"], key, block_size)
-    train_docs, val_docs = split_documents(docs, val_fraction, seed)
+        return TokenBlocks(t["train"], t["val"], key, block_size, val_docs)
     train = pack(train_docs, tokenizer, block_size)
     val = pack(val_docs, tokenizer, block_size) if val_docs else torch.empty(0, block_size, dtype=torch.long)
     if path is not None:
@@ -173,4 +174,4 @@ def build_blocks(
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         save_file({"train": train.contiguous(), "val": val.contiguous()}, str(tmp))
         os.replace(tmp, path)
-    return TokenBlocks(train, val, key, block_size)
+    return TokenBlocks(train, val, key, block_size, val_docs)

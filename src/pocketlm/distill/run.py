@@ -35,9 +35,7 @@ class Prepared:
     tokenizer: Any
     teacher_fingerprint: str
     tokenizer_fingerprint: str
-    train_docs: list[str]
-    val_docs: list[str]
-    blocks: TokenBlocks
+    blocks: TokenBlocks  # with the held-out documents, `blocks.val_docs`
 
 
 def _corpus_path(out: Path, cfg: DistillConfig, teacher_fp: str) -> Path:
@@ -72,8 +70,6 @@ def load_documents(cfg: DistillConfig, teacher, tokenizer, teacher_fp: str, out:
 
 def prepare(cfg: DistillConfig, *, progress: bool = True, teacher=None, tokenizer=None) -> Prepared:
     """Load the teacher and build the token blocks (both reused by every student of the run)."""
-    from pocketlm.data.text import split_documents
-
     out = Path(cfg.output_dir)
     if teacher is None:
         teacher, tokenizer = load_model(cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code)
@@ -83,8 +79,7 @@ def prepare(cfg: DistillConfig, *, progress: bool = True, teacher=None, tokenize
         docs, tokenizer, block_size=cfg.data.block_size, val_fraction=cfg.data.val_fraction, seed=cfg.train.seed,
         cache_dir=out / "data", tokenizer_fingerprint=k_fp,
     )
-    train_docs, val_docs = split_documents(docs, cfg.data.val_fraction, cfg.train.seed)
-    return Prepared(teacher, tokenizer, t_fp, k_fp, train_docs, val_docs, blocks)
+    return Prepared(teacher, tokenizer, t_fp, k_fp, blocks)
 
 
 def build_student(cfg: DistillConfig, teacher):
