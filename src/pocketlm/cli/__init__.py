@@ -1,31 +1,19 @@
-"""The `pocketlm` command line: thin — it parses, builds a config and calls the same API a Python user calls."""
+"""The `pocketlm` command line: thin — it parses, builds a config and calls the same API a Python user calls.
+
+One module per command group, each registering its commands on the apps of `_common`: `eval_cmds` (perplexity,
+rouge), `audit_cmds` (toxicity, bias). Importing this package assembles the whole app.
+"""
 from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from pocketlm import __version__
-
-app = typer.Typer(
-    name="pocketlm",
-    help="Distill a large language model into a small one, and prove what was kept and what was lost.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-# errors a user can cause and fix: printed as one clear message, no traceback
-_EXPECTED = (ValueError, FileNotFoundError, FileExistsError, RuntimeError, KeyError)
-
-
-def _fail(e: BaseException) -> None:
-    typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code=2)
+from pocketlm.cli._common import _EXPECTED, _fail, app
 
 
 def _version(value: bool) -> None:
@@ -97,45 +85,4 @@ def export(
     typer.echo(f"wrote {path}")
 
 
-eval_app = typer.Typer(help="Evaluate any causal LM (teacher, student, exported folder, GGUF) the same way.",
-                       no_args_is_help=True)
-app.add_typer(eval_app, name="eval")
-
-
-@eval_app.command("perplexity")
-def eval_perplexity(
-    model: str = typer.Option(..., "--model", help="Model folder, .gguf file, hub id or smollm2-135m-instruct."),
-    data: str = typer.Option(..., "--data", help=".txt (blank-line separated), folder of .txt, .jsonl/.parquet, "
-                                                 "or a Hugging Face dataset."),
-    field: str = typer.Option("text", help="Text field of .jsonl/.parquet/dataset rows."),
-    split: str = typer.Option("test", help="Dataset split (Hugging Face datasets only)."),
-    max_length: Optional[int] = typer.Option(None, help="Window length (default: the model's, at most 2048)."),
-    stride: Optional[int] = typer.Option(None, help="Overlapping windows moving by this many tokens."),
-    batch_size: int = typer.Option(8, help="Windows per forward pass."),
-    max_documents: Optional[int] = typer.Option(None, help="Score only the first N documents."),
-    dtype: str = typer.Option("float32", help="float32 or bfloat16."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-) -> None:
-    """Perplexity as lm-evaluation-harness defines it: rolling windows per document; token, word and byte level."""
-    from pocketlm.data.text import read_documents
-    from pocketlm.eval.perplexity import perplexity
-    from pocketlm.models.load import load_model
-
-    try:
-        docs = read_documents(data, field=field, split=split, max_documents=max_documents)
-        m, tok = load_model(model, dtype=dtype)
-        res = perplexity(m, tok, docs, max_length=max_length, stride=stride, batch_size=batch_size)
-    except _EXPECTED as e:
-        _fail(e)
-    d = res.to_dict()
-    if json_out:
-        typer.echo(json.dumps(d, indent=2))
-        return
-    for key in ("documents", "tokens", "words", "bytes", "token_perplexity", "word_perplexity", "byte_perplexity",
-                "bits_per_byte"):
-        val = d.get(key)
-        typer.echo(f"{key:>17}: {val:.4f}" if isinstance(val, float) else f"{key:>17}: {val}")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
+from pocketlm.cli import eval_cmds  # noqa: E402,F401  (registers `pocketlm eval ...`)
