@@ -45,3 +45,14 @@ def test_intervals_are_seeded_and_degenerate_cases_are_defined():
     with pytest.raises(ValueError, match="equal lengths"):
         ratio_ci([1, 2], [1, 2, 3])
     assert transformed_ci((1.0, 2.0), lambda v: -v) == (-2.0, -1.0)
+
+
+def test_paired_statistic_delta_equals_paired_mean_delta_for_the_mean():
+    from pocketlm.stats import paired_statistic_delta_ci
+
+    rng = np.random.default_rng(2)
+    a, b = rng.random(40), rng.random(40)
+    mean = lambda x, axis=-1: np.mean(x, axis=axis)  # noqa: E731
+    assert paired_statistic_delta_ci(mean, (a,), (b,), seed=5) == pytest.approx(paired_delta_ci(a, b, seed=5))
+    with pytest.raises(ValueError, match="same number of samples"):
+        paired_statistic_delta_ci(mean, (a,), (b, b))

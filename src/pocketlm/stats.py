@@ -80,6 +80,27 @@ def paired_delta_ci(a: Sequence[float], b: Sequence[float], **kwargs) -> Interva
     return bootstrap_ci((a, b), _mean_diff, **kwargs)
 
 
+def paired_statistic_delta_ci(
+    statistic: Callable[..., np.ndarray],
+    model_samples: Sequence[Sequence[float]],
+    baseline_samples: Sequence[Sequence[float]],
+    **kwargs,
+) -> Interval | None:
+    """Interval of ``statistic(model items) - statistic(baseline items)`` on the same items, resampled jointly.
+
+    For teacher-vs-student deltas of any corpus figure (pct_stereotype, icat, s_AMB, ...): both models were scored
+    on item i, so item i is drawn for both. ``statistic(*samples, axis=-1)`` must be vectorised over ``axis``.
+    """
+    k = len(model_samples)
+    if len(baseline_samples) != k:
+        raise ValueError(f"model and baseline need the same number of samples, got {k} and {len(baseline_samples)}")
+
+    def delta(*arrays: np.ndarray, axis: int = -1) -> np.ndarray:
+        return statistic(*arrays[:k], axis=axis) - statistic(*arrays[k:], axis=axis)
+
+    return bootstrap_ci((*model_samples, *baseline_samples), delta, **kwargs)
+
+
 def transformed_ci(interval: Interval | None, fn: Callable[[float], float]) -> Interval | None:
     """Map an interval through a monotone function (e.g. nats per word → perplexity = exp)."""
     if interval is None:

@@ -23,3 +23,7 @@ def _fail(e: BaseException) -> None:
 eval_app = typer.Typer(help="Evaluate any causal LM (teacher, student, exported folder, GGUF) the same way.",
                        no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
+
+audit_app = typer.Typer(help="Audit any causal LM for toxicity and social bias, optionally against a baseline model.",
+                        no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
