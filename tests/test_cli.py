@@ -69,20 +69,30 @@ def test_export_llama_through_the_cli(tmp_path, tokenizer):
     assert bad.exit_code == 2 and "valid: llama" in bad.output
 
 
-def test_eval_perplexity_cli_equals_the_api(teacher_dir, corpus_file):
-    import json as _json
-
+def test_eval_perplexity_cli_equals_the_api(teacher_dir, corpus_file, tmp_path):
     from pocketlm.data.text import read_documents
     from pocketlm.eval.perplexity import perplexity
     from pocketlm.models.load import load_model
+    from pocketlm.report.results import Results
 
+    out = tmp_path / "ppl.json"
     r = runner.invoke(app, ["eval", "perplexity", "--model", str(teacher_dir), "--data", str(corpus_file),
-                            "--max-length", "16", "--json"])
+                            "--max-length", "16", "--out", str(out), "--quiet"])
     assert r.exit_code == 0, r.output
-    got = _json.loads(r.output[r.output.index("{"):])
+    assert "word_perplexity" in r.output and "95% CI" in r.output
+    got = Results.read(out)
     m, tok = load_model(teacher_dir)
-    want = perplexity(m, tok, read_documents(corpus_file), max_length=16, progress=False).to_dict()
-    assert got["tokens"] == want["tokens"] and got["words"] == want["words"]
-    assert got["word_perplexity"] == pytest.approx(want["word_perplexity"], rel=1e-9)
-    bad = runner.invoke(app, ["eval", "perplexity", "--model", str(teacher_dir), "--data", "/no/such.txt"])
-    assert bad.exit_code == 2 and "data not found" in bad.output
+    want = perplexity(m, tok, read_documents(corpus_file), max_length=16, progress=False)
+    assert got.details["sums"]["tokens"] == want.tokens and got.details["sums"]["words"] == want.words
+    assert got.get("word_perplexity").value == pytest.approx(want.word_perplexity, rel=1e-9)
+    assert got.model["fingerprint"] and got.data["hash"] and got.settings["max_length"] == 16
+    assert got.provenance["packages"]["torch"]
+    for args, message in [
+        (["--data", "/no/such.txt"], "data not found"),
+        (["--data", str(corpus_file), "--max-length", "100000"], "longer than the model's context"),
+        (["--data", str(corpus_file), "--detokenize", "nope"], "unknown --detokenize 'nope'"),
+    ]:
+        bad = runner.invoke(app, ["eval", "perplexity", "--model", str(teacher_dir), *args, "--out",
+                                  str(tmp_path / "bad.json")])
+        assert bad.exit_code == 2 and message in bad.output, bad.output
+    assert not (tmp_path / "bad.json").exists()

@@ -104,3 +104,27 @@ def test_blocks_are_cached_by_content(tmp_path, tokenizer, corpus_file, monkeypa
     c = build_blocks(docs[:-1], tokenizer, block_size=16, cache_dir=tmp_path)
     assert c.data_hash != a.data_hash and len(list(tmp_path.glob("blocks-*.safetensors"))) == 2
     assert hash_documents(docs) != hash_documents(docs[:-1])
+
+
+def test_wikitext_headings_split_and_non_utf8_line(tmp_path):
+    p = tmp_path / "wiki.raw"
+    p.write_bytes(b" = A = \r\n text a \r\n = = Sub = = \r\n more a \r\n = B = \r\n text b \r\n")
+    assert read_documents(p, txt_split="wikitext_headings") == [
+        " = A = \n text a \n = = Sub = = \n more a \n", " = B = \n text b \n"]
+    with pytest.raises(DataError, match="unknown txt_split 'x'"):
+        read_documents(p, txt_split="x")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine\nstill fine\nbad \xff here\n")
+    with pytest.raises(DataError, match="line 3"):
+        read_documents(bad)
+
+
+def test_real_wikitext_test_split_has_62_articles():
+    from conftest import SHARED_DATA
+
+    path = SHARED_DATA / "wikitext2" / "wiki.test.raw"
+    if not path.is_file():
+        pytest.skip(f"{path} absent (shared benchmark data not on this machine)")
+    docs = read_documents(path, txt_split="wikitext_headings")
+    assert len(docs) == 62  # EleutherAI/wikitext_document_level's test split has 62 pages
+    assert docs[0].startswith(" = Robert Boulter = \n") and docs[1].startswith(" = Du Fu = \n")

@@ -293,11 +293,72 @@ def test_empty_inputs(model, tokenizer, docs):
     assert with_empty == alone  # empty documents are skipped and counted nowhere
 
 
-def test_default_max_length_is_model_limit_capped_at_2048(model):
+def test_default_max_length_resolves_as_lm_eval_does(model, tokenizer):
     assert default_max_length(model) == 64
     big = LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
                                        num_attention_heads=1, max_position_embeddings=4096))
-    assert default_max_length(big) == 2048
+    assert default_max_length(big) == 4096  # lm-eval uses the config's value, uncapped
+    try:
+        from lm_eval.models.utils import resolve_max_length
+    except ImportError:
+        return
+    assert default_max_length(big, tokenizer) == resolve_max_length(big.config, tokenizer, default=2048)
+
+
+def test_max_length_beyond_the_model_context_is_refused_before_scoring(model, tokenizer, docs, monkeypatch):
+    import pocketlm.eval.perplexity as ppl
+
+    monkeypatch.setattr(ppl, "score_continuations", lambda *a, **k: pytest.fail("model work before the check"))
+    with pytest.raises(ValueError, match="longer than the model's context of 64 tokens"):
+        perplexity(model, tokenizer, docs, max_length=65, progress=False)
+
+
+def test_token_budget_batches_give_the_same_sums(model, tokenizer, docs):
+    from pocketlm.eval.loglik import _batches
+
+    plain = perplexity(model, tokenizer, docs, max_length=6, batch_size=64, max_batch_tokens=None, progress=False)
+    budget = perplexity(model, tokenizer, docs, max_length=6, batch_size=64, max_batch_tokens=7, progress=False)
+    assert math.isclose(plain.loglikelihood, budget.loglikelihood, rel_tol=REL_TOL)
+    reqs = [([1], [5] * n) for n in (6, 6, 3, 2, 2, 1)]  # inputs of 6, 6, 3, 2, 2, 1 tokens, longest first
+    assert _batches(list(range(6)), reqs, 8, None, 12) == [[0, 1], [2, 3, 4, 5]]  # 2 x 6 then 4 x 3 padded
+    assert _batches(list(range(6)), reqs, 3, None, None) == [[0, 1, 2], [3, 4, 5]]
+    assert _batches(list(range(6)), reqs, 8, None, 4) == [[0], [1], [2], [3, 4], [5]]  # a row over budget runs alone
+
+
+def test_wikitext_detokenizer_equals_lm_eval_and_counts_original_words(model, tokenizer):
+    from pocketlm.eval.perplexity import document_perplexities, wikitext_detokenize
+
+    doc = " = Title = \n The cat 's mat , 1 @,@ 000 @-@ odd ( a dog ) . \n = = Part = = \n"
+    try:
+        from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
+    except ImportError:
+        wikitext_detokenizer = None
+    if wikitext_detokenizer is not None:
+        assert wikitext_detokenize(doc) == wikitext_detokenizer({"page": doc})
+    assert wikitext_detokenize(doc) == " = Title =\nThe cat's mat, 1,000-odd (a dog).\n== Part ==\n"
+    (res,) = document_perplexities(model, tokenizer, [doc], max_length=8, detokenize="wikitext", progress=False)
+    assert res.words == count_words(doc) and res.bytes == len(doc.encode())  # counted before detokenising
+    detok_ids = ids(tokenizer, wikitext_detokenize(doc))
+    assert res.tokens == len(detok_ids)
+    assert math.isclose(res.loglikelihood, brute_force_rolling(model, detok_ids, 8, tokenizer.bos_token_id),
+                        rel_tol=REL_TOL)
+    with pytest.raises(ValueError, match="unknown detokenizer 'nope'; valid: wikitext"):
+        document_perplexities(model, tokenizer, [doc], detokenize="nope")
+
+
+def test_metrics_carry_bootstrap_intervals_of_the_ratio_of_sums(model, tokenizer, docs):
+    from pocketlm.eval.perplexity import document_perplexities, perplexity_metrics
+
+    per_doc = document_perplexities(model, tokenizer, docs, max_length=6, progress=False)
+    total = perplexity(model, tokenizer, docs, max_length=6, progress=False)
+    assert sum(per_doc, PerplexityResult(0.0, 0, 0, 0, 0)) == total
+    metrics = {m.name: m for m in perplexity_metrics(per_doc)}
+    assert metrics["word_perplexity"].value == total.word_perplexity
+    assert metrics["bits_per_byte"].value == total.bits_per_byte
+    for m in metrics.values():
+        assert m.n == len(docs) and m.higher_is_better is False
+        lo, hi = m.ci
+        assert lo <= m.value <= hi and lo < hi
 
 
 def test_bf16_model_close_to_fp32(model, tokenizer, docs):

@@ -1,7 +1,7 @@
 """`pocketlm eval perplexity`."""
 from __future__ import annotations
 
-import json
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -12,35 +12,44 @@ from pocketlm.cli._common import _EXPECTED, _fail, eval_app
 @eval_app.command("perplexity")
 def eval_perplexity(
     model: str = typer.Option(..., "--model", help="Model folder, .gguf file, hub id or smollm2-135m-instruct."),
-    data: str = typer.Option(..., "--data", help=".txt (blank-line separated), folder of .txt, .jsonl/.parquet, "
+    data: str = typer.Option(..., "--data", help=".txt file, folder of .txt (one document each), .jsonl/.parquet, "
                                                  "or a Hugging Face dataset."),
     field: str = typer.Option("text", help="Text field of .jsonl/.parquet/dataset rows."),
     split: str = typer.Option("test", help="Dataset split (Hugging Face datasets only)."),
-    max_length: Optional[int] = typer.Option(None, help="Window length (default: the model's, at most 2048)."),
+    txt_split: str = typer.Option("blank_lines", help="How one .txt file is cut into documents: blank_lines, "
+                                                      "wikitext_headings (at each ' = Title = ' line) or lines."),
+    max_length: Optional[int] = typer.Option(None, help="Window length (default: the model's context, as lm-eval)."),
     stride: Optional[int] = typer.Option(None, help="Overlapping windows moving by this many tokens."),
-    batch_size: int = typer.Option(8, help="Windows per forward pass."),
+    detokenize: Optional[str] = typer.Option(None, help="Detokenise before scoring: wikitext (lm-eval's task)."),
+    batch_size: int = typer.Option(8, help="Most windows per forward pass."),
+    max_batch_tokens: int = typer.Option(16384, help="Most padded tokens per forward pass (bounds memory)."),
     max_documents: Optional[int] = typer.Option(None, help="Score only the first N documents."),
     dtype: str = typer.Option("float32", help="float32 or bfloat16."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    out: Path = typer.Option(Path("results/perplexity.json"), "--out", help="Where to write results.json."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Perplexity as lm-evaluation-harness defines it: rolling windows per document; token, word and byte level."""
     from pocketlm.data.text import read_documents
-    from pocketlm.eval.perplexity import perplexity
+    from pocketlm.eval.perplexity import DETOKENIZERS, check_max_length, perplexity_results
     from pocketlm.models.load import load_model
 
     try:
-        docs = read_documents(data, field=field, split=split, max_documents=max_documents)
+        if detokenize is not None and detokenize not in DETOKENIZERS:
+            raise ValueError(f"unknown --detokenize {detokenize!r}; valid: {', '.join(DETOKENIZERS)}")
+        docs = read_documents(data, field=field, split=split, max_documents=max_documents, txt_split=txt_split)
         m, tok = load_model(model, dtype=dtype)
-        res = perplexity(m, tok, docs, max_length=max_length, stride=stride, batch_size=batch_size)
+        if max_length is not None:
+            check_max_length(m, tok, max_length)
+        res = perplexity_results(
+            m, tok, docs, model_spec=model, data_source=data, max_length=max_length, stride=stride,
+            detokenize=detokenize, batch_size=batch_size, max_batch_tokens=max_batch_tokens, progress=not quiet,
+        )
+        res.settings["txt_split"] = txt_split
+        path = res.write(out)
     except _EXPECTED as e:
         _fail(e)
-    d = res.to_dict()
-    if json_out:
-        typer.echo(json.dumps(d, indent=2))
-        return
-    for key in ("documents", "tokens", "words", "bytes", "token_perplexity", "word_perplexity", "byte_perplexity",
-                "bits_per_byte"):
-        val = d.get(key)
-        typer.echo(f"{key:>17}: {val:.4f}" if isinstance(val, float) else f"{key:>17}: {val}")
-
-
+    sums = res.details["sums"]
+    typer.echo(f"{sums['documents']} documents, {sums['tokens']} tokens, {sums['words']} words, "
+               f"{sums['bytes']} bytes; max_length {res.settings['max_length']}")
+    typer.echo(res.table())
+    typer.echo(f"wrote {path}")

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -26,10 +27,14 @@ class DataError(ValueError):
 
 # ---------------------------------------------------------------------------------------------- reading documents
 def _read_txt(path: Path) -> str:
+    raw = path.read_bytes()
     try:
-        return path.read_text(encoding="utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); convert it to UTF-8 first") from None
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"{path} is not UTF-8 text: line {line}, byte {e.start} ({e.reason}); convert it to UTF-8 first"
+        ) from None
 
 
 def _split_blank_lines(text: str) -> list[str]:
@@ -45,6 +50,28 @@ def _split_blank_lines(text: str) -> list[str]:
     return docs
 
 
+_WIKITEXT_TITLE = re.compile(r"^ ?= [^=](.*[^=])? = ?$")  # " = Robert Boulter = " (level 1), not " = = Career = = "
+
+
+def _split_wikitext_headings(text: str) -> list[str]:
+    """WikiText articles: a document starts at each top-level ``" = Title = "`` line and runs to the next one.
+
+    Line endings are normalised to ``\\n``; lines are kept as they are (WikiText's leading spaces included).
+    """
+    docs: list[list[str]] = []
+    for line in text.splitlines():
+        if _WIKITEXT_TITLE.match(line):
+            docs.append([])
+        if not docs:  # text before the first title: a document of its own
+            docs.append([])
+        docs[-1].append(line)
+    return ["\n".join(lines) + "\n" for lines in docs]
+
+
+TXT_SPLITS = {"blank_lines": _split_blank_lines, "wikitext_headings": _split_wikitext_headings,
+              "lines": lambda text: text.splitlines()}
+
+
 def _from_dataset(ds, field: str, where: str) -> list[str]:
     if field not in ds.column_names:
         raise DataError(f"{where} has no field {field!r}; its fields are: {', '.join(ds.column_names)}")
@@ -57,16 +84,23 @@ def read_documents(
     field: str = "text",
     split: str = "train",
     max_documents: int | None = None,
+    txt_split: str = "blank_lines",
 ) -> list[str]:
-    """Read non-empty documents from a path or a Hugging Face dataset name."""
+    """Read non-empty documents from a path or a Hugging Face dataset name.
+
+    A single text file is cut into documents by ``txt_split``: ``blank_lines`` (paragraph-separated documents),
+    ``wikitext_headings`` (WikiText articles, at each top-level ``" = Title = "`` line) or ``lines``.
+    """
     import datasets
 
+    if txt_split not in TXT_SPLITS:
+        raise DataError(f"unknown txt_split {txt_split!r}; valid: {', '.join(TXT_SPLITS)}")
     text = str(source)
     path = Path(text).expanduser()
     if path.is_dir() and any(path.glob("*.txt")):
         docs = [_read_txt(p) for p in sorted(path.glob("*.txt"))]
     elif path.is_file() and path.suffix in (".txt", ".raw", ".md"):
-        docs = _split_blank_lines(_read_txt(path))
+        docs = TXT_SPLITS[txt_split](_read_txt(path))
     elif path.is_file() and path.suffix in (".jsonl", ".json", ".parquet", ".csv"):
         builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}[path.suffix]
         try:

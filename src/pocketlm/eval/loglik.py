@@ -103,12 +103,34 @@ def _score_batch(
     return [(float(s), bool(m == 0)) for s, m in zip(sums.tolist(), n_miss.tolist())]
 
 
+def _batches(
+    order: list[int], reqs: list[Request], batch_size: int, max_length: int | None, max_batch_tokens: int | None
+) -> list[list[int]]:
+    """Cut the longest-first order into batches of at most ``batch_size`` rows and ``max_batch_tokens`` padded tokens.
+
+    The first request of a batch is its longest, so the padded size is ``rows × len(first input)``.
+    """
+    batches: list[list[int]] = []
+    width = 0  # input length of the current batch's first (longest) request
+    for i in order:
+        if batches:
+            rows = len(batches[-1])
+            fits = rows < batch_size and (max_batch_tokens is None or (rows + 1) * width <= max_batch_tokens)
+            if fits:
+                batches[-1].append(i)
+                continue
+        batches.append([i])
+        width = len(model_input(*reqs[i], max_length))
+    return batches
+
+
 def score_continuations(
     model: torch.nn.Module,
     requests: Sequence[tuple[Sequence[int], Sequence[int]]],
     *,
     batch_size: int = 8,
     max_length: int | None = None,
+    max_batch_tokens: int | None = None,
     progress: bool = False,
     desc: str = "scoring",
 ) -> list[tuple[float, bool]]:
@@ -116,7 +138,9 @@ def score_continuations(
 
     Works for any Hugging Face causal LM (anything whose ``model(input_ids=..., attention_mask=...)`` returns
     ``.logits``). ``max_length`` caps the model's input length as lm-evaluation-harness does (context truncated
-    from the left); None feeds whole requests. The model is put in eval mode for the call and restored after.
+    from the left); None feeds whole requests. ``max_batch_tokens`` bounds a batch's padded size (rows × width)
+    as well, so long windows go a few at a time and short ones many at a time within the same memory; a single
+    request longer than the budget still runs, alone. The model is put in eval mode for the call and restored after.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -135,8 +159,7 @@ def score_continuations(
     model.eval()
     try:
         with torch.inference_mode(), tqdm(total=len(reqs), desc=desc, disable=not progress) as bar:
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
+            for idx in _batches(order, reqs, batch_size, max_length, max_batch_tokens):
                 for i, answer in zip(idx, _score_batch(model, [reqs[i] for i in idx], max_length, device, kwargs)):
                     results[i] = answer
                 bar.update(len(idx))

@@ -22,14 +22,19 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from pocketlm.eval.loglik import score_continuations
+from pocketlm.report.results import Metric, Results
+from pocketlm.stats import ratio_ci, transformed_ci
 
-DEFAULT_MAX_LENGTH = 2048  # lm-eval HFLM's fallback, and our cap on the model's own limit
+DEFAULT_MAX_LENGTH = 2048  # lm-eval HFLM's fallback when neither config nor tokenizer states a context length
+_TOKENIZER_UNSET = int(1e29)  # transformers' VERY_LARGE_INTEGER: "model_max_length not set"
+DEFAULT_MAX_BATCH_TOKENS = 16384  # padded tokens per forward: bounds the [b, t, vocab] logits (3.2 GB at 49k fp32)
 _SEQLEN_ATTRS = ("n_positions", "max_position_embeddings", "n_ctx")  # lm-eval HFLM's lookup order
 
 Window = tuple[list[int], list[int]]  # (context, continuation) as score_continuations takes them
@@ -92,6 +97,40 @@ def _exp_neg_per(loglikelihood: float, count: int) -> float:
     return math.exp(-loglikelihood / count) if count else math.nan
 
 
+def wikitext_detokenize(text: str) -> str:
+    """lm-eval's ``wikitext`` task detokeniser (``preprocess_wikitext.wikitext_detokenizer``), rule for rule."""
+    string = text
+    # contractions
+    string = string.replace("s '", "s'")
+    string = re.sub(r"/' [0-9]/", r"/'[0-9]/", string)
+    # number separators
+    string = string.replace(" @-@ ", "-")
+    string = string.replace(" @,@ ", ",")
+    string = string.replace(" @.@ ", ".")
+    # punctuation
+    for mark in (":", ";", ".", "!", "?", ","):
+        string = string.replace(f" {mark} ", f"{mark} ")
+    # double brackets
+    string = re.sub(r"\(\s*([^\)]*?)\s*\)", r"(\1)", string)
+    string = re.sub(r"\[\s*([^\]]*?)\s*\]", r"[\1]", string)
+    string = re.sub(r"{\s*([^}]*?)\s*}", r"{\1}", string)
+    string = re.sub(r"\"\s*([^\"]*?)\s*\"", r'"\1"', string)
+    string = re.sub(r"'\s*([^']*?)\s*'", r"'\1'", string)
+    # miscellaneous
+    string = string.replace("= = = =", "====")
+    string = string.replace("= = =", "===")
+    string = string.replace("= =", "==")
+    string = string.replace(" " + chr(176) + " ", chr(176))
+    string = string.replace(" \n", "\n")
+    string = string.replace("\n ", "\n")
+    string = string.replace(" N ", " 1 ")
+    string = string.replace(" 's", "'s")
+    return string
+
+
+DETOKENIZERS: dict[str, Callable[[str], str]] = {"wikitext": wikitext_detokenize}
+
+
 def count_words(document: str) -> int:
     """lm-eval's wikitext word count: ``len(re.split(r"\\s+", doc))`` (leading/trailing whitespace adds one)."""
     return len(re.split(r"\s+", document))
@@ -106,14 +145,39 @@ def prefix_token_id(tokenizer) -> int:
     raise ValueError("the tokenizer has neither a BOS nor an EOS token to condition a document's first token on")
 
 
-def default_max_length(model: torch.nn.Module) -> int:
-    """The model's context length from its config (as lm-eval looks it up), capped at 2048."""
+def model_context_length(model: torch.nn.Module, tokenizer=None) -> int | None:
+    """The model's context length as lm-eval's ``resolve_max_length`` finds it; None when nothing states one.
+
+    The nested ``text_config`` first, then the config's ``n_positions`` / ``max_position_embeddings`` / ``n_ctx``,
+    then the tokenizer's ``model_max_length`` unless it is the "unset" sentinel.
+    """
     config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
     for attr in _SEQLEN_ATTRS:
         value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return min(value, DEFAULT_MAX_LENGTH)
-    return DEFAULT_MAX_LENGTH
+        if value is not None:
+            return int(value)
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and limit < _TOKENIZER_UNSET:
+        return limit
+    return None
+
+
+def default_max_length(model: torch.nn.Module, tokenizer=None) -> int:
+    """lm-eval HFLM's ``max_length``: the model's context length, or 2048 when nothing states one."""
+    return model_context_length(model, tokenizer) or DEFAULT_MAX_LENGTH
+
+
+def check_max_length(model: torch.nn.Module, tokenizer, max_length: int) -> None:
+    """Refuse windows longer than the model's context, before any model work."""
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    context = model_context_length(model, tokenizer)
+    if context is not None and max_length > context:
+        raise ValueError(
+            f"max_length={max_length} is longer than the model's context of {context} tokens; "
+            f"pass --max-length {context} or less"
+        )
 
 
 def rolling_windows(tokens: Sequence[int], prefix_token: int, max_length: int) -> list[Window]:
@@ -162,50 +226,94 @@ def strided_windows(tokens: Sequence[int], prefix_token: int, max_length: int, s
     return windows
 
 
-def perplexity(
+def document_perplexities(
     model: torch.nn.Module,
     tokenizer,
     documents: Sequence[str],
     *,
     max_length: int | None = None,
     stride: int | None = None,
+    detokenize: str | None = None,
     batch_size: int = 8,
+    max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
     progress: bool = True,
-) -> PerplexityResult:
-    """Corpus perplexity of a causal LM over whole documents, each token scored once (lm-eval's definition).
+) -> list[PerplexityResult]:
+    """Per-document sums (one :class:`PerplexityResult` per document, in order; empty ones are skipped).
 
-    ``max_length`` defaults to the model's context length capped at 2048; ``stride`` switches to overlapping
-    windows. Documents that tokenize to nothing are skipped and counted nowhere.
+    ``detokenize`` names a :data:`DETOKENIZERS` entry applied to the text the model scores; words and bytes are
+    counted on the original text, as lm-eval's wikitext task counts them. Windows of all documents are batched
+    together (longest first, at most ``batch_size`` rows and ``max_batch_tokens`` padded tokens per forward).
     """
     if isinstance(documents, str):
         raise TypeError("documents must be a sequence of strings, not one string")
     if len(documents) == 0:
         raise ValueError("perplexity needs at least one document; got an empty list")
-    max_length = default_max_length(model) if max_length is None else max_length
+    if detokenize is not None and detokenize not in DETOKENIZERS:
+        raise ValueError(f"unknown detokenizer {detokenize!r}; valid: {', '.join(DETOKENIZERS)}")
+    max_length = default_max_length(model, tokenizer) if max_length is None else max_length
+    check_max_length(model, tokenizer, max_length)
     prefix = prefix_token_id(tokenizer)
 
-    encoded = tokenizer(list(documents), add_special_tokens=False, verbose=False)["input_ids"]
+    texts = [DETOKENIZERS[detokenize](d) for d in documents] if detokenize else list(documents)
+    encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
     kept = [(doc, ids) for doc, ids in zip(documents, encoded) if len(ids) > 0]
     if not kept:
         raise ValueError(f"all {len(documents)} documents are empty after tokenization; there is nothing to score")
 
     requests: list[Window] = []
-    for _, ids in kept:
-        if stride is None:
-            requests.extend(rolling_windows(ids, prefix, max_length))
-        else:
-            requests.extend(strided_windows(ids, prefix, max_length, stride))
+    owner: list[int] = []  # document index of each window
+    for d, (_, ids) in enumerate(kept):
+        windows = rolling_windows(ids, prefix, max_length) if stride is None else strided_windows(
+            ids, prefix, max_length, stride)
+        requests.extend(windows)
+        owner.extend([d] * len(windows))
 
     scores = score_continuations(
-        model, requests, batch_size=batch_size, max_length=max_length, progress=progress, desc="perplexity"
+        model, requests, batch_size=batch_size, max_length=max_length, max_batch_tokens=max_batch_tokens,
+        progress=progress, desc="perplexity",
     )
-    return PerplexityResult(
-        loglikelihood=math.fsum(ll for ll, _ in scores),
-        tokens=sum(len(ids) for _, ids in kept),
-        words=sum(count_words(doc) for doc, _ in kept),
-        bytes=sum(len(doc.encode("utf-8")) for doc, _ in kept),
-        documents=len(kept),
-    )
+    per_doc: list[list[float]] = [[] for _ in kept]
+    for d, (ll, _) in zip(owner, scores):
+        per_doc[d].append(ll)
+    return [
+        PerplexityResult(
+            loglikelihood=math.fsum(lls), tokens=len(ids), words=count_words(doc),
+            bytes=len(doc.encode("utf-8")), documents=1,
+        )
+        for lls, (doc, ids) in zip(per_doc, kept)
+    ]
+
+
+def perplexity(model: torch.nn.Module, tokenizer, documents: Sequence[str], **kwargs) -> PerplexityResult:
+    """Corpus perplexity of a causal LM over whole documents, each token scored once (lm-eval's definition).
+
+    ``max_length`` defaults to the model's context length as lm-eval resolves it; ``stride`` switches to
+    overlapping windows; ``detokenize="wikitext"`` is the harness's wikitext task. Keywords as
+    :func:`document_perplexities`; the corpus figure is the sum of the documents' sums.
+    """
+    return sum(document_perplexities(model, tokenizer, documents, **kwargs), PerplexityResult(0.0, 0, 0, 0, 0))
+
+
+_HIGHER_IS_BETTER = {"token_perplexity": False, "word_perplexity": False, "byte_perplexity": False,
+                     "bits_per_byte": False}
+
+
+def perplexity_metrics(per_document: Sequence[PerplexityResult], *, seed: int = 0) -> list[Metric]:
+    """The corpus figures with 95 % bootstrap intervals over documents (ratio of sums, recomputed per resample)."""
+    total = sum(per_document, PerplexityResult(0.0, 0, 0, 0, 0))
+    nll = [-r.loglikelihood for r in per_document]
+    metrics = []
+    for name, unit_count, to_figure in (
+        ("token_perplexity", "tokens", math.exp),
+        ("word_perplexity", "words", math.exp),
+        ("byte_perplexity", "bytes", math.exp),
+        ("bits_per_byte", "bytes", lambda v: v / math.log(2)),
+    ):
+        counts = [getattr(r, unit_count) for r in per_document]
+        ci = transformed_ci(ratio_ci(nll, counts, seed=seed), to_figure) if sum(counts) else None
+        metrics.append(Metric(name, getattr(total, name), n=total.documents, ci=ci,
+                              higher_is_better=_HIGHER_IS_BETTER[name]))
+    return metrics
 
 
 def block_perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> PerplexityResult:
@@ -224,4 +332,48 @@ def block_perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: i
         words=0,
         bytes=0,
         documents=len(rows),
+    )
+
+
+def perplexity_results(
+    model: torch.nn.Module,
+    tokenizer,
+    documents: Sequence[str],
+    *,
+    model_spec: str,
+    data_source: str,
+    max_length: int | None = None,
+    stride: int | None = None,
+    detokenize: str | None = None,
+    batch_size: int = 8,
+    max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
+    seed: int = 0,
+    progress: bool = True,
+) -> Results:
+    """Perplexity as a typed ``results.json`` document: figures with intervals, sums, settings, provenance."""
+    from pocketlm.data.text import hash_documents
+    from pocketlm.provenance import provenance
+    from pocketlm.report.results import model_info
+
+    start = time.perf_counter()
+    max_length = default_max_length(model, tokenizer) if max_length is None else max_length
+    per_doc = document_perplexities(
+        model, tokenizer, documents, max_length=max_length, stride=stride, detokenize=detokenize,
+        batch_size=batch_size, max_batch_tokens=max_batch_tokens, progress=progress,
+    )
+    total = sum(per_doc, PerplexityResult(0.0, 0, 0, 0, 0))
+    dtype = next(model.parameters()).dtype
+    return Results(
+        kind="perplexity",
+        model=model_info(model_spec, model, tokenizer),
+        data={"source": str(data_source), "hash": hash_documents(documents), "n": len(documents)},
+        settings={
+            "max_length": max_length, "stride": stride, "windows": "rolling" if stride is None else "strided",
+            "detokenize": detokenize, "prefix_token_id": prefix_token_id(tokenizer), "dtype": str(dtype),
+            "batch_size": batch_size, "max_batch_tokens": max_batch_tokens, "bootstrap_seed": seed,
+        },
+        metrics=perplexity_metrics(per_doc, seed=seed),
+        details={"sums": asdict(total), "per_document": [asdict(r) for r in per_doc]},
+        provenance=provenance(),
+        wall_time_s=time.perf_counter() - start,
     )
