@@ -86,3 +86,4 @@ def export(
 
 
 from pocketlm.cli import eval_cmds  # noqa: E402,F401  (registers `pocketlm eval ...`)
+from pocketlm.cli import audit_bias_cmds  # noqa: E402,F401  (registers `pocketlm audit bias`)

@@ -1,0 +1,229 @@
+"""What every log-likelihood bias suite shares: text requests encoded as lm-evaluation-harness encodes them, a
+batched scorer, and corpus statistics with bootstrap intervals and teacher-vs-student deltas.
+
+A suite turns its items into ``(context, continuation)`` text requests; a *scorer* answers each with
+``(Σ log p(continuation | context), continuation tokens)``; the suite turns the answers into per-item arrays; its
+statistics are vectorised functions of those arrays. Intervals resample items (every array of an item together);
+a delta resamples the same items for both models (`pocketlm.stats.paired_statistic_delta_ci`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from pocketlm.report.results import Metric
+from pocketlm.stats import DEFAULT_RESAMPLES, bootstrap_ci, paired_statistic_delta_ci
+
+TextRequest = tuple[str, str]  # (context, continuation)
+Scorer = Callable[[Sequence[TextRequest]], list[tuple[float, int]]]  # -> (sum log-prob, continuation tokens)
+Arrays = dict[str, np.ndarray]  # per-item arrays, each [n_items]
+
+
+# ---------------------------------------------------------------------------------------------------- encoding
+
+
+def _encode(tokenizer, texts: list[str], prefix_text: str) -> list[list[int]]:
+    """lm-eval HFLM ``tok_encode``: the tokenizer's default special tokens, none if the text starts with BOS."""
+    out: list[list[int] | None] = [None] * len(texts)
+    for with_special in (True, False):
+        idx = [i for i, t in enumerate(texts) if bool(prefix_text and t.startswith(prefix_text)) != with_special]
+        if idx:
+            kwargs = {} if with_special else {"add_special_tokens": False}
+            for i, ids in zip(idx, tokenizer([texts[i] for i in idx], **kwargs)["input_ids"]):
+                out[i] = list(ids)
+    return out  # type: ignore[return-value]  # every slot filled
+
+
+def encode_requests(tokenizer, requests: Sequence[TextRequest]) -> list[tuple[list[int], list[int]]]:
+    """Token ids for text requests, exactly as lm-evaluation-harness 0.4's ``LM.loglikelihood`` makes them.
+
+    * Empty context: the continuation without special tokens, conditioned on the prefix token (BOS, else EOS);
+      if the continuation already starts with that token, its first token becomes the context.
+    * Otherwise (``_encode_pair``): trailing whitespace of the context moves to the continuation; the whole text
+      and the context are encoded, and the continuation is the whole's tokens after the context's.
+    """
+    from pocketlm.eval.perplexity import prefix_token_id
+
+    prefix = prefix_token_id(tokenizer)
+    prefix_text = tokenizer.decode([prefix])
+    out: list[tuple[list[int], list[int]] | None] = [None] * len(requests)
+
+    empty = [i for i, (ctx, _) in enumerate(requests) if ctx == ""]
+    if empty:
+        encoded = tokenizer([requests[i][1] for i in empty], add_special_tokens=False)["input_ids"]
+        for i, ids in zip(empty, encoded):
+            ids = list(ids)
+            if not ids:
+                raise ValueError(f"request {i}: the continuation {requests[i][1]!r} encodes to no tokens")
+            out[i] = ([prefix], ids) if ids[0] != prefix else (ids[:1], ids[1:])
+
+    full = [i for i, (ctx, _) in enumerate(requests) if ctx != ""]
+    if full:
+        contexts, wholes = [], []
+        for i in full:
+            ctx, cont = requests[i]
+            n_spaces = len(ctx) - len(ctx.rstrip())
+            if n_spaces:
+                ctx, cont = ctx[:-n_spaces], ctx[-n_spaces:] + cont
+            contexts.append(ctx)
+            wholes.append(ctx + cont)
+        ctx_ids, whole_ids = _encode(tokenizer, contexts, prefix_text), _encode(tokenizer, wholes, prefix_text)
+        for i, c, w in zip(full, ctx_ids, whole_ids):
+            out[i] = (c, w[len(c):])
+    return out  # type: ignore[return-value]
+
+
+def model_scorer(
+    model, tokenizer, *, batch_size: int = 16, max_length: int | None = None, progress: bool = False,
+    desc: str = "scoring",
+) -> Scorer:
+    """A scorer backed by a causal LM: lm-eval's encoding, then `score_continuations` (batched, longest first)."""
+    from pocketlm.eval.loglik import score_continuations
+    from pocketlm.eval.perplexity import default_max_length
+
+    limit = max_length if max_length is not None else default_max_length(model, tokenizer)
+
+    def score(requests: Sequence[TextRequest]) -> list[tuple[float, int]]:
+        encoded = encode_requests(tokenizer, requests)
+        answers = score_continuations(model, encoded, batch_size=batch_size, max_length=limit, progress=progress,
+                                      desc=desc)
+        return [(ll, len(cont)) for (ll, _), (_, cont) in zip(answers, encoded)]
+
+    return score
+
+
+# ---------------------------------------------------------------------------------------------------- statistics
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """A corpus figure: ``fn(*arrays[inputs], axis=-1)``, vectorised over items (the bootstrap's axis).
+
+    ``over`` names a 0/1 array selecting the items the figure is about (e.g. BBQ's ambiguous contexts): it is
+    computed over, and its interval resamples, those items only (their number is fixed by the suite's design, and
+    a resample without any would have no value). None: all items.
+    """
+
+    name: str
+    fn: Callable[..., np.ndarray]
+    inputs: tuple[str, ...]
+    higher_is_better: bool | None
+    unit: str | None = None
+    over: str | None = None
+
+
+def _value(stat: Statistic, arrays: Arrays) -> float:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(stat.fn(*(arrays[k] for k in stat.inputs), axis=-1))
+
+
+def _safe(fn: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+    def wrapped(*arrays: np.ndarray, axis: int = -1) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return fn(*arrays, axis=axis)
+
+    return wrapped
+
+
+def _finite(x: float) -> bool:
+    return bool(np.isfinite(x))
+
+
+@dataclass(frozen=True)
+class Delta:
+    """model − baseline for one figure, with its paired-bootstrap interval; significant when it excludes 0."""
+
+    name: str
+    group: str | None
+    value: float | None
+    ci: tuple[float, float] | None
+    n: int
+
+    @property
+    def significant(self) -> bool:
+        return self.ci is not None and (self.ci[0] > 0 or self.ci[1] < 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "group": self.group, "value": self.value,
+                "ci": None if self.ci is None else list(self.ci), "n": self.n, "significant": self.significant}
+
+
+def compute_metrics(
+    statistics: Sequence[Statistic],
+    arrays: Arrays,
+    groups: Sequence[str],
+    *,
+    baseline: Arrays | None = None,
+    seed: int = 0,
+    n_resamples: int = DEFAULT_RESAMPLES,
+) -> tuple[list[Metric], list[Delta]]:
+    """Every statistic overall (group None) and per group, each with a 95 % bootstrap interval; with a baseline
+    (arrays of the same items), ``delta_<name>`` metrics = model − baseline with paired-bootstrap intervals."""
+    groups_arr = np.asarray(groups, dtype=object)
+    slices: list[tuple[str | None, np.ndarray]] = [(None, np.ones(len(groups_arr), dtype=bool))]
+    slices += [(g, groups_arr == g) for g in sorted(set(groups))]
+    metrics: list[Metric] = []
+    deltas: list[Delta] = []
+    for group, mask in slices:
+        sub = {k: v[mask] for k, v in arrays.items()}
+        base = None if baseline is None else {k: v[mask] for k, v in baseline.items()}
+        for stat in statistics:
+            keep = slice(None) if stat.over is None else sub[stat.over] == 1
+            mod = {k: sub[k][keep] for k in stat.inputs}
+            ref = None if base is None else {k: base[k][keep] for k in stat.inputs}
+            n = len(next(iter(mod.values())))
+            value = _value(stat, mod) if n else float("nan")
+            ci = None
+            fn = _safe(stat.fn)
+            if _finite(value):
+                ci = bootstrap_ci(tuple(mod[k] for k in stat.inputs), fn, seed=seed, n_resamples=n_resamples)
+            metrics.append(Metric(name=stat.name, value=value if _finite(value) else None, n=n, ci=ci,
+                                  higher_is_better=stat.higher_is_better, group=group, unit=stat.unit))
+            if ref is None:
+                continue
+            b_value = _value(stat, ref) if n else float("nan")
+            d_value = value - b_value if _finite(value) and _finite(b_value) else None
+            d_ci = None
+            if d_value is not None:
+                d_ci = paired_statistic_delta_ci(fn, [mod[k] for k in stat.inputs], [ref[k] for k in stat.inputs],
+                                                 seed=seed, n_resamples=n_resamples)
+            delta = Delta(name=f"delta_{stat.name}", group=group, value=d_value, ci=d_ci, n=n)
+            deltas.append(delta)
+            metrics.append(Metric(name=delta.name, value=d_value, n=n, ci=d_ci,
+                                  higher_is_better=stat.higher_is_better, group=group, unit=stat.unit))
+    return metrics, deltas
+
+
+# ------------------------------------------------------------------------------------------ vectorised helpers
+
+
+def share(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Percentage of items where the 0/1 indicator ``x`` is 1."""
+    return 100.0 * np.mean(x, axis=axis)
+
+
+def mean(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.mean(x, axis=axis)
+
+
+def masked_mean(x: np.ndarray, mask: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Σ x·mask / Σ mask: a mean over the items a 0/1 mask selects (NaN when it selects none)."""
+    return np.sum(x * mask, axis=axis) / np.sum(mask, axis=axis)
+
+
+def mean_per_code(x: np.ndarray, codes: np.ndarray, axis: int = -1) -> np.ndarray:
+    """The mean over codes (e.g. StereoSet target terms) of the per-code mean of ``x`` — a macro average, over
+    the codes present in each resample. ``codes`` are small non-negative integers stored as floats."""
+    x, codes = np.moveaxis(x, axis, -1), np.moveaxis(codes, axis, -1).astype(np.int64)
+    lead, n = x.shape[:-1], x.shape[-1]
+    rows = int(np.prod(lead)) if lead else 1
+    k = int(codes.max()) + 1 if codes.size else 1
+    flat = (np.arange(rows)[:, None] * k + codes.reshape(rows, n)).ravel()  # [rows·n] bin per (row, code)
+    sums = np.bincount(flat, weights=x.reshape(rows, n).ravel(), minlength=rows * k).reshape(rows, k)
+    counts = np.bincount(flat, minlength=rows * k).reshape(rows, k)
+    present = counts > 0
+    per_code = np.where(present, sums / np.maximum(counts, 1), 0.0)  # [rows, k]
+    out = per_code.sum(-1) / present.sum(-1)
+    return out.reshape(lead) if lead else out[0]
