@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from conftest import make_teacher
 from pocketlm.audit.prompt_suites import Prompt
 from pocketlm.audit.prompted import (
-    Scored, expected_max_toxicity, generate_scored, group_gap, group_means, most_toxic, per_prompt_figures,
+    Scored, expected_max_toxicity, gap_ci, generate_scored, group_gap, group_means, most_toxic, per_prompt_figures,
     rtp_settings, toxicity_metrics, toxicity_probability, vader_compound, write_generations,
 )
 from pocketlm.audit.toxicity import ProfanityScorer
@@ -52,6 +52,28 @@ def test_group_gap_vectorised_and_missing_groups():
     rows = np.array([[1.0, 2.0, 3.0, 10.0], [1.0, 1.0, 3.0, 3.0]])
     crow = np.array([[0, 0, 1, 2], [0, 0, 1, 1]])  # the second resample has no group 2: left out
     np.testing.assert_allclose(group_gap(rows, crow, axis=-1), [8.5, 2.0])
+
+
+def test_gap_ci_is_stratified_and_matches_scipy():
+    from scipy import stats
+
+    codes = np.array([0, 0, 0, 1, 1, 2])
+    const = np.array([0.2, 0.2, 0.2, 0.9, 0.9, 0.5])  # no spread within groups: every stratified resample agrees
+    assert gap_ci(const, codes) == pytest.approx((0.7, 0.7))
+    assert gap_ci(const, codes, const - 0.1) == pytest.approx((0.0, 0.0))  # same gap in the baseline
+    # reference: scipy's bootstrap with one independent sample per group is the same stratified scheme
+    rng = np.random.default_rng(0)
+    codes = np.repeat([0, 1, 2], [15, 25, 10])
+    values = rng.random(50) + 0.3 * codes
+
+    def gap(*groups, axis=-1):
+        means = np.stack([g.mean(axis=axis) for g in groups], -1)
+        return means.max(-1) - means.min(-1)
+
+    ref = stats.bootstrap([values[codes == g] for g in range(3)], gap, paired=False, n_resamples=20000,
+                          method="percentile", random_state=np.random.default_rng(1)).confidence_interval
+    got = gap_ci(values, codes, n_resamples=20000, seed=2)
+    assert got == pytest.approx((ref.low, ref.high), abs=0.015)  # Monte Carlo error of 20k resamples
 
 
 def test_toxicity_metrics_overall_groups_gaps_and_deltas():

@@ -174,8 +174,8 @@ def load_bold(path: Path) -> PromptSuite:
                     raise ValueError(f"{f}: {group!r} / {page!r} should be a list of prompt strings")
                 prompts += [Prompt(f"{domain}:{group}:{page}:{i}", t.rstrip(), group, domain)
                             for i, t in enumerate(texts) if t.strip()]
-    return PromptSuite("bold", str(path), prompts, hasher.hexdigest(), notes="trailing spaces stripped; empty prompts (5 upstream) dropped",
-                       extra={"sentiment": True})
+    return PromptSuite("bold", str(path), prompts, hasher.hexdigest(), extra={"sentiment": True},
+                       notes="trailing spaces stripped; empty prompts (5 upstream) dropped")
 
 
 @SUITES.register("file")

@@ -117,10 +117,36 @@ def group_means(values: np.ndarray, codes: np.ndarray, axis: int = -1) -> np.nda
 
 
 def group_gap(values: np.ndarray, codes: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Largest difference between two groups' means (max − min over groups), vectorised for the bootstrap.
-    Groups absent from a bootstrap resample are left out of that resample's gap."""
+    """Largest difference between two groups' means (max − min over groups); groups with no items left out."""
     means = group_means(values, codes, axis)
     return np.nanmax(means, axis=-1) - np.nanmin(means, axis=-1)
+
+
+def gap_ci(values: np.ndarray, codes: np.ndarray, baseline: np.ndarray | None = None, *, seed: int = 0,
+           n_resamples: int = 1000, confidence: float = 0.95) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the group gap — or, with ``baseline`` (the same prompts), of the gap's
+    delta model − baseline — resampling prompts *within* each group (stratified), so every group is in every
+    resample, as a between-group comparison needs; a prompt's model and baseline values are drawn together.
+    Hand-written because ``scipy.stats.bootstrap`` refuses groups of one prompt, which a --limit run has."""
+    rng = np.random.default_rng(seed)
+    values = np.asarray(values, float)
+    model_means, base_means = [], []
+    for g in np.unique(codes):
+        members = np.flatnonzero(codes == g)
+        draw = members[rng.integers(0, len(members), size=(n_resamples, len(members)))]  # [R, n_g]
+        model_means.append(values[draw].mean(-1))
+        if baseline is not None:
+            base_means.append(np.asarray(baseline, float)[draw].mean(-1))
+    gm = np.stack(model_means, -1)  # [R, G]
+    stat = gm.max(-1) - gm.min(-1)
+    point = float(group_gap(values, codes))
+    if baseline is not None:
+        gb = np.stack(base_means, -1)
+        stat = stat - (gb.max(-1) - gb.min(-1))
+        point -= float(group_gap(baseline, codes))
+    tail = (1 - confidence) / 2 * 100
+    lo, hi = np.percentile(stat, [tail, 100 - tail])
+    return min(float(lo), point), max(float(hi), point)
 
 
 def figure_metrics(name: str, group: str | None, statistic: Callable[..., np.ndarray],
@@ -176,8 +202,15 @@ def toxicity_metrics(prompts: Sequence[Prompt], model: Scored, baseline: Scored 
             continue
         codes = np.array([names.index(prompts[i].group) for i in idx], dtype=np.float64)
         for name in fm:
-            metrics += figure_metrics(f"{name}_gap", domain, group_gap, (fm[name][idx], codes),
-                                      None if fb is None else (fb[name][idx], codes), higher_is_better=False, **kw)
+            m_vals = fm[name][idx]
+            b_vals = None if fb is None else fb[name][idx]
+            gap, n = float(group_gap(m_vals, codes)), len(idx)
+            metrics.append(Metric(f"{name}_gap", gap, n, gap_ci(m_vals, codes, **kw), False, domain))
+            if b_vals is not None:
+                b_gap = float(group_gap(b_vals, codes))
+                metrics += [Metric(f"baseline_{name}_gap", b_gap, n, gap_ci(b_vals, codes, **kw), False, domain),
+                            Metric(f"delta_{name}_gap", gap - b_gap, n, gap_ci(m_vals, codes, b_vals, **kw), False,
+                                   domain)]
             means = group_means(fm[name][idx], codes)
             gaps.setdefault(domain or "all", {})[name] = {"highest": names[int(np.argmax(means))],
                                                           "lowest": names[int(np.argmin(means))]}

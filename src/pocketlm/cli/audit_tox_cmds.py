@@ -62,7 +62,7 @@ def _significant_lines(details: dict) -> list[str]:
 
 @audit_app.command("scorer-check")
 def scorer_check_cmd(
-    data: Path = typer.Option(..., "--data", help="Labelled .csv/.tsv/.jsonl, e.g. hate_speech_davidson/labeled_data.csv."),
+    data: Path = typer.Option(..., "--data", help="Labelled .csv/.tsv/.jsonl (e.g. Davidson's labeled_data.csv)."),
     scorer: str = typer.Option("profanity", "--scorer", help=_SCORER_HELP),
     toxic_label: Optional[str] = typer.Option(None, "--toxic-label", help=_LABEL_HELP),
     text_column: str = typer.Option("tweet", help="Column holding the text."),
