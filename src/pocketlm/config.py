@@ -20,6 +20,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
+def _registered(registry, name: str) -> str:
+    """`name` if `registry` has it; else a ValueError (pydantic reports it under the field) listing valid names."""
+    if name not in registry:
+        raise ValueError(f"unknown {registry.kind} {name!r}; valid: {', '.join(registry.names())}")
+    return name
+
+
 class SyntheticDataConfig(_Strict):
     """The teacher writes the corpus (used when `data.source` is null)."""
 
@@ -43,6 +50,46 @@ class DataConfig(_Strict):
     synthetic: SyntheticDataConfig = SyntheticDataConfig()
 
 
+class MoEConfig(_Strict):
+    """A sparse Mixture-of-Experts MLP (models/moe.py), for every student layer or those listed in `layers`.
+
+    `top_k` is the number of experts per token (on average, for expert_choice, whose capacity is top_k·s/E);
+    switch and hash route each token to one expert. The coefficients weigh the auxiliary losses the router returns.
+    """
+
+    router: str = "topk_softmax"  # topk_softmax | switch | expert_choice | hash | aux_free (models/routers.py)
+    num_experts: int = Field(8, ge=1)
+    top_k: int = Field(2, ge=1)
+    expert_size: Optional[int] = Field(None, ge=1)  # each expert's intermediate size; null: the dense one
+    num_shared_experts: int = Field(0, ge=0)  # always-on experts of expert_size each (DeepSeekMoE)
+    layers: Optional[list[int]] = None  # student layer indices that get an MoE MLP; null: all
+    capacity_factor: float = Field(1.25, gt=0)  # switch: an expert takes at most ceil(cf·tokens/E) in training
+    balance_coef: float = Field(0.01, ge=0)  # α of the Switch load-balancing loss α·E·Σ f_i·P_i
+    z_loss_coef: float = Field(0.0, ge=0)  # ST-MoE router z-loss weight (the paper uses 1e-3)
+    bias_update_rate: float = Field(1e-3, ge=0)  # aux_free: γ of the per-step bias nudge
+    allow_noncausal_generation: bool = False  # expert_choice looks across the sequence: generate() refuses it
+    upcycle_noise: float = Field(0.0, ge=0)  # upcycling: noise std relative to each weight's std
+
+    @field_validator("router")
+    @classmethod
+    def _known_router(cls, v: str) -> str:
+        from pocketlm.models.routers import ROUTERS
+
+        return _registered(ROUTERS, v)
+
+    @model_validator(mode="after")
+    def _check(self) -> "MoEConfig":
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) must not exceed num_experts ({self.num_experts})")
+        if self.router in ("switch", "hash") and self.top_k != 1:
+            raise ValueError(f"top_k: the {self.router} router sends each token to one expert; set top_k: 1")
+        if self.layers is not None and (
+            not self.layers or any(i < 0 for i in self.layers) or len(set(self.layers)) != len(self.layers)
+        ):
+            raise ValueError("layers: must be a non-empty list of distinct non-negative student layer indices")
+        return self
+
+
 class StudentConfig(_Strict):
     init: Literal["teacher_layers", "random"] = "teacher_layers"
     num_layers: Optional[int] = Field(None, ge=1)  # evenly spaced teacher layers (or depth of a random student)
@@ -52,6 +99,8 @@ class StudentConfig(_Strict):
     num_attention_heads: Optional[int] = Field(None, ge=1)
     num_key_value_heads: Optional[int] = Field(None, ge=1)
     tie_word_embeddings: Optional[bool] = None
+    # sparse MoE MLPs; with init teacher_layers they are upcycled from the teacher's (Komatsuzaki et al., 2022)
+    moe: Optional[MoEConfig] = None
 
     @model_validator(mode="after")
     def _check(self) -> "StudentConfig":
@@ -67,6 +116,13 @@ class StudentConfig(_Strict):
         if self.init == "teacher_layers" and any(getattr(self, w) is not None for w in widths):
             bad = [w for w in widths if getattr(self, w) is not None]
             raise ValueError(f"{', '.join(bad)}: width overrides need init: random (teacher layers keep their shapes)")
+        if self.moe is not None and self.moe.layers is not None:
+            depth = len(self.layers) if self.layers is not None else self.num_layers
+            if depth is not None and max(self.moe.layers) >= depth:
+                raise ValueError(f"moe.layers {self.moe.layers}: the student has {depth} layers")
+        if self.moe is not None and self.init == "teacher_layers" and self.moe.expert_size is not None:
+            raise ValueError("moe.expert_size: upcycling copies the teacher's MLP into each expert, so experts keep "
+                             "its size; fine-grained experts need init: random")
         return self
 
 
@@ -86,9 +142,7 @@ class LossConfig(_Strict):
     def _known_loss(cls, v: str) -> str:
         from pocketlm.distill.losses import DIVERGENCES
 
-        if v not in DIVERGENCES:
-            raise ValueError(f"unknown loss {v!r}; valid: {', '.join(DIVERGENCES.names())}")
-        return v
+        return _registered(DIVERGENCES, v)
 
     def loss_params(self) -> dict[str, float]:
         return {"jsd": {"beta": self.beta}, "skew_kl": {"alpha": self.alpha},

@@ -6,8 +6,10 @@ teacher are key-for-key copies. It is a transformers `PreTrainedModel` + `Genera
 `AutoModelForCausalLM.from_pretrained` (after `import pocketlm`) and `generate()` (KV cache, left padding) work.
 
 Composition: a `DecoderBlock` is given its attention and its MLP; `build_mlp(config, layer_idx)` is the one place
-that decides which MLP a layer gets, so a Mixture-of-Experts MLP slots in there. An MLP returns either a tensor or
-`(tensor, aux)` where `aux` is a dict of auxiliary losses/statistics; the model returns those per layer in `aux`.
+that decides which MLP a layer gets: dense SwiGLU, or a sparse Mixture-of-Experts MLP (models/moe.py) where
+`config.moe` asks for one. An MLP returns either a tensor or `(tensor, aux)` where `aux` is a dict of auxiliary
+losses/statistics; the model returns those per layer in `aux`. An MLP that declares `wants_token_ids` (hash routing)
+is also given the input token ids.
 
 Shape legend:
     b     batch size
@@ -64,8 +66,11 @@ class PocketLMConfig(PreTrainedConfig):
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
+    moe: dict | None = None  # a `pocketlm.config.MoEConfig` as a dict (all fields); None: every MLP is dense
 
     def __post_init__(self, **kwargs: Any) -> None:
+        if self.moe is not None:
+            self.moe = _validated_moe(self.moe)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and isinstance(self.num_attention_heads, int) and self.num_attention_heads > 0:
@@ -102,6 +107,28 @@ class PocketLMConfig(PreTrainedConfig):
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:
                 raise ValueError(f"PocketLMConfig.{name} ({value}) is outside the vocabulary [0, {self.vocab_size})")
+        moe_layers = (self.moe or {}).get("layers") or []
+        if any(i >= self.num_hidden_layers for i in moe_layers):
+            raise ValueError(f"PocketLMConfig.moe.layers {moe_layers}: the model has {self.num_hidden_layers} layers")
+
+
+def _validated_moe(moe: Any) -> dict:
+    """`moe` (a MoEConfig or a dict of one) checked and completed with defaults; errors name the field."""
+    from pydantic import ValidationError
+
+    from pocketlm.config import MoEConfig
+
+    if isinstance(moe, MoEConfig):
+        return moe.model_dump()
+    try:
+        return MoEConfig.model_validate(moe).model_dump()
+    except ValidationError as e:
+        problems = "; ".join(
+            f"PocketLMConfig.moe.{'.'.join(map(str, err['loc']))}: {err['msg']}" if err["loc"]
+            else f"PocketLMConfig.moe: {err['msg']}"
+            for err in e.errors()
+        )
+        raise ValueError(problems) from None
 
 
 class SwiGLUMLP(nn.Module):
@@ -119,6 +146,10 @@ class SwiGLUMLP(nn.Module):
 
 def build_mlp(config: PocketLMConfig, layer_idx: int) -> nn.Module:
     """The MLP of layer `layer_idx`. The one switch point for dense vs Mixture-of-Experts layers."""
+    from pocketlm.models.moe import build_moe, moe_layer_ids
+
+    if layer_idx in moe_layer_ids(config):
+        return build_moe(config, layer_idx)
     return SwiGLUMLP(config.hidden_size, config.intermediate_size)
 
 
@@ -153,10 +184,15 @@ class DecoderBlock(GradientCheckpointingLayer):
         mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         explicit: bool = False,
+        token_ids: torch.Tensor | None = None,
     ) -> BlockOutput:
         attn_out, probs = self.self_attn(self.input_layernorm(hidden_states), cos, sin, mask, cache, explicit)
         hidden_states = hidden_states + attn_out
-        mlp_out = self.mlp(self.post_attention_layernorm(hidden_states))
+        mlp_in = self.post_attention_layernorm(hidden_states)
+        if getattr(self.mlp, "wants_token_ids", False):
+            mlp_out = self.mlp(mlp_in, token_ids=token_ids)
+        else:
+            mlp_out = self.mlp(mlp_in)
         aux = None
         if isinstance(mlp_out, tuple):
             mlp_out, aux = mlp_out
@@ -224,6 +260,24 @@ class PocketLMPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.weight[module.padding_idx])
         elif isinstance(module, RMSNorm):
             init.ones_(module.weight)
+        else:
+            from pocketlm.models.moe import Experts
+
+            if isinstance(module, Experts):
+                init.normal_(module.gate_up_proj, mean=0.0, std=std)
+                init.normal_(module.down_proj, mean=0.0, std=std)
+
+    def check_causal_decoding(self) -> None:
+        """Refuse to decode with a layer whose routing looks across the sequence (expert choice), unless the
+        config's moe.allow_noncausal_generation says the user accepts it."""
+        base = getattr(self, "model", self)
+        layers = [i for i, layer in enumerate(base.layers) if not getattr(layer.mlp, "causal_safe", True)]
+        if layers and not (self.config.moe or {}).get("allow_noncausal_generation", False):
+            raise ValueError(
+                f"layers {layers} route with {self.config.moe['router']!r}, which looks at the whole sequence (later "
+                "tokens included), so decoding one token at a time computes something the model was not trained "
+                "on; set moe.allow_noncausal_generation: true in the student's config to generate anyway"
+            )
 
 
 class PocketLMModel(PocketLMPreTrainedModel):
@@ -264,6 +318,8 @@ class PocketLMModel(PocketLMPreTrainedModel):
         cache = _one_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if cache is not None:  # decoding with a KV cache
+            self.check_causal_decoding()
         use_cache = self.config.use_cache if use_cache is None else use_cache
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = (
@@ -297,7 +353,7 @@ class PocketLMModel(PocketLMPreTrainedModel):
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden.append(hidden)
-            out = layer(hidden, cos, sin, mask=mask, cache=cache, explicit=explicit)
+            out = layer(hidden, cos, sin, mask=mask, cache=cache, explicit=explicit, token_ids=input_ids)
             hidden = out.hidden_states
             if output_attentions:
                 all_attn.append(out.attentions)
@@ -377,6 +433,11 @@ class PocketLMForCausalLM(PocketLMPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             aux=outputs.aux,
         )
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """`GenerationMixin.generate`, refused for a student with non-causal routing (see `check_causal_decoding`)."""
+        self.check_causal_decoding()
+        return super().generate(*args, **kwargs)
 
     def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """With a pre-allocated cache (StaticCache) `generate()` asks the model for its 4D masks; this model builds
