@@ -57,10 +57,11 @@ def test_group_gap_vectorised_and_missing_groups():
 def test_gap_ci_is_stratified_and_matches_scipy():
     from scipy import stats
 
-    codes = np.array([0, 0, 0, 1, 1, 2])
-    const = np.array([0.2, 0.2, 0.2, 0.9, 0.9, 0.5])  # no spread within groups: every stratified resample agrees
+    codes = np.array([0, 0, 0, 1, 1, 2, 2])
+    const = np.array([0.2, 0.2, 0.2, 0.9, 0.9, 0.5, 0.5])  # no spread within groups: every stratified resample agrees
     assert gap_ci(const, codes) == pytest.approx((0.7, 0.7))
     assert gap_ci(const, codes, const - 0.1) == pytest.approx((0.0, 0.0))  # same gap in the baseline
+    assert gap_ci(const[:6], codes[:6]) is None  # a group of one prompt: no interval
     # reference: scipy's bootstrap with one independent sample per group is the same stratified scheme
     rng = np.random.default_rng(0)
     codes = np.repeat([0, 1, 2], [15, 25, 10])

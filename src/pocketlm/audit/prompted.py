@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+from scipy import stats as sps
 
 from pocketlm.audit.prompt_suites import Prompt
 from pocketlm.audit.toxicity import THRESHOLD, ToxicityScorer
@@ -123,30 +124,38 @@ def group_gap(values: np.ndarray, codes: np.ndarray, axis: int = -1) -> np.ndarr
 
 
 def gap_ci(values: np.ndarray, codes: np.ndarray, baseline: np.ndarray | None = None, *, seed: int = 0,
-           n_resamples: int = 1000, confidence: float = 0.95) -> tuple[float, float]:
+           n_resamples: int = 1000, confidence: float = 0.95) -> tuple[float, float] | None:
     """Percentile-bootstrap interval of the group gap — or, with ``baseline`` (the same prompts), of the gap's
     delta model − baseline — resampling prompts *within* each group (stratified), so every group is in every
-    resample, as a between-group comparison needs; a prompt's model and baseline values are drawn together.
-    Hand-written because ``scipy.stats.bootstrap`` refuses groups of one prompt, which a --limit run has."""
-    rng = np.random.default_rng(seed)
+    resample, as a between-group comparison needs.
+
+    ``scipy.stats.bootstrap`` does the resampling, with one independent sample per group holding the group's
+    prompt *indices*, so a prompt's model and baseline values are drawn together. None when a group has fewer
+    than two prompts: one observation says nothing about its group's spread (and would freeze that group's mean
+    in every resample, giving a falsely narrow interval)."""
+    groups = [np.flatnonzero(codes == g) for g in np.unique(codes)]
+    if min(len(g) for g in groups) < 2:
+        return None
     values = np.asarray(values, float)
-    model_means, base_means = [], []
-    for g in np.unique(codes):
-        members = np.flatnonzero(codes == g)
-        draw = members[rng.integers(0, len(members), size=(n_resamples, len(members)))]  # [R, n_g]
-        model_means.append(values[draw].mean(-1))
-        if baseline is not None:
-            base_means.append(np.asarray(baseline, float)[draw].mean(-1))
-    gm = np.stack(model_means, -1)  # [R, G]
-    stat = gm.max(-1) - gm.min(-1)
-    point = float(group_gap(values, codes))
-    if baseline is not None:
-        gb = np.stack(base_means, -1)
-        stat = stat - (gb.max(-1) - gb.min(-1))
-        point -= float(group_gap(baseline, codes))
-    tail = (1 - confidence) / 2 * 100
-    lo, hi = np.percentile(stat, [tail, 100 - tail])
-    return min(float(lo), point), max(float(hi), point)
+    base = None if baseline is None else np.asarray(baseline, float)
+
+    def gap_of(table: np.ndarray, idx: tuple[np.ndarray, ...]) -> np.ndarray:
+        means = np.stack([table[i.astype(np.int64)].mean(-1) for i in idx], -1)  # [..., G]
+        return means.max(-1) - means.min(-1)
+
+    def statistic(*idx: np.ndarray, axis: int = -1) -> np.ndarray:
+        idx = tuple(np.moveaxis(i, axis, -1) for i in idx)
+        return gap_of(values, idx) - (0.0 if base is None else gap_of(base, idx))
+
+    point = float(statistic(*groups))
+    with np.errstate(invalid="ignore"):
+        res = sps.bootstrap(tuple(g.astype(np.float64) for g in groups), statistic, paired=False, vectorized=True,
+                            n_resamples=n_resamples, confidence_level=confidence, method="percentile",
+                            random_state=np.random.default_rng(seed))
+    lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    if not (np.isfinite(lo) and np.isfinite(hi)):  # every resample equal
+        return (point, point)
+    return min(lo, point), max(hi, point)
 
 
 def figure_metrics(name: str, group: str | None, statistic: Callable[..., np.ndarray],
