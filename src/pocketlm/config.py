@@ -120,9 +120,6 @@ class StudentConfig(_Strict):
             depth = len(self.layers) if self.layers is not None else self.num_layers
             if depth is not None and max(self.moe.layers) >= depth:
                 raise ValueError(f"moe.layers {self.moe.layers}: the student has {depth} layers")
-        if self.moe is not None and self.init == "teacher_layers" and self.moe.expert_size is not None:
-            raise ValueError("moe.expert_size: upcycling copies the teacher's MLP into each expert, so experts keep "
-                             "its size; fine-grained experts need init: random")
         return self
 
 

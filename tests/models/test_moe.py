@@ -241,3 +241,21 @@ def test_moe_config_errors_name_the_field(moe, field):
 
 def test_every_router_is_buildable_from_the_registry():
     assert set(ROUTERS.names()) == set(K_OF)
+
+
+@pytest.mark.parametrize(
+    "moe, field",
+    [
+        ({"top_k": 9}, "student.moe"),
+        ({"router": "hash", "top_k": 2}, "top_k"),
+        ({"routr": "hash"}, "student.moe.routr"),
+        ({"router": "nope"}, "student.moe.router"),
+        ({"capacity_factor": 0}, "student.moe.capacity_factor"),
+        ({"layers": [0, 9]}, "moe.layers"),
+    ],
+)
+def test_distill_config_moe_errors_name_the_field(moe, field):
+    from pocketlm.config import ConfigError, DistillConfig, load_config
+
+    with pytest.raises(ConfigError, match=field):
+        load_config(DistillConfig, None, ["student.num_layers=4", f"student.moe={moe}"])

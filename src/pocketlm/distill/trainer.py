@@ -5,6 +5,10 @@ step, full-vocabulary loss) and `ce` (cross-entropy on the data alone: the basel
 compared with). The data order is a pure function of (seed, step), so a checkpoint only needs the step to know the
 data position; with optimizer, scheduler and RNG restored, a resumed run ends with the weights an uninterrupted one
 would have.
+
+An MoE student's routers add their auxiliary losses (already weighted by their coefficients) to the loss; their
+per-layer telemetry goes into each metrics.jsonl row under "moe", the routers get the step's expert load after
+each optimizer step (aux_free moves its bias), and `moe_load.png` in the run folder plots expert load per layer.
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ from pocketlm.config import LossConfig, TrainConfig
 from pocketlm.distill.cache import TeacherCache
 from pocketlm.distill.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
 from pocketlm.distill.losses import kd_loss
+from pocketlm.distill.moe_telemetry import StepTelemetry, plot_expert_load
+from pocketlm.models.moe import apply_router_updates
 
 
 class NonFiniteLossError(RuntimeError):
@@ -140,12 +146,26 @@ class Trainer:
                               enabled=self.cfg.precision == "bf16")
 
     # ------------------------------------------------------------------------------------------ one step
-    def _micro_loss(self, ids: torch.Tensor, block_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def _micro_loss(
+        self, ids: torch.Tensor, block_ids: torch.Tensor, telemetry: StepTelemetry
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         device = self.accelerator.device
         ids = ids.to(device)
         inputs, targets = ids[:, :-1], ids[:, 1:]  # [b, L-1] each
         with self._autocast():
-            logits = self.student(input_ids=inputs, use_cache=False).logits  # [b, L-1, V]
+            out = self.student(input_ids=inputs, use_cache=False)
+        logits = out.logits  # [b, L-1, V]
+        aux_loss = telemetry.add(getattr(out, "aux", None))  # MoE routers' weighted auxiliary losses, summed
+        loss, parts = self._task_loss(logits, targets, block_ids, inputs)
+        if aux_loss is not None:
+            loss = loss + aux_loss
+            parts["aux"] = aux_loss.item()
+        return loss, parts
+
+    def _task_loss(
+        self, logits: torch.Tensor, targets: torch.Tensor, block_ids: torch.Tensor, inputs: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        device = self.accelerator.device
         mask = torch.ones_like(targets, dtype=torch.bool)
         lc = self.loss_cfg
         if lc.mode == "ce":
@@ -168,10 +188,11 @@ class Trainer:
         self.student.train()
         totals: dict[str, float] = {}
         loss_sum = 0.0
+        telemetry = StepTelemetry()
         for micro in range(cfg.grad_accum):
             micro_step = self.step * cfg.grad_accum + micro
             block_ids = batch_indices(len(self.train_blocks), cfg.batch_size, cfg.seed, micro_step)
-            loss, parts = self._micro_loss(self.train_blocks[block_ids], block_ids)
+            loss, parts = self._micro_loss(self.train_blocks[block_ids], block_ids, telemetry)
             if not torch.isfinite(loss):
                 last = latest_checkpoint(self.ckpt_dir)
                 raise NonFiniteLossError(
@@ -191,8 +212,13 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        row = {"loss": loss_sum, **totals, "lr": lr, "grad_norm": float(grad_norm)}
+        if telemetry.load:  # every process applies the same (summed) load, so routers stay identical under DDP
+            load = telemetry.reduced_load(lambda t: self.accelerator.reduce(t.to(self.accelerator.device), "sum"))
+            apply_router_updates(self.accelerator.unwrap_model(self.student), load)
+            row["moe"] = telemetry.row()
         self.step += 1
-        return {"loss": loss_sum, **totals, "lr": lr, "grad_norm": float(grad_norm)}
+        return row
 
     # ------------------------------------------------------------------------------------------ eval / save
     def validate(self) -> float | None:
@@ -272,6 +298,7 @@ class Trainer:
                     last_ckpt = self.save()
         finally:
             bar.close()
+        plot_expert_load(self.history, self.out_dir / "moe_load.png")
         wall = time.perf_counter() - t0
         val = next((r["val_perplexity"] for r in reversed(self.history) if r.get("val_perplexity") is not None), None)
         return TrainResult(
