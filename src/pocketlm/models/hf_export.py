@@ -1,8 +1,15 @@
-"""Export a dense pocketlm student as a plain `LlamaForCausalLM` folder that loads with no pocketlm installed.
+"""Export a pocketlm student as a plain transformers model folder that loads with no pocketlm installed.
 
-The student's parameter names are Llama's, so the export is its state dict under a `LlamaConfig`. Before anything
-is written, every tensor is checked against the names and shapes a `LlamaForCausalLM` of that config has (built on
-the meta device, so it costs no memory); a student that is not a plain Llama (e.g. one with MoE layers) is refused.
+A dense student is a `LlamaForCausalLM`: its parameter names are Llama's, so the export is its state dict under a
+`LlamaConfig`. Before anything is written, every tensor is checked against the names and shapes a
+`LlamaForCausalLM` of that config has (built on the meta device, so it costs no memory); a student that is not a
+plain Llama (e.g. one with MoE layers) is refused.
+
+A top-k softmax MoE student with an MoE MLP in every layer and no shared experts is a `MixtralForCausalLM`: the
+router is Mixtral's (softmax, top-k, renormalised) and the experts are stored in Mixtral's layout, so `export_mixtral`
+renames the router (`mlp.router.proj` → `mlp.gate`) and lets transformers write its own on-disk format. Other MoE
+students save and load as pocketlm models (`save_pretrained`, `AutoModelForCausalLM` after `import pocketlm`).
+
 The folder is written next to its destination and renamed into place, so a reader never sees half of it.
 """
 from __future__ import annotations
@@ -11,11 +18,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from pocketlm.models.student import PocketLMConfig, PocketLMForCausalLM
 
@@ -47,27 +54,119 @@ def llama_config_from_student(config: PocketLMConfig) -> LlamaConfig:
     )
 
 
-def _llama_tensors(model: PocketLMForCausalLM, llama_config: LlamaConfig, dtype: torch.dtype | None) -> dict:
-    """The student's state dict as Llama's, checked name by name and shape by shape; tied lm_head left out."""
-    with torch.device("meta"):
-        reference = LlamaForCausalLM(llama_config)
+def _matched(ours: dict[str, torch.Tensor], reference: Any, arch: str, refusal: str) -> dict[str, torch.Tensor]:
+    """`ours` (already under `reference`'s names) checked name by name and shape by shape against the state dict of
+    `reference` (a model built on the meta device); a tied lm_head is left out. Raises `ValueError` listing every
+    mismatch, prefixed by `refusal`."""
     expected = {name: tuple(t.shape) for name, t in reference.state_dict().items()}
-    ours = model.state_dict()
-    if llama_config.tie_word_embeddings:
+    ours = dict(ours)
+    if reference.config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
         ours.pop("lm_head.weight", None)
     problems = [f"{name}: not in the student" for name in sorted(expected.keys() - ours.keys())]
-    problems += [f"{name}: not a Llama parameter" for name in sorted(ours.keys() - expected.keys())]
+    problems += [f"{name}: not a {arch} parameter" for name in sorted(ours.keys() - expected.keys())]
     problems += [
-        f"{name}: student shape {tuple(ours[name].shape)}, Llama expects {shape}"
+        f"{name}: student shape {tuple(ours[name].shape)}, {arch} expects {shape}"
         for name, shape in sorted(expected.items())
         if name in ours and tuple(ours[name].shape) != shape
     ]
     if problems:
-        raise ValueError("this student is not a plain Llama and cannot be exported as one:\n  " + "\n  ".join(problems))
+        raise ValueError(refusal + ":\n  " + "\n  ".join(problems))
+    return ours
+
+
+def _llama_tensors(model: PocketLMForCausalLM, llama_config: LlamaConfig, dtype: torch.dtype | None) -> dict:
+    """The student's state dict as Llama's, checked name by name and shape by shape; tied lm_head left out."""
+    with torch.device("meta"):
+        reference = LlamaForCausalLM(llama_config)
+    refusal = "this student is not a plain Llama and cannot be exported as one"
+    ours = _matched(model.state_dict(), reference, "Llama", refusal)
     return {
         name: t.detach().to(device="cpu", dtype=dtype or t.dtype).contiguous() for name, t in sorted(ours.items())
     }
+
+
+def mixtral_config_from_student(config: PocketLMConfig) -> MixtralConfig:
+    """The `MixtralConfig` whose `MixtralForCausalLM` computes what a top-k softmax MoE student of `config` does."""
+    problems = _mixtral_problems(config)
+    if problems:
+        raise ValueError("this student cannot be exported as Mixtral:\n  " + "\n  ".join(problems))
+    llama = llama_config_from_student(config).to_dict()
+    keep = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+            "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "rope_parameters",
+            "tie_word_embeddings", "use_cache", "bos_token_id", "eos_token_id", "pad_token_id")
+    moe = config.moe
+    return MixtralConfig(
+        **{k: llama[k] for k in keep},
+        intermediate_size=moe["expert_size"] or config.intermediate_size,
+        num_local_experts=moe["num_experts"],
+        num_experts_per_tok=moe["top_k"],
+        router_aux_loss_coef=moe["balance_coef"],
+        router_jitter_noise=0.0,
+        output_router_logits=False,
+        sliding_window=None,
+        architectures=["MixtralForCausalLM"],
+        dtype=config.dtype,
+    )
+
+
+def _mixtral_problems(config: PocketLMConfig) -> list[str]:
+    moe = config.moe
+    if moe is None:
+        return ["it has no MoE layers (export_llama exports a dense student)"]
+    problems = []
+    if moe["router"] != "topk_softmax":
+        problems.append(f"moe.router is {moe['router']!r}; Mixtral routes with topk_softmax")
+    if moe["num_shared_experts"]:
+        problems.append(f"moe.num_shared_experts is {moe['num_shared_experts']}; Mixtral has no shared experts")
+    if moe["layers"] is not None and sorted(moe["layers"]) != list(range(config.num_hidden_layers)):
+        problems.append(f"moe.layers is {moe['layers']}; Mixtral has an MoE MLP in every layer")
+    return problems
+
+
+def export_mixtral(
+    model: PocketLMForCausalLM,
+    out_dir: str | os.PathLike,
+    tokenizer: Any = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write a top-k softmax MoE student as a `MixtralForCausalLM` folder (config.json with model_type mixtral,
+    generation_config.json, safetensors in transformers' Mixtral format, the tokenizer's files if given).
+    `dtype` converts the weights (default: as they are). Returns the folder's path."""
+    if not isinstance(model.config, PocketLMConfig):
+        raise TypeError(f"export_mixtral takes a pocketlm student, got a {type(model).__name__}")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    config = mixtral_config_from_student(model.config)
+    dtype = dtype or next(model.parameters()).dtype
+    config.dtype = dtype
+    with torch.device("meta"):
+        reference = MixtralForCausalLM(config)
+    renamed = {name.replace(".mlp.router.proj.", ".mlp.gate."): t for name, t in model.state_dict().items()}
+    tensors = _matched(renamed, reference, "Mixtral", "this student's tensors do not fit Mixtral's")
+    mixtral = MixtralForCausalLM(config).to(dtype)
+    mixtral.load_state_dict({k: t.detach().to("cpu", dtype) for k, t in tensors.items()}, strict=False)
+    if config.tie_word_embeddings:
+        mixtral.tie_weights()
+    return _write_folder(out_dir, lambda tmp: mixtral.save_pretrained(tmp, safe_serialization=True), model, tokenizer)
+
+
+def _write_folder(out_dir: Path, write_model: Callable[[Path], Any], model: PocketLMForCausalLM, tokenizer: Any) -> Path:
+    """Write the model (`write_model(folder)`), the student's generation config and the tokenizer into a
+    temporary folder next to `out_dir`, then rename it into place; nothing is left behind on failure."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary folder
+        write_model(tmp)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
@@ -101,17 +200,8 @@ def export_llama(
     else:
         llama_config.dtype = next(iter(tensors.values())).dtype
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary folder
+    def write_model(tmp: Path) -> None:
         llama_config.save_pretrained(tmp)
-        if model.generation_config is not None:
-            model.generation_config.save_pretrained(tmp)
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+    return _write_folder(out_dir, write_model, model, tokenizer)
