@@ -5,6 +5,7 @@ fp64 on the fp32 logits of an unpadded forward.
 """
 from __future__ import annotations
 
+import copy
 import math
 import random
 
@@ -77,12 +78,58 @@ def test_longest_requests_run_first(model):
     def record(module, args, kwargs):
         widths.append(kwargs["input_ids"].shape[1])
 
-    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    handle = model.get_decoder().register_forward_pre_hook(record, with_kwargs=True)
     try:
         score_continuations(model, random_requests(10, seed=4), batch_size=3)
     finally:
         handle.remove()
+    widths = widths[2:]  # the first two calls are the one-off 8-token probe (whole model, then decoder alone)
     assert len(widths) == 4 and widths == sorted(widths, reverse=True)  # an OOM would show on the first batch
+
+
+def test_split_output_layer_equals_the_whole_forward_and_falls_back_when_it_would_not(model):
+    requests = random_requests(8, seed=9)
+    split = score_continuations(model, requests, batch_size=3)
+    assert loglik._Forward(model, "fp32", torch.device("cpu")).decoder is not None
+
+    class Scaled(torch.nn.Module):  # logits = 2 * lm_head(h): a split at the output layer would be wrong
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def get_decoder(self):
+            return self.inner.get_decoder()
+
+        def get_output_embeddings(self):
+            return self.inner.get_output_embeddings()
+
+        def forward(self, input_ids, **kwargs):
+            out = self.inner(input_ids=input_ids, **kwargs)
+            out.logits = out.logits * 2
+            return out
+
+    scaled = Scaled(model)
+    assert loglik._Forward(scaled, "fp32", torch.device("cpu")).decoder is None  # the probe caught it
+    got = score_continuations(scaled, requests, batch_size=3)
+    for (ll, _), (ctx, cont) in zip(got, requests):
+        with torch.no_grad():
+            logits = 2 * model(torch.tensor([ctx + cont[:-1]])).logits[0].double()
+        ref = logits[len(ctx) - 1:].log_softmax(-1).gather(-1, torch.tensor(cont)[:, None]).sum().item()
+        assert math.isclose(ll, ref, rel_tol=REL_TOL)
+    assert not math.isclose(got[0][0], split[0][0], rel_tol=1e-3)
+
+
+def test_bf16_body_with_fp32_head_is_closer_to_fp32_than_a_bf16_model(model):
+    requests = random_requests(12, seed=11)
+    fp32 = torch.tensor([ll for ll, _ in score_continuations(model, requests)], dtype=torch.float64)
+    mixed = torch.tensor([ll for ll, _ in score_continuations(model, requests, precision="bf16")], dtype=torch.float64)
+    bf16_model = copy.deepcopy(model).to(torch.bfloat16)
+    pure = torch.tensor([ll for ll, _ in score_continuations(bf16_model, requests)], dtype=torch.float64)
+    err_mixed, err_pure = (mixed - fp32).abs().sum(), (pure - fp32).abs().sum()
+    assert 0 < err_mixed < err_pure  # mixed really ran in bf16, and kept more of fp32's answer
+    torch.testing.assert_close(mixed, fp32, rtol=2e-2, atol=0)  # loose: bf16 body, stated per request
+    with pytest.raises(ValueError, match="precision"):
+        score_continuations(model, requests, precision="fp16")
 
 
 def test_is_greedy_on_a_constructed_case(model):

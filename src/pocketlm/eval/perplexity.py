@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from pocketlm.eval.loglik import score_continuations
+from pocketlm.eval.loglik import resolve_precision, score_continuations
 from pocketlm.report.results import Metric, Results
 from pocketlm.stats import ratio_ci, transformed_ci
 
@@ -236,6 +236,7 @@ def document_perplexities(
     detokenize: str | None = None,
     batch_size: int = 8,
     max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
+    precision: str = "fp32",
     progress: bool = True,
 ) -> list[PerplexityResult]:
     """Per-document sums (one :class:`PerplexityResult` per document, in order; empty ones are skipped).
@@ -243,6 +244,7 @@ def document_perplexities(
     ``detokenize`` names a :data:`DETOKENIZERS` entry applied to the text the model scores; words and bytes are
     counted on the original text, as lm-eval's wikitext task counts them. Windows of all documents are batched
     together (longest first, at most ``batch_size`` rows and ``max_batch_tokens`` padded tokens per forward).
+    ``precision="bf16"`` runs the model body in bf16 and its output layer and log-softmax in fp32.
     """
     if isinstance(documents, str):
         raise TypeError("documents must be a sequence of strings, not one string")
@@ -270,7 +272,7 @@ def document_perplexities(
 
     scores = score_continuations(
         model, requests, batch_size=batch_size, max_length=max_length, max_batch_tokens=max_batch_tokens,
-        progress=progress, desc="perplexity",
+        precision=precision, progress=progress, desc="perplexity",
     )
     per_doc: list[list[float]] = [[] for _ in kept]
     for d, (ll, _) in zip(owner, scores):
@@ -347,6 +349,7 @@ def perplexity_results(
     detokenize: str | None = None,
     batch_size: int = 8,
     max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
+    precision: str = "fp32",
     seed: int = 0,
     progress: bool = True,
 ) -> Results:
@@ -359,7 +362,7 @@ def perplexity_results(
     max_length = default_max_length(model, tokenizer) if max_length is None else max_length
     per_doc = document_perplexities(
         model, tokenizer, documents, max_length=max_length, stride=stride, detokenize=detokenize,
-        batch_size=batch_size, max_batch_tokens=max_batch_tokens, progress=progress,
+        batch_size=batch_size, max_batch_tokens=max_batch_tokens, precision=precision, progress=progress,
     )
     total = sum(per_doc, PerplexityResult(0.0, 0, 0, 0, 0))
     dtype = next(model.parameters()).dtype
@@ -370,6 +373,7 @@ def perplexity_results(
         settings={
             "max_length": max_length, "stride": stride, "windows": "rolling" if stride is None else "strided",
             "detokenize": detokenize, "prefix_token_id": prefix_token_id(tokenizer), "dtype": str(dtype),
+            "precision": resolve_precision(precision, next(model.parameters()).device),
             "batch_size": batch_size, "max_batch_tokens": max_batch_tokens, "bootstrap_seed": seed,
         },
         metrics=perplexity_metrics(per_doc, seed=seed),
