@@ -27,15 +27,39 @@ from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralFo
 from pocketlm.models.student import PocketLMConfig, PocketLMForCausalLM
 
 
+def _attention_problems(config: PocketLMConfig) -> list[str]:
+    """Why a student's attention is not Llama's (empty when it is): Llama rotates q/k (RoPE), attends the whole
+    context, and has the same heads in every layer."""
+    problems = []
+    if config.position_scheme != "rotary":
+        problems.append(f"position_scheme is {config.position_scheme!r}; Llama uses rotary positions")
+    if config.sliding_window is not None:
+        problems.append(f"sliding_window is {config.sliding_window}; Llama attends the whole context")
+    kept = config.kept_kv_heads
+    if kept is not None and len({len(heads) for heads in kept}) > 1:
+        problems.append(
+            f"heads were pruned unevenly (KV heads kept per layer: {[len(h) for h in kept]}); Llama has the same "
+            "number of heads in every layer"
+        )
+    return problems
+
+
 def llama_config_from_student(config: PocketLMConfig) -> LlamaConfig:
-    """The `LlamaConfig` whose `LlamaForCausalLM` computes exactly what a student of `config` computes."""
+    """The `LlamaConfig` whose `LlamaForCausalLM` computes exactly what a student of `config` computes.
+    A student pruned to the same number of KV groups in every layer exports with those reduced head counts."""
+    problems = _attention_problems(config)
+    if problems:
+        raise ValueError("this student's attention is not Llama's, so it cannot be exported as Llama:\n  "
+                         + "\n  ".join(problems))
+    kv_heads = len(config.kept_kv_heads[0]) if config.kept_kv_heads else config.num_key_value_heads
+    group = config.num_attention_heads // config.num_key_value_heads
     return LlamaConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
+        num_attention_heads=group * kv_heads,
+        num_key_value_heads=kv_heads,
         head_dim=config.head_dim,
         hidden_act="silu",
         max_position_embeddings=config.max_position_embeddings,

@@ -35,7 +35,13 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from pocketlm.models.attention import GroupedQueryAttention, RMSNorm, RotaryEmbedding, build_attention_mask
+from pocketlm.models.attention import (
+    POSITION_SCHEMES,
+    RMSNorm,
+    attention_from_config,
+    build_attention_mask,
+    build_position_scheme,
+)
 
 IGNORE_INDEX = -100
 
@@ -44,6 +50,9 @@ class PocketLMConfig(PreTrainedConfig):
     """Student architecture. Field names are `LlamaConfig`'s; defaults are SmolLM2-135M's shape at 8 layers.
 
     `head_dim` defaults to hidden_size // num_attention_heads and `num_key_value_heads` to num_attention_heads.
+    `position_scheme` names a `POSITION_SCHEMES` entry (rotary, alibi, none); `sliding_window` (tokens, None: the
+    whole context) limits how far back a query attends; `kept_kv_heads` (None: all) lists, per layer, the original
+    KV heads a head-pruned student keeps, each with its group of query heads (models/attention.py).
     Inconsistent values are a `ValueError` that names the field.
     """
 
@@ -67,6 +76,9 @@ class PocketLMConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
     moe: dict | None = None  # a `pocketlm.config.MoEConfig` as a dict (all fields); None: every MLP is dense
+    position_scheme: str = "rotary"
+    sliding_window: int | None = None
+    kept_kv_heads: list[list[int]] | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         if self.moe is not None:
@@ -97,8 +109,17 @@ class PocketLMConfig(PreTrainedConfig):
                 f"PocketLMConfig.num_key_value_heads ({self.num_key_value_heads}) must divide "
                 f"num_attention_heads ({self.num_attention_heads})"
             )
-        if self.head_dim % 2:
+        if self.position_scheme not in POSITION_SCHEMES:
+            raise ValueError(
+                f"PocketLMConfig.position_scheme {self.position_scheme!r} is unknown; valid: "
+                f"{', '.join(POSITION_SCHEMES.names())}"
+            )
+        if self.position_scheme == "rotary" and self.head_dim % 2:
             raise ValueError(f"PocketLMConfig.head_dim must be even for rotary embeddings, got {self.head_dim}")
+        window = self.sliding_window
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
+            raise ValueError(f"PocketLMConfig.sliding_window must be a positive integer or None, got {window!r}")
+        self._check_kept_kv_heads()
         for name in ("rms_norm_eps", "rope_theta", "initializer_range"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
@@ -110,6 +131,24 @@ class PocketLMConfig(PreTrainedConfig):
         moe_layers = (self.moe or {}).get("layers") or []
         if any(i >= self.num_hidden_layers for i in moe_layers):
             raise ValueError(f"PocketLMConfig.moe.layers {moe_layers}: the model has {self.num_hidden_layers} layers")
+
+
+    def _check_kept_kv_heads(self) -> None:
+        kept = self.kept_kv_heads
+        if kept is None:
+            return
+        if not isinstance(kept, list) or len(kept) != self.num_hidden_layers:
+            raise ValueError(
+                f"PocketLMConfig.kept_kv_heads must list the kept KV heads of each of the {self.num_hidden_layers} "
+                f"layers, got {kept!r}"
+            )
+        for i, heads in enumerate(kept):
+            ok = isinstance(heads, list) and heads and all(isinstance(h, int) for h in heads)
+            if not ok or heads != sorted(set(heads)) or not 0 <= heads[0] <= heads[-1] < self.num_key_value_heads:
+                raise ValueError(
+                    f"PocketLMConfig.kept_kv_heads[{i}] must be a non-empty increasing list of KV head indices in "
+                    f"[0, {self.num_key_value_heads}), got {heads!r}"
+                )
 
 
 def _validated_moe(moe: Any) -> dict:
@@ -155,9 +194,7 @@ def build_mlp(config: PocketLMConfig, layer_idx: int) -> nn.Module:
 
 def build_attention(config: PocketLMConfig, layer_idx: int) -> nn.Module:
     """The self-attention of layer `layer_idx`."""
-    return GroupedQueryAttention(
-        config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim, layer_idx
-    )
+    return attention_from_config(config, layer_idx)
 
 
 class BlockOutput(NamedTuple):
@@ -291,7 +328,7 @@ class PocketLMModel(PocketLMPreTrainedModel):
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.position_scheme = build_position_scheme(config)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -343,8 +380,11 @@ class PocketLMModel(PocketLMPreTrainedModel):
                 position_ids = torch.arange(past_len, past_len + s, device=hidden.device).unsqueeze(0)  # [1, s]
         position_ids = position_ids.expand(b, -1)  # [b, s]
 
-        mask = build_attention_mask(attention_mask, s, past_len, hidden.dtype, hidden.device)
-        cos, sin = self.rotary_emb(position_ids, hidden.dtype)  # [b, s, h_d] each
+        bias = self.position_scheme.bias(s, past_len, hidden.dtype, hidden.device)  # [1, n_h, s, s_kv] or None
+        mask = build_attention_mask(
+            attention_mask, s, past_len, hidden.dtype, hidden.device, window=self.config.sliding_window, bias=bias
+        )
+        cos, sin = self.position_scheme.tables(position_ids, hidden.dtype)  # [b, s, h_d] each, or None
         explicit = bool(output_attentions) or self.config._attn_implementation == "eager"
 
         all_hidden: list[torch.Tensor] = []
