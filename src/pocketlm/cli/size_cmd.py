@@ -1,0 +1,133 @@
+"""`pocketlm size`: what is large in a model (parameters, bytes, KV cache, training memory, FLOPs), from its config."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from pocketlm.cli._common import _EXPECTED, _fail, app
+
+# (label, metric name) rows of the table; rows whose value is 0 for both models are left out
+ROWS: list[tuple[str, str]] = [
+    ("params: embedding", "params_embedding"), ("params: attention", "params_attention"),
+    ("params: MLP", "params_mlp"), ("params: routed experts", "params_experts"), ("params: router", "params_router"),
+    ("params: shared experts", "params_shared_experts"), ("params: norms", "params_norms"),
+    ("params: total", "params_total"), ("params: non-embedding", "params_non_embedding"),
+    ("params: active per token", "params_active"),
+    ("weights fp32", "weight_bytes_fp32"), ("weights bf16", "weight_bytes_bf16"),
+    ("weights int8 (Q8_0)", "weight_bytes_int8"), ("weights int4 (Q4_0)", "weight_bytes_int4"),
+    ("  of which int4 scales", "weight_bytes_int4_scales"),
+    ("KV cache / token bf16", "kv_cache_per_token_bf16"), ("KV cache @ctx×batch bf16", "kv_cache_total_bf16"),
+    ("KV cache @ctx×batch fp32", "kv_cache_total_fp32"),
+    ("train fp32: weights+grads+Adam", "training_bytes_fp32_states"),
+    ("train fp32: activations", "training_bytes_fp32_activations"), ("train fp32: total", "training_bytes_fp32_total"),
+    ("train mixed: states+master", "training_bytes_mixed_states"),
+    ("train mixed: activations", "training_bytes_mixed_activations"),
+    ("train mixed: total", "training_bytes_mixed_total"),
+    ("FLOPs/token fwd (executed)", "flops_forward"), ("FLOPs/token fwd (Kaplan)", "flops_forward_kaplan"),
+    ("FLOPs/token train (executed)", "flops_train"), ("FLOPs/token train (Kaplan)", "flops_train_kaplan"),
+    ("Chinchilla-optimal tokens", "chinchilla_tokens"),
+]  # fmt: skip
+NOTES = (
+    "executed FLOPs: every matmul incl. lm_head, attention over the full T×T scores (4·L·T·d_attn), as "
+    "FlopCounterMode counts; Kaplan: 2N non-embedding + 2·L·T·d_attn, lm_head not counted; training = 3× forward. "
+    "int8/int4: groups of 32 with an fp16 scale (GGUF Q8_0/Q4_0), vectors at 16 bits. Training: AdamW, mixed = bf16 "
+    "weights/grads + fp32 master + fp32 moments; activations by Korthikanti et al. 2022 without recomputation "
+    "(attention scores stored; fp32 = 2× the 16-bit terms, logits fp32 in both). Chinchilla: 20 tokens per parameter. Bytes in binary "
+    "units (MiB = 2^20)."
+)
+
+
+def human(value: float | None, unit: str | None) -> str:
+    """134.5 M params, 513.0 MiB, 270.1 MFLOP, 2.69 B tokens, 0.267×."""
+    if value is None:
+        return "n/a"
+    if unit == "ratio":
+        return f"{value:.3g}×"
+    if unit == "bytes":
+        for size, name in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+            if abs(value) >= size:
+                return f"{value / size:.2f} {name}"
+        return f"{value:.0f} B"
+    suffix = {"FLOPs": "FLOP", "params": "", "tokens": " tokens"}.get(unit or "", "")
+    for size, name in ((1e12, "T"), (1e9, "G" if unit == "FLOPs" else "B"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= size:
+            return f"{value / size:.2f} {name}{suffix}".rstrip()
+    return f"{value:.0f}{suffix}"
+
+
+def tables(results: Any) -> list[Any]:
+    """rich Tables of a size Results: the figures (with the baseline and ratios), and measured vs estimated."""
+    from rich.table import Table
+
+    values = {m.name: m for m in results.metrics}
+    base = results.baseline is not None
+    s = results.settings
+    main = Table(title=f"pocketlm size — context {s['context']}, batch {s['batch']}", caption=NOTES,
+                 caption_justify="left")
+    main.add_column("figure")
+    main.add_column(str(results.model["spec"]), justify="right")
+    if base:
+        main.add_column(str(results.baseline["spec"]), justify="right")
+        main.add_column("ratio", justify="right")
+    for label, name in ROWS:
+        cells = [values[name]] + ([values[f"baseline_{name}"], values[f"ratio_{name}"]] if base else [])
+        if all(not c.value for c in cells[:2]):
+            continue
+        main.add_row(label, *(human(c.value, c.unit) for c in cells))
+    out = [main]
+    for role, who in (("model", results.model), ("baseline", results.baseline)):
+        measured = (results.details.get(role) or {}).get("measured")
+        if not measured:
+            continue
+        t = Table(title=f"{who['spec']}: estimate vs measurement at context {measured['context']}, batch 1 "
+                        f"({measured['source']})")
+        for col in ("figure", "estimate", "measured", "error"):
+            t.add_column(col, justify="left" if col == "figure" else "right")
+        for name, f in measured["figures"].items():
+            unit = "bytes" if "bytes" in name or "kv_cache" in name else ("FLOPs" if "flops" in name else "params")
+            err = "n/a" if f["rel_error"] is None else f"{100 * f['rel_error']:+.3f} %"
+            t.add_row(name, f"{f['estimate']:,.0f} ({human(f['estimate'], unit)})", f"{f['measured']:,.0f}", err)
+        out.append(t)
+    return out
+
+
+@app.command()
+def size(
+    model: str = typer.Argument(..., help="A model folder, .gguf, hub id or smollm2-135m-instruct; or a config "
+                                          "alone: a config.json or a pocketlm distillation YAML (its student)."),
+    model2: Optional[str] = typer.Argument(None, help="A model to compare with, e.g. the teacher: its figures and "
+                                                      "the ratios MODEL / MODEL2."),
+    context: int = typer.Option(2048, "--context", help="Context length T for KV cache, attention FLOPs and "
+                                                        "activations."),
+    batch: int = typer.Option(1, "--batch", help="Batch size for KV cache and activations."),
+    measure: bool = typer.Option(False, "--measure", help="Also measure the real model (its weights, or a random "
+                                                          "instance of a config): parameters, storage, KV cache, "
+                                                          "FlopCounterMode FLOPs, at --measure-context."),
+    measure_context: int = typer.Option(128, "--measure-context", help="Context length of the measurement."),
+    json_: bool = typer.Option(False, "--json", help="Print results.json to stdout instead of tables."),
+    out: Path = typer.Option(Path("outputs/size/results.json"), "--out", help="Where to write results.json."),
+) -> None:
+    """Parameters, bytes at fp32/bf16/int8/int4, KV cache, AdamW training memory, FLOPs per token and
+    Chinchilla-optimal tokens of MODEL, from its config alone; ratios against MODEL2 when given."""
+    from pocketlm.inspect.size import size_results
+
+    if context < 1 or batch < 1 or measure_context < 1:
+        _fail(ValueError("--context, --batch and --measure-context must be positive"))
+    try:
+        res = size_results(model, model2, context=context, batch=batch,
+                           measure_context=measure_context if measure else None)
+        path = res.write(out)
+    except _EXPECTED as e:
+        _fail(e)
+    if json_:
+        typer.echo(json.dumps(res.to_dict(), indent=2))
+        return
+    from rich.console import Console
+
+    console = Console(width=max(Console().width, 110))
+    for table in tables(res):
+        console.print(table)
+    console.print(f"wrote {path}")
