@@ -22,6 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from pocketlm import distributed as dist
+
 CACHE_VERSION = 2
 
 
@@ -116,34 +118,21 @@ def build_teacher_cache(
         teacher_dtype=str(next(teacher.parameters()).dtype).removeprefix("torch."),
     )
     mpath = out / "manifest.json"
-    if mpath.is_file():
-        try:
-            old = CacheManifest(**json.loads(mpath.read_text()))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise CacheMismatchError(f"{mpath} is not a valid cache manifest ({e}); delete the folder") from None
-        if old.key() != manifest.key():
-            raise CacheMismatchError(
-                f"{out} holds a teacher cache for different inputs ({_diff(old.key(), manifest.key())}); "
-                f"use another cache folder or delete this one"
-            )
-        try:
-            return TeacherCache.open(out, expect=manifest.key())
-        except CacheMismatchError:  # unfinished or damaged: drop the shards that fail their recorded checksum
-            for shard in old.shards:
-                spath = out / shard["file"]
-                if spath.is_file() and _sha256(spath) != shard["sha256"]:
-                    spath.unlink()
-    elif out.is_dir():
-        # shards without a manifest have no provenance: they may come from other data or another teacher
-        for stale in out.glob("shard-*.safetensors"):
-            stale.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    # the manifest (with no shards yet) goes first: shards found beside it later were built for these inputs
-    if not mpath.is_file():
-        _write_json_atomic(mpath, asdict(manifest))
+    # rank 0 alone inspects and prepares the folder; every rank then learns the outcome (one process: no-op)
+    status = _prepare_folder(out, mpath, manifest) if dist.is_main() else None
+    status = dist.broadcast_object(status)
+    if status.startswith("error:"):
+        raise CacheMismatchError(status.removeprefix("error:"))
+    if status == "complete":
+        return TeacherCache.open(out, expect=manifest.key())
     teacher.eval()
-    bar = tqdm(total=n, desc="teacher cache", unit="block", disable=not progress)
-    for s_idx, start in enumerate(range(0, n, shard_blocks)):
+    # shard s is built by rank s mod N: the same shard boundaries and batches as one process, so the same bytes
+    starts = list(range(0, n, shard_blocks))
+    mine = [s_idx for s_idx in range(len(starts)) if s_idx % dist.world_size() == dist.rank()]
+    bar = tqdm(total=sum(min(starts[i] + shard_blocks, n) - starts[i] for i in mine), desc="teacher cache",
+               unit="block", disable=not progress or not dist.is_main())
+    for s_idx in mine:
+        start = starts[s_idx]
         end = min(start + shard_blocks, n)
         name = f"shard-{s_idx:05d}.safetensors"
         path = out / name
@@ -161,10 +150,45 @@ def build_teacher_cache(
             os.replace(tmp, path)
         else:
             bar.update(end - start)
-        manifest.shards.append({"file": name, "start": start, "end": end, "sha256": _sha256(path)})
     bar.close()
-    _write_json_atomic(mpath, asdict(manifest))
+    dist.barrier()  # every shard is on disk
+    if dist.is_main():  # one manifest, with every shard's checksum
+        for s_idx, start in enumerate(starts):
+            name = f"shard-{s_idx:05d}.safetensors"
+            manifest.shards.append({"file": name, "start": start, "end": min(start + shard_blocks, n),
+                                    "sha256": _sha256(out / name)})
+        _write_json_atomic(mpath, asdict(manifest))
+    dist.barrier()
     return TeacherCache.open(out, expect=manifest.key())
+
+
+def _prepare_folder(out: Path, mpath: Path, manifest: CacheManifest) -> str:
+    """Check an existing cache folder against the run: "complete", "build" (after cleaning), or "error:<why>"."""
+    if mpath.is_file():
+        try:
+            old = CacheManifest(**json.loads(mpath.read_text()))
+        except (json.JSONDecodeError, TypeError) as e:
+            return f"error:{mpath} is not a valid cache manifest ({e}); delete the folder"
+        if old.key() != manifest.key():
+            return (f"error:{out} holds a teacher cache for different inputs ({_diff(old.key(), manifest.key())}); "
+                    f"use another cache folder or delete this one")
+        try:
+            TeacherCache.open(out, expect=manifest.key())
+            return "complete"
+        except CacheMismatchError:  # unfinished or damaged: drop the shards that fail their recorded checksum
+            for shard in old.shards:
+                spath = out / shard["file"]
+                if spath.is_file() and _sha256(spath) != shard["sha256"]:
+                    spath.unlink()
+    elif out.is_dir():
+        # shards without a manifest have no provenance: they may come from other data or another teacher
+        for stale in out.glob("shard-*.safetensors"):
+            stale.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    # the manifest (with no shards yet) goes first: shards found beside it later were built for these inputs
+    if not mpath.is_file():
+        _write_json_atomic(mpath, asdict(manifest))
+    return "build"
 
 
 def _diff(old: dict, new: dict) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from pocketlm import distributed as dist
 from pocketlm.config import DistillConfig
 from pocketlm.data.synthetic import teacher_corpus
 from pocketlm.data.text import TokenBlocks, build_blocks, read_documents
@@ -145,14 +146,17 @@ def run_distill(
     prepared: Prepared | None = None,
     desc: str = "distill",
 ) -> DistillResult:
+    dist.init()  # under torchrun / accelerate launch: join the process group (no-op for one process)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not resume and latest_checkpoint(out / "checkpoints") is not None:
         raise FileExistsError(
             f"{out} already holds checkpoints of a run; pass --resume to continue it, or choose another output_dir"
         )
-    prep = prepared or prepare(cfg, progress=progress)
-    cache = get_cache(cfg, prep, progress) if cfg.distill.mode == "cache" else None
+    dist.barrier()  # every rank has checked for old checkpoints before anyone can write a new one
+    with dist.main_first():  # rank 0 writes the teacher corpus and the token blocks; the others then read them
+        prep = prepared or prepare(cfg, progress=progress and dist.is_main())
+    cache = get_cache(cfg, prep, progress and dist.is_main()) if cfg.distill.mode == "cache" else None
     student = build_student(cfg, prep.teacher)
     trainer = Trainer(
         student, train_blocks=prep.blocks.train, val_blocks=prep.blocks.val, train_cfg=cfg.train,
@@ -163,8 +167,12 @@ def run_distill(
     )
     if resume:
         trainer.resume()  # refuses a checkpoint written by a different config, teacher or data
-    (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    if dist.is_main():
+        (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
     result = trainer.train()
     model = trainer.accelerator.unwrap_model(trainer.student)
-    dest = save_student(model, prep.tokenizer, out / "student")
+    dest = out / "student"
+    if dist.is_main():
+        save_student(model, prep.tokenizer, dest)
+    dist.barrier()
     return DistillResult(str(dest), result, prep.teacher_fingerprint, prep.blocks.data_hash, prep.blocks.n_tokens)

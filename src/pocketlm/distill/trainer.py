@@ -12,6 +12,7 @@ each optimizer step (aux_free moves its bias), and `moe_load.png` in the run fol
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from pocketlm import distributed as dist
 from pocketlm.config import LossConfig, TrainConfig
 from pocketlm.distill.cache import TeacherCache
-from pocketlm.distill.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from pocketlm.distill.checkpoint import latest_checkpoint, load_training_state, save_checkpoint, step_dir
 from pocketlm.distill.losses import kd_loss
 from pocketlm.distill.moe_telemetry import StepTelemetry, plot_expert_load
 from pocketlm.models.moe import apply_router_updates
@@ -122,6 +124,12 @@ class Trainer:
         # precision is ours, not accelerate's: its mixed-precision setting is process-global (a second Trainer
         # with another precision in the same process would be refused), an autocast context is not
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        if train_cfg.batch_size % self.world:
+            raise ValueError(
+                f"train.batch_size={train_cfg.batch_size} is the global micro-batch and must split evenly over the "
+                f"{self.world} processes; use a multiple of {self.world}"
+            )
         decay, no_decay = [], []
         for name, p in student.named_parameters():
             (no_decay if p.ndim < 2 else decay).append(p)
@@ -191,18 +199,26 @@ class Trainer:
         telemetry = StepTelemetry()
         for micro in range(cfg.grad_accum):
             micro_step = self.step * cfg.grad_accum + micro
+            # the global micro-batch is a function of (seed, step); each process takes an equal, interleaved share
+            # and DDP averages the gradients, so N processes make the step one process makes
             block_ids = batch_indices(len(self.train_blocks), cfg.batch_size, cfg.seed, micro_step)
-            loss, parts = self._micro_loss(self.train_blocks[block_ids], block_ids, telemetry)
-            if not torch.isfinite(loss):
-                last = latest_checkpoint(self.ckpt_dir)
-                raise NonFiniteLossError(
-                    f"loss is {loss.item()} at step {self.step + 1} (micro-batch {micro}, blocks "
-                    f"{block_ids.tolist()}); stopped without saving. Last good checkpoint: {last or 'none'}. "
-                    f"Lower train.lr, check the data, or use train.precision=fp32."
-                )
-            self.accelerator.backward(loss / cfg.grad_accum)
-            loss_sum += loss.item() / cfg.grad_accum
-            for k, v in parts.items():
+            local_ids = block_ids[self.rank :: self.world]
+            last_micro = micro == cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if last_micro or self.world == 1 else self.accelerator.no_sync(self.student)
+            with sync:
+                loss, parts = self._micro_loss(self.train_blocks[local_ids], local_ids, telemetry)
+                # means over processes (equal shares): what one process would log; a NaN anywhere stops every rank
+                loss_value, *part_values = (v / self.world for v in dist.all_reduce_sum([loss.item(), *parts.values()]))
+                if not math.isfinite(loss_value):
+                    last = latest_checkpoint(self.ckpt_dir)
+                    raise NonFiniteLossError(
+                        f"loss is {loss_value} at step {self.step + 1} (micro-batch {micro}, blocks "
+                        f"{block_ids.tolist()}); stopped without saving. Last good checkpoint: {last or 'none'}. "
+                        f"Lower train.lr, check the data, or use train.precision=fp32."
+                    )
+                self.accelerator.backward(loss / cfg.grad_accum)
+            loss_sum += loss_value / cfg.grad_accum
+            for k, v in zip(parts, part_values):
                 totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
             self.tokens_seen += block_ids.numel() * (self.train_blocks.shape[1] - 1)
         grad_norm = self.accelerator.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
@@ -234,12 +250,18 @@ class Trainer:
         return res.token_perplexity
 
     def save(self) -> Path:
-        model = self.accelerator.unwrap_model(self.student)
-        return save_checkpoint(
-            self.ckpt_dir, self.step, model=model, tokenizer=self.tokenizer, optimizer=self.optimizer,
-            scheduler=self.scheduler, keep=self.cfg.keep_checkpoints,
-            state={"tokens_seen": self.tokens_seen, "history": self.history, "run": self.run_info},
-        )
+        """Rank 0 writes the checkpoint (weights and optimizer are replicated under DDP); the others wait for it."""
+        path = step_dir(self.ckpt_dir, self.step)
+        if self.accelerator.is_main_process:
+            model = self.accelerator.unwrap_model(self.student)
+            path = save_checkpoint(
+                self.ckpt_dir, self.step, model=model, tokenizer=self.tokenizer, optimizer=self.optimizer,
+                scheduler=self.scheduler, keep=self.cfg.keep_checkpoints,
+                state={"tokens_seen": self.tokens_seen, "history": self.history, "run": self.run_info,
+                       "world_size": self.world},
+            )
+        self.accelerator.wait_for_everyone()
+        return path
 
     def resume(self, ckpt: str | os.PathLike | None = None) -> bool:
         """Continue from `ckpt` (default: the latest under the run folder); False when there is none."""
@@ -273,11 +295,14 @@ class Trainer:
     def train(self) -> TrainResult:
         cfg = self.cfg
         metrics_path = self.out_dir / "metrics.jsonl"
+        main = self.accelerator.is_main_process
         self.out_dir.mkdir(parents=True, exist_ok=True)
         # the log holds exactly the steps behind the current weights (rows of a killed run past its checkpoint go)
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in self.history)
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=self.desc, unit="step", disable=not self.progress)
+        if main:
+            with open(metrics_path, "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in self.history)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=self.desc, unit="step",
+                   disable=not self.progress or not main)
         t0, tokens0 = time.perf_counter(), self.tokens_seen
         last_ckpt = None
         try:
@@ -290,15 +315,17 @@ class Trainer:
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                     row["val_perplexity"] = self.validate()
                 self.history.append(row)
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                if main:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
                 bar.update(1)
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                     last_ckpt = self.save()
         finally:
             bar.close()
-        plot_expert_load(self.history, self.out_dir / "moe_load.png")
+        if main:
+            plot_expert_load(self.history, self.out_dir / "moe_load.png")
         wall = time.perf_counter() - t0
         val = next((r["val_perplexity"] for r in reversed(self.history) if r.get("val_perplexity") is not None), None)
         return TrainResult(

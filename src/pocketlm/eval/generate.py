@@ -7,8 +7,8 @@ text only.
 Sampling is reproducible *per item*: each (prompt, sample index) row draws its randomness from its own generator,
 seeded from the run seed, the prompt text and the sample index, and samples by the Gumbel-max trick
 (``argmax(logits / T + Gumbel noise)`` is a draw from ``softmax(logits / T)``). So sample j of a prompt is the same
-whatever batch, batch size or process it lands in — a sharded audit equals a single-process one, and a teacher and
-its student see the same noise. Greedy decoding is the same with the noise left out.
+whatever batch, batch size or process it lands in — a sharded audit (each rank writes an interleaved share of the
+rows, all ranks get all texts back) equals a single-process one, and a teacher and its student see the same noise. Greedy decoding is the same with the noise left out.
 
 Shape legend: b = rows in a batch, v = vocabulary.
 """
@@ -21,6 +21,8 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from pocketlm import distributed as dist
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,7 @@ def generate(
 
     rows = [(p, j) for p in range(len(prompts)) for j in range(settings.num_samples)]
     rows.sort(key=lambda r: (-len(encoded[r[0]]), r[0], r[1]))  # longest first: similar lengths share a batch
+    all_rows, rows = rows, dist.share(rows)  # under a multi-process launch: this rank's interleaved share
     texts: list[list[str]] = [[""] * settings.num_samples for _ in prompts]
     device = next(model.parameters()).device
     config = GenerationConfig(
@@ -147,7 +150,7 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), tqdm(total=len(rows), desc=desc, disable=not progress) as bar:
+        with torch.inference_mode(), tqdm(total=len(rows), desc=desc, disable=not progress or not dist.is_main()) as bar:
             for start in range(0, len(rows), settings.batch_size):
                 batch = rows[start : start + settings.batch_size]
                 width = max(len(encoded[p]) for p, _ in batch)
@@ -175,4 +178,9 @@ def generate(
                 bar.update(len(batch))
     finally:
         model.train(was_training)
+    if dist.world_size() > 1:  # every rank gets every continuation; token counts are summed
+        mine = [texts[p][j] for p, j in rows]
+        for (p, j), text in zip(all_rows, dist.gather_shares(mine, len(all_rows))):
+            texts[p][j] = text
+        new_tokens = int(dist.all_reduce_sum([new_tokens])[0])
     return GenerationOutput(texts=texts, new_tokens=new_tokens)

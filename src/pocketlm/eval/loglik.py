@@ -24,6 +24,8 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from pocketlm import distributed as dist
+
 Request = tuple[list[int], list[int]]
 _ROWS_PER_CHUNK = 4096  # continuation tokens upcast to fp32 at once: 4096 x 49k vocab x 4 bytes = 0.8 GB
 
@@ -218,6 +220,7 @@ def score_continuations(
     precision: str = "fp32",
     progress: bool = False,
     desc: str = "scoring",
+    distributed: bool = True,
 ) -> list[tuple[float, bool]]:
     """For each (context_ids, continuation_ids): (summed log-probability of the continuation, is_greedy).
 
@@ -226,7 +229,10 @@ def score_continuations(
     from the left); None feeds whole requests. ``max_batch_tokens`` bounds a batch's padded size (rows × width)
     as well, so long windows go a few at a time and short ones many at a time within the same memory; a single
     request longer than the budget still runs, alone. ``precision="bf16"`` runs the model body in bf16 autocast and
-    keeps the output layer and log-softmax in fp32 (see :class:`_Forward`). The model is put in eval mode for the call and restored after.
+    keeps the output layer and log-softmax in fp32 (see :class:`_Forward`). The model is put in eval mode for the
+    call and restored after. Under a multi-process launch (and ``distributed``) each rank scores an interleaved
+    share of the longest-first order and every rank gets all answers back (:mod:`pocketlm.distributed`); every
+    rank must then make the same call.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -238,16 +244,23 @@ def score_continuations(
 
     # lm-eval's order: longest first, ties broken by the tokens themselves (deterministic batches).
     order = sorted(range(len(reqs)), key=lambda i: (-len(reqs[i][0]) - len(reqs[i][1]), reqs[i][0] + reqs[i][1]))
-    results: list[tuple[float, bool] | None] = [None] * len(reqs)
+    mine = dist.share(order) if distributed else order
+    answers: dict[int, tuple[float, bool]] = {}
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), tqdm(total=len(reqs), desc=desc, disable=not progress) as bar:
+        with torch.inference_mode(), tqdm(total=len(mine), desc=desc, disable=not progress or not dist.is_main()) as bar:
             forward = _Forward(model, precision, _device(model))
-            for idx in _batches(order, reqs, batch_size, max_length, max_batch_tokens):
+            for idx in _batches(mine, reqs, batch_size, max_length, max_batch_tokens):
                 for i, answer in zip(idx, _score_batch(forward, [reqs[i] for i in idx], max_length)):
-                    results[i] = answer
+                    answers[i] = answer
                 bar.update(len(idx))
     finally:
         model.train(was_training)
-    return results  # type: ignore[return-value]  # every slot filled above
+    if not distributed:
+        return [answers[i] for i in range(len(reqs))]
+    gathered = dist.gather_shares([answers[i] for i in mine], len(order))  # aligned with `order`
+    results: list[tuple[float, bool]] = [None] * len(reqs)  # type: ignore[list-item]
+    for i, answer in zip(order, gathered):
+        results[i] = answer
+    return results
