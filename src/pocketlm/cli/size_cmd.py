@@ -62,11 +62,12 @@ def tables(results: Any) -> list[Any]:
     """rich Tables of a size Results: the figures (with the baseline and ratios), and measured vs estimated."""
     from rich.table import Table
 
+    from pocketlm.inspect.size import unit_of
+
     values = {m.name: m for m in results.metrics}
     base = results.baseline is not None
     s = results.settings
-    main = Table(title=f"pocketlm size — context {s['context']}, batch {s['batch']}", caption=NOTES,
-                 caption_justify="left")
+    main = Table(title=f"pocketlm size — context {s['context']}, batch {s['batch']}")
     main.add_column("figure")
     main.add_column(str(results.model["spec"]), justify="right")
     if base:
@@ -87,7 +88,7 @@ def tables(results: Any) -> list[Any]:
         for col in ("figure", "estimate", "measured", "error"):
             t.add_column(col, justify="left" if col == "figure" else "right")
         for name, f in measured["figures"].items():
-            unit = "bytes" if "bytes" in name or "kv_cache" in name else ("FLOPs" if "flops" in name else "params")
+            unit = unit_of(name)
             err = "n/a" if f["rel_error"] is None else f"{100 * f['rel_error']:+.3f} %"
             t.add_row(name, f"{f['estimate']:,.0f} ({human(f['estimate'], unit)})", f"{f['measured']:,.0f}", err)
         out.append(t)
@@ -130,4 +131,5 @@ def size(
     console = Console(width=max(Console().width, 110))
     for table in tables(res):
         console.print(table)
-    console.print(f"wrote {path}")
+    console.print(NOTES, highlight=False)
+    console.print(f"wrote {path}", highlight=False)

@@ -470,7 +470,8 @@ def student_config_from_yaml(path: Path):
 
 
 # ------------------------------------------------------------------------------------------ the command's result
-def _unit(name: str) -> str:
+def unit_of(name: str) -> str:
+    """The unit of a flattened figure: params, FLOPs, tokens or bytes."""
     if name.startswith("params"):
         return "params"
     if name.startswith("flops"):
@@ -526,14 +527,14 @@ def size_results(spec: str | Path, baseline: str | Path | None = None, *, contex
 
     t0 = time.perf_counter()
     info, est = _one(spec, context, batch, measure_context)
-    metrics = [Metric(k, float(v), 1, unit=_unit(k)) for k, v in flatten(est).items()]
-    metrics += [Metric(f"measured_{k}", float(f["measured"]), 1, unit=_unit(k))
+    metrics = [Metric(k, float(v), 1, unit=unit_of(k)) for k, v in flatten(est).items()]
+    metrics += [Metric(f"measured_{k}", float(f["measured"]), 1, unit=unit_of(k))
                 for k, f in info.get("measured", {}).get("figures", {}).items()]
     details: dict[str, Any] = {"model": {**est.to_dict(), "measured": info.pop("measured", None)}}
     base_info = None
     if baseline is not None:
         base_info, base = _one(baseline, context, batch, measure_context)
-        metrics += [Metric(f"baseline_{k}", float(v), 1, unit=_unit(k)) for k, v in flatten(base).items()]
+        metrics += [Metric(f"baseline_{k}", float(v), 1, unit=unit_of(k)) for k, v in flatten(base).items()]
         metrics += [Metric(f"ratio_{k}", r, 1, unit="ratio") for k, r in compare(est, base).items()]
         details["baseline"] = {**base.to_dict(), "measured": base_info.pop("measured", None)}
     settings = {"context": context, "batch": batch, "measure_context": measure_context,
