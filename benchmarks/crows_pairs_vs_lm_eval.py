@@ -1,0 +1,182 @@
+#!/usr/bin/env python
+"""CrowS-Pairs: pocketlm against lm-evaluation-harness's ``crows_pairs_english`` on the same model and CSV, in one run.
+
+Both score the pairs of ``../shared/data/crows_pairs/crows_pairs_anonymized.csv`` (or a seeded random subset of
+``--limit`` pairs, written to a temporary CSV that both read):
+
+* lm-eval: a local task — ``dataset_path: csv`` over that file, with ``crows_pairs_english``'s ``doc_to_text: ""``,
+  ``target_delimiter: ""``, ``doc_to_choice`` and ``process_results`` (the harness's own functions) — through
+  ``lm_eval.simple_evaluate`` with an ``HFLM`` wrapping the loaded model, fp32 (the harness's default).
+* pocketlm: ``load_suite`` + ``audit_bias`` (lm-eval's encoding, batched `score_continuations`, plus 95 % bootstrap
+  intervals overall and per bias type) on the same model object in fp32, and on a bf16 copy.
+
+Prints pct_stereotype (in %, lm-eval's fraction × 100) and likelihood_diff from each, their differences (target:
+within 0.1 points), the wall times and the ratios lm-eval time / pocketlm time (target ≥ 2×). The model is loaded
+once and warmed up before timing; each tool's time covers reading the CSV, scoring and aggregating. On a shared
+machine, ``--repeats`` lets the tools take turns several times and keeps each one's best time.
+
+    flock /tmp/pocketlm-heavy.lock python benchmarks/crows_pairs_vs_lm_eval.py --limit 600
+    python benchmarks/crows_pairs_vs_lm_eval.py --limit 20                  # smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+CROWS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "crows_pairs" / "crows_pairs_anonymized.csv"
+METRICS = ("pct_stereotype", "likelihood_diff")
+
+TASK_YAML = """\
+task: pocketlm_crows_pairs_local
+dataset_path: csv
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: ""
+doc_to_target: 0
+doc_to_choice: !function crows_utils.doc_to_choice
+target_delimiter: ""
+process_results: !function crows_utils.process_results
+metric_list:
+  - metric: likelihood_diff
+    aggregation: mean
+    higher_is_better: false
+  - metric: pct_stereotype
+    aggregation: mean
+    higher_is_better: false
+metadata:
+  version: 1.0
+"""
+
+
+def write_subset(source: Path, limit: int | None, seed: int, out: Path) -> int:
+    """The pairs both tools score: all rows, or pocketlm's seeded subset of ``limit`` rows, as a CSV."""
+    from pocketlm.data.suites import load_suite, sample_items
+
+    keep = {it.id for it in sample_items(load_suite("crows_pairs", source), limit, seed).items}
+    with source.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    header, body = rows[0], [r for r in rows[1:] if r and r[0] in keep]
+    with out.open("w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([header, *body])
+    return len(body)
+
+
+def run_lm_eval(model, tokenizer, data: Path, batch_size: int, workdir: Path) -> dict:
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    task_dir = workdir / "task"
+    task_dir.mkdir(exist_ok=True)
+    (task_dir / "task.yaml").write_text(TASK_YAML.format(data=data), encoding="utf-8")
+    # the harness's own crows_pairs functions, re-exported next to the YAML so `!function` finds them
+    (task_dir / "crows_utils.py").write_text(
+        "from lm_eval.tasks.crows_pairs.utils import doc_to_choice, process_results  # noqa: F401\n")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    out = lm_eval.simple_evaluate(model=lm, tasks=["pocketlm_crows_pairs_local"],
+                                  task_manager=TaskManager(include_path=str(task_dir)), log_samples=False)
+    res = out["results"]["pocketlm_crows_pairs_local"]
+    return {"pct_stereotype": 100.0 * res["pct_stereotype,none"], "likelihood_diff": res["likelihood_diff,none"]}
+
+
+def run_pocketlm(model, tokenizer, data: Path, batch_size: int) -> dict:
+    from pocketlm.audit.bias import audit_bias
+    from pocketlm.data.suites import load_suite
+
+    suite = load_suite("crows_pairs", data)
+    res, run = audit_bias("crows_pairs", suite, model, tokenizer, model_spec="benchmark", batch_size=batch_size)
+    return {m: res.get(m).value for m in METRICS} | {"ci": {m: res.get(m).ci for m in METRICS},
+                                                     "more_likelier": run.arrays["more_likelier"].tolist()}
+
+
+def warm_up(model) -> None:
+    """One forward per width before any clock starts: the first calls of a fresh model pay one-off costs
+    (first touch of the weights, kernel selection) that would otherwise land on whichever tool runs first."""
+    with torch.inference_mode():
+        for width in (8, 24, 48):
+            model(input_ids=torch.ones(16, width, dtype=torch.long), use_cache=False)
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="any model pocketlm can load")
+    ap.add_argument("--data", type=Path, default=CROWS, help="crows_pairs_anonymized.csv")
+    ap.add_argument("--limit", type=int, default=None, help="a seeded random subset of N pairs (default: all 1508)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=16, help="sentences per forward, both tools")
+    ap.add_argument("--repeats", type=int, default=1, help="rounds of all three runs; the best time of each counts")
+    ap.add_argument("--json", type=Path, help="write the figures here too")
+    args = ap.parse_args(argv)
+
+    from pocketlm.models.load import load_model
+
+    if not args.data.is_file():
+        print(f"data not found: {args.data}", file=sys.stderr)
+        return 2
+    model, tokenizer = load_model(args.model, dtype="float32")
+    model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    warm_up(model)
+    warm_up(model_bf16)
+
+    times: dict[str, list[float]] = {"lm_eval": [], "pocketlm_fp32": [], "pocketlm_bf16": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "crows_pairs.csv"
+        n = write_subset(args.data, args.limit, args.seed, data)
+        print(f"{n} pairs ({'all' if args.limit is None or n == 1508 else f'seeded subset, seed {args.seed}'}), "
+              f"batch {args.batch_size}, torch threads {torch.get_num_threads()}, {args.repeats} round(s), "
+              f"load average {os.getloadavg()[0]:.2f}", flush=True)
+        for rnd in range(args.repeats):  # the tools take turns, so a change in the machine's load hits all of them
+            theirs, t = timed(run_lm_eval, model, tokenizer, data, args.batch_size, Path(tmp))
+            times["lm_eval"].append(t)
+            ours32, t = timed(run_pocketlm, model, tokenizer, data, args.batch_size)
+            times["pocketlm_fp32"].append(t)
+            ours16, t = timed(run_pocketlm, model_bf16, tokenizer, data, args.batch_size)
+            times["pocketlm_bf16"].append(t)
+            print(f"round {rnd + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items()), flush=True)
+    t_lm, t32, t16 = (min(times[k]) for k in ("lm_eval", "pocketlm_fp32", "pocketlm_bf16"))
+
+    print(f"\n{'metric':<16} {'lm-eval fp32':>13} {'pocketlm fp32':>14} {'diff':>9} {'pocketlm bf16':>14} {'diff':>9}"
+          f"   pocketlm fp32 95% CI")
+    worst32 = worst16 = 0.0
+    for m in METRICS:
+        d32, d16 = ours32[m] - theirs[m], ours16[m] - theirs[m]
+        worst32, worst16 = max(worst32, abs(d32)), max(worst16, abs(d16))
+        lo, hi = ours32["ci"][m]
+        print(f"{m:<16} {theirs[m]:>13.4f} {ours32[m]:>14.4f} {d32:>+9.4f} {ours16[m]:>14.4f} {d16:>+9.4f}"
+              f"   [{lo:.2f}, {hi:.2f}]")
+    print(f"\nload average (1 min) at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    flips = sum(a != b for a, b in zip(ours32["more_likelier"], ours16["more_likelier"]))
+    print(f"bf16 vs fp32: {flips} of {n} pairs change sides")
+    print(f"wall time (best of {args.repeats}): lm-eval fp32 {t_lm:.1f} s, pocketlm fp32 {t32:.1f} s, "
+          f"pocketlm bf16 {t16:.1f} s")
+    print(f"speed ratio lm-eval/pocketlm: fp32 {t_lm / t32:.2f}x, bf16 {t_lm / t16:.2f}x   (target >= 2x)")
+    print(f"largest difference from lm-eval: fp32 {worst32:.4f}, bf16 {worst16:.4f} points   (target <= 0.1)")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "pairs": n, "limit": args.limit, "seed": args.seed, "batch_size": args.batch_size, "lm_eval": theirs,
+            "pocketlm_fp32": ours32, "pocketlm_bf16": ours16, "bf16_flips": flips,
+            "seconds": times, "load_average_end": os.getloadavg()[0],
+        }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
