@@ -60,7 +60,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         input_dtype = x.dtype
-        x32 = x.to(torch.float32)
+        x32 = x.to(torch.promote_types(input_dtype, torch.float32))  # fp32, or fp64 for an fp64 model
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(input_dtype)
 
@@ -279,7 +279,7 @@ def sdpa_attention(
 
 
 def attention_pattern(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """softmax(Q Kᵀ / √h_d + mask) with the softmax in fp32 (Vaswani et al., 2017), as q's dtype.
+    """softmax(Q Kᵀ / √h_d + mask) with the softmax in fp32 or wider (Vaswani et al., 2017), as q's dtype.
 
     q [b, n_h, s, h_d], k [b, n_kv, s_kv, h_d] → probabilities [b, n_h, s, s_kv]. Query head h reads key head
     h // (n_h / n_kv), as in GQA (Ainslie et al., 2023).
@@ -288,7 +288,7 @@ def attention_pattern(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | Non
     scores = torch.matmul(q, k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # [b, n_h, s, s_kv]
     if mask is None:
         mask = causal_mask(q.shape[-2], k.shape[-2], scores.dtype, scores.device)
-    return torch.softmax((scores + mask).float(), dim=-1).to(q.dtype)
+    return torch.softmax((scores + mask).to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
 
 
 def explicit_attention(
