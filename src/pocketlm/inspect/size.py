@@ -483,15 +483,18 @@ def _is_config_file(spec: str | Path) -> bool:
     return Path(str(spec)).suffix in (".yaml", ".yml", ".json")
 
 
-def _model_for_measuring(spec: str | Path, config: Any) -> tuple[Any, str]:
-    """The real model to measure: its weights, or for a config alone a randomly initialised instance of it."""
-    from pocketlm.models.load import load_model
+def _model_for_measuring(spec: str | Path, config: Any, dtype: str) -> tuple[Any, str]:
+    """The real model to measure, loaded in `dtype`: its weights, or for a config alone a randomly initialised
+    instance of it."""
+    from pocketlm.models.load import load_model, parse_dtype
 
     if _is_config_file(spec):
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_config(config, dtype="float32").eval(), "random init of the config"
-    return load_model(spec, dtype="float32", attn_implementation="eager")[0], "weights"
+        torch_dtype = parse_dtype(dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation="eager")
+        return model.eval(), "random init of the config"
+    return load_model(spec, dtype=dtype, attn_implementation="eager")[0], "weights"
 
 
 def _one(spec: str | Path, context: int, batch: int, measure_context: int | None) -> tuple[dict, SizeEstimate]:
@@ -503,14 +506,18 @@ def _one(spec: str | Path, context: int, batch: int, measure_context: int | None
     if measure_context:
         from pocketlm.inspect.size_measure import measure
 
-        model, source = _model_for_measuring(spec, config)
-        if source == "weights":
-            info.update(model_info(str(spec), model))
+        measured: dict[str, float] = {}
+        for dtype in ("float32", "bfloat16"):  # loaded in each (a GGUF-loaded model refuses to be cast)
+            model, source = _model_for_measuring(spec, config, dtype)
+            if source == "weights" and dtype == "float32":
+                info.update(model_info(str(spec), model))
+            measured.update(measure(model, measure_context, 1, flops=dtype == "float32"))
+            del model
         at = flatten(estimate(config, measure_context, 1, raw=raw))
         info["measured"] = {
             "context": measure_context, "batch": 1, "source": source,
             "figures": {k: {"estimate": at[k], "measured": v, "rel_error": (at[k] - v) / v if v else None}
-                        for k, v in measure(model, measure_context, 1).items()},
+                        for k, v in measured.items()},
         }  # fmt: skip
     return info, est
 

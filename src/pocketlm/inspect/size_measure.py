@@ -134,17 +134,17 @@ def measured_flops_per_token(model: nn.Module, context: int, batch: int = 1, see
     return {"forward": forward / tokens, "train": train / tokens}
 
 
-def measure(model: nn.Module, context: int, batch: int = 1) -> dict[str, float]:
-    """Every figure `pocketlm size --measure` measures, under the names of `size.flatten`: parameters, weight
-    storage and KV cache at fp32 and bf16, FLOPs per token at `context` (in fp32). The model is cast to fp32 and
-    then to bf16 in place, so pass one that may be changed."""
+def measure(model: nn.Module, context: int, batch: int = 1, flops: bool = True) -> dict[str, float]:
+    """The figures `pocketlm size --measure` measures on a model, under the names of `size.flatten`: parameters,
+    weight storage and KV cache at the model's dtype (fp32 or bf16), and (with `flops`) FLOPs per token."""
     params = measured_parameters(model)
     out: dict[str, float] = {"params_total": params["total"], "params_active": params["active"]}
-    model.float()
-    flops = measured_flops_per_token(model, context, batch)
-    out["flops_forward"], out["flops_train"] = flops["forward"], flops["train"]
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        model.to(dtype)
-        out[f"weight_bytes_{name}"] = weight_storage_bytes(model)
-        out[f"kv_cache_total_{name}"] = measured_kv_cache_bytes(model, context, batch)
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(next(model.parameters()).dtype)
+    if name is None:
+        raise ValueError(f"measure a model in float32 or bfloat16, not {next(model.parameters()).dtype}")
+    out[f"weight_bytes_{name}"] = weight_storage_bytes(model)
+    out[f"kv_cache_total_{name}"] = measured_kv_cache_bytes(model, context, batch)
+    if flops:
+        counted = measured_flops_per_token(model, context, batch)
+        out["flops_forward"], out["flops_train"] = counted["forward"], counted["train"]
     return out
