@@ -1,0 +1,45 @@
+"""`pocketlm run PIPELINE.yaml`: the whole pipeline, with an exit code CI can gate a release on.
+
+0: every gate passed (or none is configured) · 1: a gate failed or could not be verified · 2: a config or input
+error (including a gate that names a result that does not exist).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List
+
+import typer
+
+from pocketlm.cli._common import _EXPECTED, _fail, app
+
+
+@app.command("run")
+def run_cmd(
+    config: Path = typer.Argument(..., help="Pipeline YAML (see configs/pipeline_*.yaml)."),
+    force: List[str] = typer.Option([], "--force", help="Redo this stage even if its stored results match "
+                                                        "(repeatable): distill, ce_baseline, perplexity, rouge, "
+                                                        "bias, toxicity, size, attention."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config field: --set train.steps=100 (repeatable)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Distill → evaluate → audit → inspect, then results.json, an HTML report, a model card and the gates."""
+    from pocketlm.config_pipeline import load_pipeline_config
+    from pocketlm.pipeline import run_pipeline
+
+    try:
+        cfg = load_pipeline_config(config, set_)
+        outcome = run_pipeline(cfg, force=force, progress=not quiet)
+    except _EXPECTED as e:
+        _fail(e)
+    for g in outcome.gates:
+        figures = ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = n/a" for k, v in g["values"].items())
+        typer.echo(f"gate {g['status'].upper():10s} {g['name']}" + (f"  ({figures})" if figures else "")
+                   + (f"  — {g['message']}" if g.get("message") else ""))
+    verdict = outcome.doc["verdict"]
+    typer.echo(f"stages run: {', '.join(outcome.ran) or 'none'}; reused: {', '.join(outcome.reused) or 'none'}")
+    typer.echo(f"results: {outcome.results_path}")
+    if outcome.card_path:
+        typer.echo(f"model card: {outcome.card_path}")
+    typer.echo(f"verdict: {verdict.upper()}")
+    typer.echo(f"report: {outcome.report_path.resolve()}")
+    raise typer.Exit(outcome.exit_code)

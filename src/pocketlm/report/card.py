@@ -1,0 +1,199 @@
+"""The model card: ``README.md`` in the student's folder, in the Hugging Face layout, filled from results.json.
+
+YAML metadata (license, base_model, tags, datasets, ``model-index`` with the evaluation results in the Hub's
+schema) written with ``yaml.safe_dump``, then the sections of Mitchell et al. (2019), "Model Cards for Model
+Reporting": model details, intended use, factors, metrics, evaluation data, training data, quantitative analyses
+(disaggregated by group), ethical considerations, caveats and recommendations. What only the person releasing the
+model can say comes from the config's ``card`` section; where it is missing the card says so plainly.
+Data-derived text in tables is escaped (``|``, ``<``, ``>``, ``&``, newlines), so no cell can break the table or
+become markup.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pocketlm.report.html import (
+    comparison_rows, fmt_ci, fmt_number, group_names, headlines, report_groups, results_by_entry, write_text_atomic,
+)
+
+HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # embedded teachers' hub originals
+TASKS = {"perplexity": ("text-generation", "Language modelling"), "rouge": ("summarization", "Summarization"),
+         "bias": ("text-generation", "Social bias"), "toxicity": ("text-generation", "Prompted toxicity")}
+MISSING = "**Not provided.** The person releasing this model did not state {what} (set `card.{field}` in the " \
+          "pipeline config)."
+
+
+def md(text: Any) -> str:
+    """Text safe inside a Markdown table cell or line: no HTML, no cell breaks, one line."""
+    s = str(text)
+    for a, b in (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"), ("|", "\\|"), ("`", "'")):
+        s = s.replace(a, b)
+    return " ".join(s.split())
+
+
+def _value(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def model_name(doc: dict[str, Any]) -> str:
+    name = doc["config"]["card"].get("model_name")
+    if name:
+        return name
+    teacher = str(doc["config"]["teacher"]).rstrip("/").split("/")[-1].removesuffix(".gguf")
+    return f"{teacher}-pocketlm-student"
+
+
+def model_index(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The Hub's ``model-index``: one result per evaluated set, the student's overall figures as metrics."""
+    results = []
+    for entry, by_role in results_by_entry(doc).items():
+        res = by_role.get("student")
+        if res is None or res["kind"] not in TASKS:
+            continue
+        task_type, task_name = TASKS[res["kind"]]
+        metrics = [{"type": m["name"], "name": m["name"].replace("_", " "), "value": round(_value(m["value"]), 6),
+                    "verified": False}
+                   for m in res["metrics"] if m.get("group") is None and _value(m.get("value")) is not None
+                   and not m["name"].startswith(("delta_", "baseline_"))]
+        if metrics:
+            src = res.get("data", {}).get("source", entry)
+            results.append({"task": {"type": task_type, "name": task_name},
+                            "dataset": {"name": f"{entry} ({src})", "type": entry}, "metrics": metrics})
+    return [{"name": model_name(doc), "results": results}]
+
+
+def metadata(doc: dict[str, Any]) -> dict[str, Any]:
+    card, cfg = doc["config"]["card"], doc["config"]
+    meta: dict[str, Any] = {"license": card.get("license") or "unknown"}
+    base = HUB_IDS.get(cfg["teacher"])
+    if base:
+        meta["base_model"] = base
+    if card.get("language"):
+        meta["language"] = list(card["language"])
+    meta["library_name"] = "transformers"
+    meta["pipeline_tag"] = "text-generation"
+    tags = ["pocketlm", "distillation", "knowledge-distillation"]
+    if cfg["student"].get("moe"):
+        tags.append("mixture-of-experts")
+    meta["tags"] = tags + [t for t in card.get("tags", []) if t not in tags]
+    if card.get("datasets"):
+        meta["datasets"] = list(card["datasets"])
+    meta["model-index"] = model_index(doc)
+    return meta
+
+
+def _user(card: dict[str, Any], field: str, what: str) -> str:
+    return card.get(field) or MISSING.format(what=what, field=field)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _cell(m: dict[str, Any] | None) -> str:
+    if not m:
+        return ""
+    ci = fmt_ci(m.get("ci"))
+    return md(fmt_number(m.get("value")) + (f" {ci}" if ci else ""))
+
+
+def _comparison(by_role: dict[str, dict[str, Any]], rows: list[dict[str, Any]], first: str) -> list[str]:
+    roles = list(by_role)
+    header = [first] + roles + ["Δ student − teacher [95 % CI]"]
+    body = [[md(r["group"] if first == "group" else r["name"])] + [_cell(r["cells"].get(x)) for x in roles]
+            + [_cell(r["delta"]) + (" *" if r["significant"] else "")] for r in rows]
+    return _table(header, body)
+
+
+def card_markdown(doc: dict[str, Any]) -> str:
+    cfg, card = doc["config"], doc["config"]["card"]
+    by_entry = results_by_entry(doc)
+    name = model_name(doc)
+    distill = by_entry.get("distill", {}).get("student", {})
+    params = {r: {m["name"]: m["value"] for m in res["metrics"]} for r, res in by_entry.get("parameters", {}).items()}
+    ps, pt = params.get("student", {}), params.get("teacher", {})
+    student_cfg = cfg["student"]
+    L = [f"# {md(name)}", "",
+         f"A student language model distilled from `{md(cfg['teacher'])}` by pocketlm. Every figure below comes from "
+         f"the pipeline's `results.json` (config hash `{doc.get('config_hash')}`), each with a 95 % bootstrap "
+         "interval; Δ is student − teacher on the same items with a paired interval (* where it excludes 0).", ""]
+    L += ["## Model details", ""]
+    L += [f"- **Developed by:** {card.get('authors') or MISSING.format(what='who made it', field='authors')}",
+          f"- **Model type:** decoder-only causal LM, {'sparse Mixture-of-Experts' if student_cfg.get('moe') else 'dense'}"
+          f" student ({md(student_cfg.get('init'))} init, {md(student_cfg.get('num_layers') or student_cfg.get('layers'))}"
+          " layers)",
+          f"- **Teacher (base model):** `{md(cfg['teacher'])}`" + (f" (`{HUB_IDS[cfg['teacher']]}`)"
+                                                                   if cfg["teacher"] in HUB_IDS else ""),
+          f"- **Parameters:** {fmt_number(ps.get('params_total'))} (non-embedding {fmt_number(ps.get('params_non_embedding'))};"
+          f" teacher {fmt_number(pt.get('params_total'))}, non-embedding {fmt_number(pt.get('params_non_embedding'))})",
+          f"- **License:** {md(card['license']) if card.get('license') else MISSING.format(what='a license', field='license')}",
+          f"- **Fingerprint:** `{doc['models'].get('student', {}).get('fingerprint')}`; code commit "
+          f"`{doc.get('provenance', {}).get('git_commit')}`", ""]
+    L += ["## Intended use", "", _user(card, "intended_use", "the intended use"), "",
+          "### Out-of-scope use", "", _user(card, "out_of_scope_use", "out-of-scope uses"), ""]
+    groups = report_groups(by_entry)
+    L += ["## Factors", "",
+          "Groups the evaluation disaggregates by: " + ("; ".join(
+              f"{md(e)}: {', '.join(md(g) for g in gs[:20])}{' …' if len(gs) > 20 else ''}" for e, gs in groups.items())
+              or "none (no bias or toxicity suite was run)") + ".", ""]
+    L += ["## Metrics", "",
+          "- Perplexity as lm-evaluation-harness defines it (rolling windows over whole documents; token, word and "
+          "byte perplexity, bits per byte), lower is better.",
+          "- Social bias by log-likelihood as lm-evaluation-harness scores causal LMs (e.g. CrowS-Pairs "
+          "`pct_stereotype`, 50 is unbiased).",
+          "- Prompted toxicity as RealToxicityPrompts defines it (expected maximum toxicity, toxicity probability), "
+          "per group.", "- Intervals: 95 % percentile bootstrap over items; deltas: paired bootstrap.", ""]
+    L += ["## Evaluation data", ""]
+    for entry, by_role in by_entry.items():
+        if entry in ("distill", "parameters"):
+            continue
+        ref = by_role.get("student") or next(iter(by_role.values()))
+        d = ref.get("data", {})
+        L.append(f"- **{md(entry)}** ({md(ref['kind'])}): {md(d.get('source', ''))}; n = {d.get('n')}, "
+                 f"hash `{md(d.get('hash'))}`")
+    for entry, why in doc.get("skipped", {}).items():
+        L.append(f"- **{md(entry)}**: not evaluated — {md(why)}")
+    L += ["", "## Training data", ""]
+    dd = distill.get("data", {})
+    L += [f"Distilled on {md(dd.get('source', 'n/a'))} (hash `{md(dd.get('hash'))}`): {fmt_number(dd.get('tokens'))} "
+          f"training tokens in blocks of {dd.get('block_size')}, {dd.get('heldout_documents')} documents held out. "
+          f"Loss: {md(cfg['distill']['loss'])} over the teacher's top-{cfg['distill']['top_k']} distributions "
+          f"(mode {md(cfg['distill']['mode'])}, temperature {cfg['distill']['temperature']}, CE weight "
+          f"{cfg['distill']['ce_weight']}), {cfg['train']['steps']} steps of batch {cfg['train']['batch_size']}, "
+          f"lr {cfg['train']['lr']}, {md(cfg['train']['precision'])}, seed {cfg['train']['seed']}.", ""]
+    L += ["## Quantitative analyses", ""]
+    for entry, by_role in by_entry.items():
+        if entry in ("parameters",):
+            continue
+        rows = comparison_rows(by_role)
+        if rows:
+            L += [f"### {md(entry)}", ""] + _comparison(by_role, rows, "metric") + [""]
+        for metric in headlines(by_role):
+            grows = [r for g in group_names(by_role, metric) for r in comparison_rows(by_role, g, [metric])]
+            if grows:
+                L += [f"#### {md(entry)}: {md(metric)} by group", ""] + _comparison(by_role, grows, "group") + [""]
+    gates = doc.get("gates", [])
+    L += ["### Release gates", ""]
+    L += ([f"Verdict: **{doc.get('verdict', 'no gates').upper()}**", ""] + _table(
+        ["gate", "status", "figures"],
+        [[md(g["name"]), g["status"].upper(), md("; ".join(f"{k} = {fmt_number(v)}" for k, v in g["values"].items())
+                                                 or g.get("message", ""))] for g in gates]) if gates
+          else ["No release gates were configured."])
+    L += ["", "## Ethical considerations", "",
+          _user(card, "ethical_considerations", "ethical considerations"),
+          "", "A distilled student can keep, lose or amplify its teacher's biases and toxicity; the per-group "
+          "figures above measure that on the suites listed, and only there.", "",
+          "## Caveats and recommendations", "", _user(card, "caveats", "caveats and recommendations"), "",
+          "Suites run on subsets (see n above) give wide intervals; a delta whose interval includes 0 is not "
+          "evidence of no change. The embedded toxicity scorer is a profanity classifier, not a measure of all harm.",
+          ""]
+    return "---\n" + yaml.safe_dump(metadata(doc), sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(L)
+
+
+def write_card(doc: dict[str, Any], path: str | os.PathLike) -> Path:
+    return write_text_atomic(path, card_markdown(doc))

@@ -1,0 +1,248 @@
+"""The HTML report: one self-contained page built from a pipeline's results.json and nothing else.
+
+Gate verdicts first, then training curves, teacher vs student for every metric (bars with 95 % intervals and a
+table with the paired deltas), bias per category, toxicity per group, size and memory, MoE expert load,
+attention heat-maps, samples of what the models wrote, and provenance. Plots are inline PNG ``data:`` URIs; the
+page carries no script, and its Content-Security-Policy forbids any. Jinja2 autoescaping is on for every value,
+so text a model wrote (or a suite held) is shown as text, never parsed as markup.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pocketlm.report import plots
+
+# figures drawn per group: the suite's headline statistics (the first statistic otherwise)
+GROUP_HEADLINES = {"toxicity": ("expected_max_toxicity", "toxicity_probability")}
+
+
+def _env():
+    from jinja2 import Environment, PackageLoader, StrictUndefined
+
+    env = Environment(loader=PackageLoader("pocketlm.report", "templates"), autoescape=True,
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["num"] = fmt_number
+    env.filters["ci"] = fmt_ci
+    env.filters["unit"] = fmt_unit
+    return env
+
+
+def fmt_number(x: Any) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return str(x)
+    if x != 0 and (abs(x) >= 1e6 or abs(x) < 1e-3):
+        return f"{x:.3g}"
+    return f"{x:,.0f}" if float(x).is_integer() and abs(x) >= 1000 else f"{x:.4g}"
+
+
+def fmt_ci(ci: Any) -> str:
+    if not ci or ci[0] is None or ci[1] is None:
+        return ""
+    return f"[{fmt_number(ci[0])}, {fmt_number(ci[1])}]"
+
+
+def results_by_entry(doc: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """entry → role → results (stage order kept)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for st in doc["stages"].values():
+        for e in st.get("entries", []):
+            out.setdefault(e["entry"], {})[e["role"]] = e["results"]
+    return out
+
+
+def _metric_map(res: dict[str, Any]) -> dict[tuple[str, str | None], dict[str, Any]]:
+    return {(m["name"], m.get("group")): m for m in res["metrics"]}
+
+
+def _is_plain(name: str) -> bool:
+    return not name.startswith(("delta_", "baseline_"))
+
+
+def comparison_rows(by_role: dict[str, dict[str, Any]], group: str | None = None,
+                    names: list[str] | None = None) -> list[dict[str, Any]]:
+    """Rows of a teacher-vs-student table: each plain metric, every model's value and interval, and the student's
+    paired delta to the teacher where one was computed."""
+    maps = {r: _metric_map(res) for r, res in by_role.items()}
+    if names is None:
+        names = []
+        for res in by_role.values():
+            for m in res["metrics"]:
+                if m.get("group") == group and _is_plain(m["name"]) and m["name"] not in names:
+                    names.append(m["name"])
+    rows = []
+    for name in names:
+        cells = {r: maps[r].get((name, group)) for r in by_role}
+        if not any(cells.values()):
+            continue
+        delta = maps.get("student", {}).get((f"delta_{name}", group))
+        sig = bool(delta and delta.get("ci") and delta["ci"][0] is not None
+                   and (delta["ci"][0] > 0 or delta["ci"][1] < 0))
+        ref = next(c for c in cells.values() if c)
+        rows.append({"name": name, "group": group, "cells": cells, "delta": delta, "significant": sig,
+                     "higher_is_better": ref.get("higher_is_better"), "unit": ref.get("unit"),
+                     "n": ref.get("n")})
+    return rows
+
+
+def _ref(by_role: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return by_role.get("student") or next(iter(by_role.values()))
+
+
+def group_names(by_role: dict[str, dict[str, Any]], metric: str) -> list[str]:
+    return [m["group"] for m in _ref(by_role)["metrics"] if m["name"] == metric and m.get("group") is not None]
+
+
+def headlines(by_role: dict[str, dict[str, Any]]) -> list[str]:
+    """The figures shown per group: the suite's headline statistics (bias and toxicity results only)."""
+    ref = _ref(by_role)
+    if ref["kind"] not in ("bias", "toxicity"):
+        return []
+    plain = [m["name"] for m in ref["metrics"] if m.get("group") is None and _is_plain(m["name"])]
+    return [h for h in GROUP_HEADLINES.get(ref["kind"], tuple(plain[:1])) if group_names(by_role, h)]
+
+
+def report_groups(by_entry: dict[str, dict[str, dict[str, Any]]]) -> dict[str, list[str]]:
+    """entry → the groups its results are disaggregated by."""
+    out = {}
+    for entry, by_role in by_entry.items():
+        gs = [g for h in headlines(by_role) for g in group_names(by_role, h)]
+        if gs:
+            out[entry] = list(dict.fromkeys(gs))
+    return out
+
+
+def _section(entry: str, by_role: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    ref = _ref(by_role)
+    kind = ref["kind"]
+    rows = comparison_rows(by_role)
+    bars = plots.metric_bars(
+        [(r["name"], {role: (c["value"], c.get("ci")) for role, c in r["cells"].items() if c}) for r in rows],
+        f"{entry}: every model on the same items (95 % intervals)")
+    groups = []
+    maps = {r: _metric_map(res) for r, res in by_role.items()}
+    for h in headlines(by_role):
+        gs = group_names(by_role, h)
+        series = {r: [((maps[r].get((h, g)) or {}).get("value"), (maps[r].get((h, g)) or {}).get("ci")) for g in gs]
+                  for r in by_role}
+        groups.append({"metric": h, "plot": plots.group_bars(h, gs, series, f"{entry}: {h} per group"),
+                       "rows": [row for g in gs for row in comparison_rows(by_role, g, [h])]})
+    return {"entry": entry, "kind": kind, "plot": bars, "rows": rows, "groups": groups, "roles": list(by_role),
+            "data": ref.get("data", {}), "settings": ref.get("settings", {}), "samples": _samples(kind, by_role)}
+
+
+def _samples(kind: str, by_role: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """What the models wrote, for reading (escaped on output like everything else)."""
+    out = []
+    for role, res in by_role.items():
+        det = res.get("details", {})
+        if kind == "toxicity":
+            out += [{"role": role, "label": f"{x['score']:.3f} · {x.get('group') or 'all'}", "prompt": x["prompt"],
+                     "text": x["text"]} for x in det.get("most_toxic", [])]
+        elif kind == "rouge":
+            out += [{"role": role, "label": f"rougeL {x.get('rougeL', 0):.3f}", "prompt": x.get("source", ""),
+                     "text": x.get("prediction", "")} for x in det.get("items", [])[:3]]
+    return out
+
+
+SIZE_HEADLINES = ("n_params", "params_active", "weight_bytes_bf16", "kv_cache_per_token_bf16", "flops_forward",
+                  "training_bytes_mixed_total")
+
+
+def size_rows(by_entry: dict[str, dict[str, dict[str, Any]]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Size and memory figures (measured parameter counts, then `pocketlm size`'s estimates), one column per model,
+    with the student / teacher ratio."""
+    rows, roles = [], []
+    for entry in ("parameters", "size"):
+        by_role = by_entry.get(entry, {})
+        roles += [r for r in by_role if r not in roles]
+        for row in comparison_rows(by_role):
+            if row["name"].startswith("ratio_"):
+                continue
+            t, s_ = row["cells"].get("teacher"), row["cells"].get("student")
+            ok = t and s_ and isinstance(t["value"], (int, float)) and t["value"] and s_["value"] is not None
+            rows.append({**row, "entry": entry, "ratio": s_["value"] / t["value"] if ok else None})
+    return rows, roles
+
+
+def fmt_unit(value: Any, unit: str | None) -> str:
+    """Binary units for bytes (MiB = 2^20), k/M/G for counts."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return fmt_number(value)
+    if unit == "bytes":
+        for size, name in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+            if abs(value) >= size:
+                return f"{value / size:.2f} {name}"
+        return f"{value:.0f} B"
+    for size, name in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= size:
+            return f"{value / size:.2f} {name} {unit or ''}".rstrip()
+    return f"{fmt_number(value)} {unit or ''}".rstrip()
+
+
+def _attention(by_entry: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    maps = []
+    for role, res in by_entry.get("attention", {}).items():
+        for h in res.get("details", {}).get("heatmaps", []):
+            uri = h.get("png")
+            if isinstance(uri, str) and uri.startswith("data:image/png;base64,"):
+                maps.append({"role": role, "title": h.get("title", ""), "uri": uri})
+    return maps
+
+
+def report_context(doc: dict[str, Any]) -> dict[str, Any]:
+    by_entry = results_by_entry(doc)
+    histories = {role: res["details"].get("history", []) for role, res in by_entry.get("distill", {}).items()}
+    distill_rows = comparison_rows(by_entry["distill"]) if "distill" in by_entry else []
+    moe = plots.expert_load(histories.get("student", []))
+    skip = {"distill", "parameters", "size", "attention"}
+    sizes = size_rows(by_entry)
+    card = doc["config"].get("card", {})
+    gates = doc.get("gates", [])
+    return {
+        "title": card.get("model_name") or f"pocketlm student of {doc['config']['teacher']}",
+        "verdict": doc.get("verdict", "no gates"),
+        "gates": gates,
+        "n_failed": sum(1 for g in gates if not g["passed"]),
+        "models": doc["models"],
+        "stages": doc["stages"],
+        "skipped": doc.get("skipped", {}),
+        "training_plot": plots.training_curves(histories),
+        "distill_rows": distill_rows,
+        "sections": [_section(e, by_role) for e, by_role in by_entry.items() if e not in skip],
+        "size_rows": sizes[0],
+        "size_roles": sizes[1],
+        "size_plot": plots.metric_bars(
+            [(r["name"], {role: (c["value"], None) for role, c in r["cells"].items() if c}) for r in sizes[0]
+             if r["name"] in SIZE_HEADLINES], "size and memory (estimates at the configured context)"),
+        "moe_plot": moe,
+        "attention": _attention(by_entry),
+        "provenance": doc.get("provenance", {}),
+        "config_yaml": yaml.safe_dump(doc["config"], sort_keys=False, allow_unicode=True),
+        "wall_time_s": doc.get("wall_time_s"),
+    }
+
+
+def render_report(doc: dict[str, Any]) -> str:
+    return _env().get_template("report.html.j2").render(**report_context(doc))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write through a temporary file and a rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def write_report(doc: dict[str, Any], path: str | os.PathLike) -> Path:
+    return write_text_atomic(path, render_report(doc))
+

@@ -1,0 +1,111 @@
+"""Helpers for the report tests: a pipeline results document built by hand (every section the report draws), and
+a headless Chromium driver."""
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+PLANTED = '<script>console.error("PLANTED-XSS"); document.title = "pwned";</script><img src=x onerror="console.error(\'PLANTED-IMG\')">'
+
+
+def _metric(name, value, n=10, ci=None, group=None, hib=False, unit=None):
+    return {"name": name, "value": value, "n": n, "ci": ci, "higher_is_better": hib, "group": group, "unit": unit}
+
+
+def _results(kind, role, metrics, details=None, data=None):
+    return {"schema": "pocketlm.results/1", "kind": kind, "model": {"spec": f"{role}-spec", "fingerprint": "f" * 16},
+            "baseline": None, "data": data or {"source": "held-out", "hash": "abc", "n": 10}, "settings": {},
+            "metrics": metrics, "details": details or {}, "provenance": {}, "wall_time_s": 1.0}
+
+
+def make_doc(*, generation: str = "a harmless continuation", group: str = "age", gate_name: str = "ppl kept",
+             verdict: str = "pass") -> dict:
+    history = [{"step": s, "loss": 5.0 - s / 10, "kd": 3.0 - s / 20, "ce": 4.0 - s / 10, "tokens_per_s": 300.0 + s,
+                "val_perplexity": 100.0 - s if s % 2 == 0 else None} for s in range(1, 9)]
+    entries = {
+        "distill": [
+            {"role": "student", "entry": "distill", "results": _results("distill", "student", [
+                _metric("final_val_perplexity", 92.0), _metric("tokens_per_second", 310.0, hib=True)],
+                details={"history": history}, data={"source": "teacher-written corpus", "hash": "d1", "n": 40,
+                                                    "tokens": 10200, "block_size": 256, "heldout_documents": 5})},
+            {"role": "teacher", "entry": "parameters", "results": _results("parameters", "teacher", [
+                _metric("n_params", 134.5e6, n=1, unit="params"),
+                _metric("n_params_non_embedding", 106.2e6, n=1, unit="params")])},
+            {"role": "student", "entry": "parameters", "results": _results("parameters", "student", [
+                _metric("n_params", 56.6e6, n=1, unit="params"),
+                _metric("n_params_non_embedding", 28.3e6, n=1, unit="params")])},
+        ],
+        "perplexity": [
+            {"role": "teacher", "entry": "heldout", "results": _results("perplexity", "teacher", [
+                _metric("token_perplexity", 35.4, ci=[30.0, 41.0]), _metric("bits_per_byte", 1.13, ci=[1.1, 1.2])])},
+            {"role": "student", "entry": "heldout", "results": _results("perplexity", "student", [
+                _metric("token_perplexity", 126.6, ci=[110.0, 140.0]), _metric("bits_per_byte", 1.53, ci=[1.5, 1.6]),
+                _metric("delta_token_perplexity", 91.2, ci=[80.0, 100.0]),
+                _metric("word_perplexity", math.nan)])},
+        ],
+        "bias": [
+            {"role": r, "entry": "crows_pairs", "results": _results("bias", r, [
+                _metric("pct_stereotype", v, ci=[v - 5, v + 5], hib=None),
+                _metric("pct_stereotype", v + 3, ci=[v - 9, v + 9], group=group, hib=None),
+                _metric("pct_stereotype", v - 3, ci=[v - 9, v + 9], group="gender", hib=None)]
+                + ([_metric("delta_pct_stereotype", 1.0, ci=[-2.0, 4.0], hib=None),
+                    _metric("delta_pct_stereotype", 2.0, ci=[-3.0, 7.0], group=group, hib=None)]
+                   if r == "student" else []))}
+            for r, v in (("teacher", 60.0), ("student", 61.0))],
+        "toxicity": [
+            {"role": r, "entry": "toxigen", "results": _results("toxicity", r, [
+                _metric("expected_max_toxicity", v, ci=[v - 0.01, v + 0.01]),
+                _metric("toxicity_probability", v / 2, ci=[0.0, v]),
+                _metric("expected_max_toxicity", v, ci=[v - 0.02, v + 0.02], group="hate/asian"),
+                _metric("toxicity_probability", v / 3, ci=[0.0, v], group="hate/asian")],
+                details={"most_toxic": [{"score": 0.91, "group": "hate/asian", "prompt": "- a prompt\n-",
+                                         "text": generation}]})}
+            for r, v in (("teacher", 0.05), ("student", 0.07))],
+    }
+    status = {k: {"status": "ran", "key": "k", "wall_time_s": 1.5, "entries": v} for k, v in entries.items()}
+    status["size"] = {"status": "off"}
+    status["attention"] = {"status": "off"}
+    gates = [{"name": gate_name, "rule": "student.token_perplexity <= 4 * teacher.token_perplexity",
+              "status": "pass" if verdict == "pass" else "fail", "passed": verdict == "pass",
+              "values": {"student.token_perplexity": 126.6, "teacher.token_perplexity": 35.4},
+              "comparisons": [{"left": "student.token_perplexity", "left_value": 126.6, "op": "<=",
+                               "right": "4.0 * teacher.token_perplexity", "right_value": 141.6,
+                               "holds": verdict == "pass"}], "message": ""}]
+    config = {"teacher": "smollm2-135m-instruct", "student": {"init": "teacher_layers", "num_layers": 8, "moe": None},
+              "distill": {"loss": "forward_kl", "top_k": 64, "mode": "cache", "temperature": 1.0, "ce_weight": 0.5},
+              "train": {"steps": 80, "batch_size": 4, "lr": 5e-4, "precision": "bf16", "seed": 0},
+              "card": {"model_name": None, "license": None, "language": [], "tags": [], "datasets": [],
+                       "intended_use": None, "out_of_scope_use": None, "ethical_considerations": None,
+                       "caveats": None, "authors": None},
+              "gates": [{"name": gate_name, "rule": gates[0]["rule"]}]}
+    return {"schema": "pocketlm.pipeline/1", "config": config, "config_hash": "c" * 16, "output_dir": "out",
+            "models": {"teacher": {"spec": "smollm2-135m-instruct", "fingerprint": "t" * 16},
+                       "student": {"spec": "distill/student", "fingerprint": "s" * 16}},
+            "stages": status, "skipped": {"bbq": "its data ../shared/data/bbq is not there"}, "facts": {},
+            "gates": gates, "verdict": verdict, "wall_time_s": 12.0,
+            "provenance": {"git_commit": "deadbeef", "hardware": {"cpu_count": 2}, "packages": {"torch": "2.13.0"}}}
+
+
+def chromium() -> str | None:
+    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+needs_chromium = pytest.mark.skipif(chromium() is None, reason="no Chromium here: install it from Debian packages "
+                                                               "(apt-get install -y chromium) to run the browser check")
+
+
+def load_in_browser(path: Path) -> tuple[str, list[str]]:
+    """Load a page in headless Chromium: (the DOM after load, console messages). --no-sandbox: tests may run as root;
+    the page is ours and carries no script."""
+    proc = subprocess.run(
+        [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--enable-logging=stderr",
+         "--v=0", "--virtual-time-budget=2000", "--dump-dom", path.resolve().as_uri()],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    console = [line for line in proc.stderr.splitlines() if re.search(r":CONSOLE[:(]", line)]
+    return proc.stdout, console

@@ -1,0 +1,89 @@
+"""The HTML report: one self-contained page, verdict first, every section drawn, model text escaped — and checked in
+a real headless browser (Chromium): no console errors, the verdict shown, a planted <script> inert."""
+from __future__ import annotations
+
+import base64
+import re
+
+from pipeline_doc import PLANTED, load_in_browser, make_doc, needs_chromium
+
+from pocketlm.report.html import comparison_rows, fmt_ci, fmt_number, fmt_unit, render_report, write_report
+
+
+def test_sections_and_verdict_first():
+    page = render_report(make_doc())
+    order = [page.index(f'id="{s}"') for s in ("verdict", "run", "training", "metrics", "size", "moe",
+                                               "attention", "provenance")]
+    assert order == sorted(order)
+    assert "Release gates: PASS" in page
+    for heading in ("crows_pairs: pct_stereotype per category", "toxigen: expected_max_toxicity per group",
+                    "toxigen: toxicity_probability per group"):
+        assert heading in page
+    assert "bbq" in page and "is not there" in page  # what was left out, and why
+    assert "126.6" in page and "[110, 140]" in page  # value and interval
+    fail = render_report(make_doc(verdict="fail"))
+    assert "Release gates: FAIL — 1 of 1 gates not passed" in fail
+
+
+def test_self_contained_no_script_and_images_inline():
+    page = render_report(make_doc())
+    assert "<script" not in page.lower()
+    assert "default-src 'none'" in page  # CSP: no script, no fetch, images only from data: URIs
+    srcs = re.findall(r'src="([^"]*)"', page)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+    for s in srcs:  # real PNGs
+        assert base64.b64decode(s.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not re.search(r'(href|src)="(https?:)?//', page)
+
+
+def test_model_and_suite_text_is_escaped():
+    page = render_report(make_doc(generation=PLANTED, group='<b onmouseover="x()">age</b>',
+                                  gate_name="<script>alert(1)</script>"))
+    assert "<script>" not in page and "<img src=x" not in page and "<b onmouseover" not in page
+    assert "&lt;script&gt;console.error(&#34;PLANTED-XSS&#34;)" in page
+    assert "&lt;b onmouseover=" in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_comparison_rows_pair_values_with_the_students_delta():
+    doc = make_doc()
+    entry = {e["role"]: e["results"] for e in doc["stages"]["bias"]["entries"]}
+    rows = comparison_rows(entry)
+    assert [r["name"] for r in rows] == ["pct_stereotype"]
+    assert rows[0]["cells"]["teacher"]["value"] == 60.0 and rows[0]["delta"]["value"] == 1.0
+    assert rows[0]["significant"] is False  # [-2, 4] includes 0
+    age = comparison_rows(entry, "age", ["pct_stereotype"])[0]
+    assert age["cells"]["student"]["value"] == 64.0 and age["delta"]["ci"] == [-3.0, 7.0]
+
+
+def test_number_formatting():
+    assert fmt_number(None) == "n/a" and fmt_number(float("nan")) == "n/a"
+    assert fmt_number(126.6123) == "126.6" and fmt_number(134_500_000.0) == "1.34e+08"
+    assert fmt_ci([1.0, 2.5]) == "[1, 2.5]" and fmt_ci(None) == ""
+    assert fmt_unit(3 * 2**20, "bytes") == "3.00 MiB" and fmt_unit(512, "bytes") == "512 B"
+    assert fmt_unit(56.6e6, "params") == "56.60 M params"
+
+
+@needs_chromium
+def test_report_in_headless_chromium(tmp_path):
+    path = write_report(make_doc(generation=PLANTED, group="<i>age</i>", verdict="fail"), tmp_path / "report.html")
+    dom, console = load_in_browser(path)
+    assert console == []  # no console errors (nor any message: the page runs no script)
+    assert re.search(r'id="verdict"[^>]*>Release gates: FAIL', dom)
+    assert "<title>pwned</title>" not in dom and "PLANTED" in dom  # the text is there, as text
+    assert "<script" not in dom.lower() and not re.search(r"<img[^>]*onerror", dom)  # no element was made of it
+    assert "&lt;script&gt;" in dom
+
+
+@needs_chromium
+def test_a_page_with_a_live_script_would_be_caught(tmp_path):
+    """The check can fail: the same driver sees a console message from a page that does run script."""
+    bad = tmp_path / "bad.html"
+    bad.write_text("<!DOCTYPE html><html><body><script>console.error('boom')</script></body></html>")
+    _, console = load_in_browser(bad)
+    assert any("boom" in line for line in console)
+
+
+def test_missing_provenance_is_said_not_hidden():
+    doc = make_doc()
+    del doc["provenance"]
+    assert "No provenance was recorded" in render_report(doc)

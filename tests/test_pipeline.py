@@ -1,0 +1,234 @@
+"""`pocketlm run`: a small pipeline end to end on the tiny in-test teacher (configs/pipeline_tiny.yaml with its
+paths overridden): results.json, report, card, gates and exit codes, reuse on re-run and --force."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import CORPUS
+from typer.testing import CliRunner
+
+from pocketlm.cli import app
+from pocketlm.pipeline_stages import ORDER, STAGES, Stage, perplexity_deltas, unavailable
+from pocketlm.report.results import Metric, Results
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "pipeline_tiny.yaml"
+GATES = ["{name: kept, rule: 'student.token_perplexity <= 2 * teacher.token_perplexity'}",
+         "'crows_pairs.pct_stereotype.delta <= 100'", "'file.expected_max_toxicity.delta <= 1'",
+         "'student.params_total < teacher.params_total'"]
+
+
+@pytest.fixture(scope="module")
+def suite_dir(tmp_path_factory) -> Path:
+    """Small suites in their real layouts: a CrowS-Pairs csv, a prompt file with groups, a summarisation jsonl."""
+    d = tmp_path_factory.mktemp("suites")
+    with open(d / "crows.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["", "sent_more", "sent_less", "stereo_antistereo", "bias_type"])
+        for i in range(12):
+            w.writerow([i, CORPUS[i % 8], CORPUS[(i + 3) % 8], ("stereo", "antistereo")[i % 2],
+                        ("race-color", "gender", "age")[i % 3]])
+    (d / "prompts.jsonl").write_text("".join(
+        json.dumps({"prompt": CORPUS[i % 8][:24], "group": "abc"[i % 3]}) + "\n" for i in range(9)))
+    (d / "sum.jsonl").write_text("".join(
+        json.dumps({"document": CORPUS[i], "summary": CORPUS[i][:20]}) + "\n" for i in range(3)))
+    return d
+
+
+def tiny_args(teacher_dir, corpus_file, suite_dir, out, *extra: str) -> list[str]:
+    sets = [f"teacher={teacher_dir}", f"data.source={corpus_file}", "data.block_size=16", "data.val_fraction=0.25",
+            "train.steps=4", "train.batch_size=2", "train.eval_every=2", "train.save_every=2", "distill.top_k=8",
+            f"data_root={suite_dir}", "missing_data=error", f"output_dir={out}",
+            "eval.perplexity=[{name: heldout, max_length: 64}]",
+            "eval.rouge=[{name: summ, data: sum.jsonl, max_new_tokens: 6}]",
+            "audit.bias=[{suite: crows_pairs, data: crows.csv}]",
+            "audit.toxicity=[{suite: file, data: prompts.jsonl, samples: 2, max_new_tokens: 6}]",
+            "inspect.size.context_length=128", f"gates=[{', '.join(GATES)}]", *extra]
+    return ["run", str(TINY), "--quiet"] + [x for s in sets for x in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(teacher_dir, corpus_file, suite_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline") / "out"
+    r = CliRunner().invoke(app, tiny_args(teacher_dir, corpus_file, suite_dir, out))
+    return out, r
+
+
+def entries(doc, entry):
+    return {e["role"]: e["results"] for st in doc["stages"].values() for e in st.get("entries", [])
+            if e["entry"] == entry}
+
+
+def value(results, name, group=None):
+    return next(m["value"] for m in results["metrics"] if m["name"] == name and m.get("group") == group)
+
+
+def test_pipeline_end_to_end(tiny_run):
+    out, r = tiny_run
+    assert r.exit_code == 0, r.output
+    assert f"report: {(out / 'report.html').resolve()}" in r.output
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["schema"] == "pocketlm.pipeline/1" and doc["verdict"] == "pass"
+    assert {k: v["status"] for k, v in doc["stages"].items()} == {k: "ran" for k in ORDER}
+    assert list(doc["models"]) == ["teacher", "student", "ce_baseline"]
+    for st in doc["stages"].values():  # every entry is a typed Results with its provenance
+        for e in st["entries"]:
+            res = Results.from_dict(e["results"])
+            assert res.metrics and e["role"] in doc["models"]
+            assert {"packages", "git_commit", "hardware"} <= set(res.provenance)
+    ppl = entries(doc, "heldout")
+    assert set(ppl) == {"teacher", "student", "ce_baseline"}
+    assert value(ppl["student"], "delta_token_perplexity") == pytest.approx(
+        value(ppl["student"], "token_perplexity") - value(ppl["teacher"], "token_perplexity"))
+    assert ppl["student"]["data"]["hash"] == ppl["teacher"]["data"]["hash"]  # the same held-out documents
+    bias = entries(doc, "crows_pairs")
+    assert value(bias["student"], "delta_pct_stereotype") == pytest.approx(
+        value(bias["student"], "pct_stereotype") - value(bias["teacher"], "pct_stereotype"))
+    assert value(bias["teacher"], "pct_stereotype", "age") is not None  # per category
+    tox = entries(doc, "file")
+    assert value(tox["student"], "expected_max_toxicity", "b") is not None  # per group
+    assert tox["student"]["details"]["most_toxic"]
+    assert "delta_rouge1" in {m["name"] for m in entries(doc, "summ")["student"]["metrics"]}
+    size = entries(doc, "size")
+    assert value(size["teacher"], "params_total") == value(entries(doc, "parameters")["teacher"], "n_params")
+    assert entries(doc, "attention")["student"]["details"]["heatmaps"][0]["png"].startswith("data:image/png")
+    history = entries(doc, "distill")["student"]["details"]["history"]
+    assert [h["step"] for h in history] == [1, 2, 3, 4] and history[-1]["val_perplexity"] > 1
+    assert [g["status"] for g in doc["gates"]] == ["pass"] * 4
+
+
+def test_report_and_card(tiny_run):
+    out, _ = tiny_run
+    doc = json.loads((out / "results.json").read_text())
+    page = (out / "report.html").read_text()
+    assert "Release gates: PASS — all 4 gates hold" in page
+    assert "<script" not in page.lower() and 'src="http' not in page
+    for section in ("heldout", "crows_pairs: pct_stereotype per category", "file: expected_max_toxicity per group",
+                    "Size and memory", "teacher · layer 0"):
+        assert section in page
+    card = (out / "distill" / "student" / "README.md").read_text()
+    head, body = card[4:].split("\n---\n", 1)
+    meta = yaml.safe_load(head)
+    assert meta["license"] == "apache-2.0" and "base_model" not in meta  # a local teacher: no hub id to name
+    figures = {(r["dataset"]["type"], m["type"]): m["value"] for r in meta["model-index"][0]["results"]
+               for m in r["metrics"]}
+    assert figures[("heldout", "token_perplexity")] == pytest.approx(
+        value(entries(doc, "heldout")["student"], "token_perplexity"), rel=1e-6)
+    assert figures[("crows_pairs", "pct_stereotype")] == pytest.approx(
+        value(entries(doc, "crows_pairs")["student"], "pct_stereotype"), rel=1e-6)
+    assert "`card.intended_use`" in body  # missing in pipeline_tiny.yaml: said plainly
+
+
+def test_rerun_reuses_force_redoes_and_gates_set_the_exit_code(tiny_run, teacher_dir, corpus_file, suite_dir,
+                                                                 tmp_path):
+    src, first = tiny_run
+    assert first.exit_code == 0, first.output
+    out = tmp_path / "out"
+    shutil.copytree(src, out)  # records hold paths relative to the output folder
+    before = {p.name: p.read_text() for p in (out / "stages").glob("*.json")}
+    failing = "gates=['student.token_perplexity <= 0.5 * teacher.token_perplexity']"
+    r = CliRunner().invoke(app, tiny_args(teacher_dir, corpus_file, suite_dir, out, failing))
+    assert r.exit_code == 1, r.output  # a failed gate: CI blocks the release
+    assert "stages run: none" in r.output and "gate FAIL" in r.output
+    assert {p.name: p.read_text() for p in (out / "stages").glob("*.json")} == before  # nothing redone
+    assert json.loads((out / "results.json").read_text())["verdict"] == "fail"
+    assert "Release gates: FAIL" in (out / "report.html").read_text()
+
+    missing = "gates=['student.heldout.no_such_metric <= 1']"
+    r = CliRunner().invoke(app, tiny_args(teacher_dir, corpus_file, suite_dir, out, missing, "audit.n_resamples=150")
+                           + ["--force", "perplexity"])
+    assert r.exit_code == 2, r.output  # a gate naming a result that does not exist: a config error
+    assert "stages run: perplexity, bias, toxicity;" in r.output  # forced, and those whose inputs changed
+    assert "no result is named student.heldout.no_such_metric" in r.output
+    after = {p.name: p.read_text() for p in (out / "stages").glob("*.json")}
+    assert sorted(n for n in before if after[n] != before[n]) == ["bias.json", "perplexity.json", "toxicity.json"]
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["audit.bais=[]"], "audit.bais: unknown key"),
+    (["gates=['student.x <= < 1']"], "column"),
+    (["gates=['bleu.x > 1']"], "names 'bleu', which this pipeline does not measure"),
+    (["audit.bias=[{suite: crows_pairs, data: nowhere}]"], "audit.bias.0.data: data not found"),
+])
+def test_config_and_input_errors_exit_2_before_any_work(extra, says, teacher_dir, corpus_file, suite_dir, tmp_path):
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, tiny_args(teacher_dir, corpus_file, suite_dir, out, *extra))
+    assert r.exit_code == 2, r.output
+    assert says in r.output
+    assert not (out / "stages").exists() and not (out / "distill").exists()
+
+
+def test_missing_data_skipped_with_reason_leaves_its_gates_unverified(teacher_dir, corpus_file, suite_dir, tmp_path):
+    out = tmp_path / "out"
+    args = tiny_args(teacher_dir, corpus_file, suite_dir, out, "missing_data=skip", "eval.rouge=[]",
+                     "audit.toxicity=[]", "inspect.size.enabled=false", "inspect.attention.enabled=false",
+                     "audit.bias=[{suite: crows_pairs, data: absent}]",
+                     "gates=['crows_pairs.pct_stereotype.delta <= 2']")
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 1, r.output  # not measured is not a pass
+    doc = json.loads((out / "results.json").read_text())
+    assert "crows_pairs" in doc["skipped"] and "is not there" in doc["skipped"]["crows_pairs"]
+    assert doc["gates"][0]["status"] == "unverified" and doc["stages"]["bias"]["status"] == "skipped"
+    assert "crows_pairs" in (out / "report.html").read_text()
+
+
+def test_pipeline_demo_yaml_mirrors_the_demo_pipeline():
+    from pocketlm.config_pipeline import PipelineConfig, load_pipeline_config
+    from pocketlm.demo import DEMO_CONFIG, DEMO_PIPELINE
+
+    demo = load_pipeline_config(ROOT / "configs" / "pipeline_demo.yaml")
+    assert demo == PipelineConfig.model_validate(DEMO_PIPELINE)
+    kept = {k: v for k, v in demo.distill_config(DEMO_CONFIG["output_dir"]).model_dump().items()}
+    from pocketlm.config import DistillConfig
+
+    assert kept == DistillConfig.model_validate(DEMO_CONFIG).model_dump()  # the measured distillation, unchanged
+
+
+def test_perplexity_deltas_against_a_plain_bootstrap():
+    """The paired delta and its interval, checked against numpy's own percentile bootstrap (tolerance: 15 % of
+    the interval's width, Monte Carlo error at 2,000 resamples)."""
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(50, 200, 40)
+    nll_t = tokens * rng.normal(3.0, 0.2, 40)
+    nll_s = nll_t + tokens * rng.normal(0.3, 0.1, 40)
+
+    def res(nll):
+        per_doc = [{"loglikelihood": -a, "tokens": int(t), "words": int(t) // 2, "bytes": int(t) * 4}
+                   for a, t in zip(nll, tokens)]
+        ppl = float(np.exp(nll.sum() / tokens.sum()))
+        return Results("perplexity", {}, {}, {}, [Metric("token_perplexity", ppl, 40)], {"per_document": per_doc})
+
+    deltas = {m.name: m for m in perplexity_deltas(res(nll_s), res(nll_t), n_resamples=2000)}
+    d = deltas["delta_token_perplexity"]
+    want = np.exp(nll_s.sum() / tokens.sum()) - np.exp(nll_t.sum() / tokens.sum())
+    assert d.value == pytest.approx(want, rel=1e-12)
+    idx = rng.integers(0, 40, (4000, 40))
+    boot = np.exp(nll_s[idx].sum(1) / tokens[idx].sum(1)) - np.exp(nll_t[idx].sum(1) / tokens[idx].sum(1))
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    assert d.ci[0] == pytest.approx(lo, abs=0.15 * (hi - lo)) and d.ci[1] == pytest.approx(hi, abs=0.15 * (hi - lo))
+    assert deltas["delta_bits_per_byte"].value == pytest.approx(
+        (nll_s.sum() - nll_t.sum()) / (4 * tokens.sum() * np.log(2)))
+    other = res(nll_t)
+    other.details["per_document"] = other.details["per_document"][:-1]
+    assert perplexity_deltas(res(nll_s), other) == []  # not the same documents: no paired delta
+
+
+def test_stage_registry_and_unavailable_stages():
+    assert ORDER[:2] == ["distill", "ce_baseline"] and set(ORDER) == set(STAGES.names())
+    with pytest.raises(KeyError, match="valid names: .*attention.*toxicity"):
+        STAGES.get("nope")
+    ghost = Stage("ghost", "inspect", run=lambda ctx: None, inputs=lambda ctx: {}, enabled=lambda cfg: True,
+                  requires="pocketlm.inspect.no_such_module")
+    assert "not available: pocketlm.inspect.no_such_module" in unavailable(ghost)
+    assert unavailable(STAGES.get("size")) is None and unavailable(STAGES.get("attention")) is None
+
+
+def test_unknown_force_names_the_stages(teacher_dir, corpus_file, suite_dir, tmp_path):
+    r = CliRunner().invoke(app, tiny_args(teacher_dir, corpus_file, suite_dir, tmp_path / "o") + ["--force", "trian"])
+    assert r.exit_code == 2 and "--force trian: no such stage; stages: distill, ce_baseline" in r.output
