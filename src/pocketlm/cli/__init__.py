@@ -90,4 +90,5 @@ from pocketlm.cli import rouge_cmd  # noqa: E402,F401  (registers `pocketlm eval
 from pocketlm.cli import audit_bias_cmds  # noqa: E402,F401  (registers `pocketlm audit bias`)
 from pocketlm.cli import audit_tox_cmds  # noqa: E402,F401  (registers `pocketlm audit scorer-check/toxicity/probes`)
 from pocketlm.cli import size_cmd  # noqa: E402,F401  (registers `pocketlm size`)
+from pocketlm.cli import run_cmd  # noqa: E402,F401  (registers `pocketlm run`)
 from pocketlm.cli import inspect_cmds  # noqa: E402,F401  (registers `pocketlm attention`, `pocketlm prune-heads`)
