@@ -24,9 +24,13 @@ def _results(kind, role, metrics, details=None, data=None):
 
 
 def make_doc(*, generation: str = "a harmless continuation", group: str = "age", gate_name: str = "ppl kept",
-             verdict: str = "pass") -> dict:
+             verdict: str = "pass", moe: bool = False) -> dict:
     history = [{"step": s, "loss": 5.0 - s / 10, "kd": 3.0 - s / 20, "ce": 4.0 - s / 10, "tokens_per_s": 300.0 + s,
                 "val_perplexity": 100.0 - s if s % 2 == 0 else None} for s in range(1, 9)]
+    if moe:  # the trainer's per-layer router telemetry
+        for row in history:
+            row["moe"] = {str(layer): {"tokens_per_expert": [10 + row["step"], 30 - row["step"], 20, 20],
+                                       "load_cv": 0.3} for layer in range(2)}
     entries = {
         "distill": [
             {"role": "student", "entry": "distill", "results": _results("distill", "student", [
@@ -76,7 +80,8 @@ def make_doc(*, generation: str = "a harmless continuation", group: str = "age",
               "comparisons": [{"left": "student.token_perplexity", "left_value": 126.6, "op": "<=",
                                "right": "4.0 * teacher.token_perplexity", "right_value": 141.6,
                                "holds": verdict == "pass"}], "message": ""}]
-    config = {"teacher": "smollm2-135m-instruct", "student": {"init": "teacher_layers", "num_layers": 8, "moe": None},
+    config = {"teacher": "smollm2-135m-instruct",
+              "student": {"init": "teacher_layers", "num_layers": 8, "moe": {"num_experts": 4} if moe else None},
               "distill": {"loss": "forward_kl", "top_k": 64, "mode": "cache", "temperature": 1.0, "ce_weight": 0.5},
               "train": {"steps": 80, "batch_size": 4, "lr": 5e-4, "precision": "bf16", "seed": 0},
               "card": {"model_name": None, "license": None, "language": [], "tags": [], "datasets": [],

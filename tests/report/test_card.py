@@ -37,6 +37,11 @@ def test_metadata_parses_and_holds_the_figures():
         assert s in body
 
 
+def test_moe_students_are_tagged():
+    meta, body = front_matter(card_markdown(make_doc(moe=True)))
+    assert "mixture-of-experts" in meta["tags"] and "sparse Mixture-of-Experts" in body
+
+
 def test_missing_user_fields_are_stated_plainly_and_given_ones_used():
     doc = make_doc()
     text = card_markdown(doc)

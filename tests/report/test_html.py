@@ -44,6 +44,12 @@ def test_model_and_suite_text_is_escaped():
     assert "&lt;b onmouseover=" in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
 
 
+def test_expert_load_shown_for_moe_students():
+    assert "The student is dense" in render_report(make_doc())
+    page = render_report(make_doc(moe=True))
+    assert 'alt="expert load per layer" src="data:image/png;base64,' in page
+
+
 def test_comparison_rows_pair_values_with_the_students_delta():
     doc = make_doc()
     entry = {e["role"]: e["results"] for e in doc["stages"]["bias"]["entries"]}

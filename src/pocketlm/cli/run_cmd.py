@@ -31,6 +31,7 @@ def run_cmd(
         outcome = run_pipeline(cfg, force=force, progress=not quiet)
     except _EXPECTED as e:
         _fail(e)
+    typer.echo(summary(outcome.doc))
     for g in outcome.gates:
         figures = ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = n/a" for k, v in g["values"].items())
         typer.echo(f"gate {g['status'].upper():10s} {g['name']}" + (f"  ({figures})" if figures else "")
@@ -43,3 +44,26 @@ def run_cmd(
     typer.echo(f"verdict: {verdict.upper()}")
     typer.echo(f"report: {outcome.report_path.resolve()}")
     raise typer.Exit(outcome.exit_code)
+
+
+def summary(doc: dict) -> str:
+    """Each measured set's headline figures, one column per model, and the student − teacher delta."""
+    from pocketlm.report.html import comparison_rows, fmt_number, results_by_entry
+
+    by_entry = results_by_entry(doc)
+    roles = list(doc["models"])
+    lines = [("set", "figure", *roles, "delta (student - teacher) [95% CI]")]
+    for entry, by_role in by_entry.items():
+        if entry in ("distill", "parameters", "size", "attention"):
+            continue
+        rows = comparison_rows(by_role)
+        kind = next(iter(by_role.values()))["kind"]
+        keep = 2 if kind == "toxicity" else 1
+        for r in rows[:keep]:
+            d = r["delta"]
+            delta = "" if not d else fmt_number(d["value"]) + (
+                f" [{fmt_number(d['ci'][0])}, {fmt_number(d['ci'][1])}]" if d.get("ci") else "")
+            lines.append((entry, r["name"], *(fmt_number(r["cells"][x]["value"]) if r["cells"].get(x) else ""
+                                              for x in roles), delta))
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
