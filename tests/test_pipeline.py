@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import pytest
 import yaml
 from conftest import CORPUS
 from typer.testing import CliRunner
+
+from report.pipeline_doc import load_in_browser, needs_chromium
 
 from pocketlm.cli import app
 from pocketlm.pipeline_stages import ORDER, STAGES, Stage, perplexity_deltas, unavailable
@@ -123,6 +126,13 @@ def test_report_and_card(tiny_run):
     assert figures[("crows_pairs", "pct_stereotype")] == pytest.approx(
         value(entries(doc, "crows_pairs")["student"], "pct_stereotype"), rel=1e-6)
     assert "`card.intended_use`" in body  # missing in pipeline_tiny.yaml: said plainly
+
+
+@needs_chromium
+def test_the_real_report_in_headless_chromium(tiny_run):
+    out, _ = tiny_run
+    dom, console = load_in_browser(out / "report.html")
+    assert console == [] and re.search(r'id="verdict"[^>]*>Release gates: PASS', dom)
 
 
 def test_rerun_reuses_force_redoes_and_gates_set_the_exit_code(tiny_run, teacher_dir, corpus_file, suite_dir,
