@@ -92,3 +92,4 @@ from pocketlm.cli import audit_tox_cmds  # noqa: E402,F401  (registers `pocketlm
 from pocketlm.cli import size_cmd  # noqa: E402,F401  (registers `pocketlm size`)
 from pocketlm.cli import run_cmd  # noqa: E402,F401  (registers `pocketlm run`)
 from pocketlm.cli import inspect_cmds  # noqa: E402,F401  (registers `pocketlm attention`, `pocketlm prune-heads`)
+from pocketlm.cli import vlm_cmds  # noqa: E402,F401  (registers `pocketlm vlm train/eval/caption`)

@@ -1,0 +1,1 @@
+"""Vision-language students: data and image handling, two-stage training (LLaVA), evaluation and inspection."""

@@ -1,0 +1,307 @@
+"""Training a vision-language student in two stages, as LLaVA does (Liu et al. 2023, "Visual Instruction Tuning").
+
+    stage 0 (only for a new LM)  the LM alone on the training text, image markers removed: it learns the language
+    stage 1                      projector only (encoder and LM frozen), on captions: aligns image tokens to words
+    stage 2                      projector + LM, on captions and questions
+
+Which parts train and on which tasks is the config's (`stage.train`, `stage.tasks`); the defaults are LLaVA's.
+A frozen encoder is run once over every image and its features reused at every step. The loss is the answer
+tokens' cross-entropy (`VisionLanguageModel.forward`). Losses go to ``metrics.jsonl``; the folders written are
+``text_lm/`` (after stage 0: the blind baseline), ``stage1/`` and ``model/`` (the final VLM), and
+``results.json``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from pocketlm.data.scenes import SceneSpec, VLData, VLItem, load_caption_folder, scenes_data
+from pocketlm.models.student import IGNORE_INDEX, causal_lm_loss
+from pocketlm.models.vision import IMAGE_TOKEN, VisionLanguageModel
+from pocketlm.vlm.config import DataConfig, StageConfig, VLMConfig
+
+
+# ---------------------------------------------------------------------------------------------- data
+def load_splits(cfg: DataConfig, splits: Sequence[str] = ("train", "val", "test")) -> dict[str, VLData]:
+    """The data of each split asked for (a folder split the config leaves out is skipped)."""
+    out: dict[str, VLData] = {}
+    for split in splits:
+        if cfg.kind == "shapes":
+            s = cfg.shapes
+            spec = SceneSpec(image_size=s.image_size, min_shapes=s.min_shapes, max_shapes=s.max_shapes)
+            out[split] = scenes_data(split, getattr(s, f"n_{split}"), seed=s.seed, spec=spec)
+        elif getattr(cfg, split) is not None:
+            src = getattr(cfg, split)
+            out[split] = load_caption_folder(src.images, src.captions)
+    return out
+
+
+def text_only(prompt: str) -> str:
+    """A prompt with its image marker removed (what the LM alone sees)."""
+    return " ".join(prompt.replace(IMAGE_TOKEN, " ").split())
+
+
+# ---------------------------------------------------------------------------------------------- building
+def build_vlm(cfg: VLMConfig, train_texts: Sequence[str]) -> VisionLanguageModel:
+    """A new VLM as the config says: encoder (new ViT or HF folder), projector, LM (folder or new student)."""
+    from pocketlm.models.load import load_model
+    from pocketlm.models.projectors import ProjectorParams
+    from pocketlm.models.student import PocketLMConfig, PocketLMForCausalLM
+    from pocketlm.models.vit import HFVisionEncoder, ViT, ViTConfig
+    from pocketlm.vlm.images import ImageProcessor
+    from pocketlm.vlm.tokenizer import word_tokenizer
+
+    torch.manual_seed(cfg.seed)
+    e = cfg.encoder
+    processor = None
+    if e.kind == "vit":
+        encoder = ViT(ViTConfig(e.image_size, e.patch_size, e.hidden_size, e.num_layers, e.num_heads, e.mlp_ratio))
+    else:
+        encoder = HFVisionEncoder.from_folder(e.path, e.feature_layer)
+        processor = _hf_processor(Path(e.path), encoder.image_size)
+    if cfg.lm.path:
+        lm, tokenizer = load_model(cfg.lm.path)
+    else:
+        tokenizer = word_tokenizer(train_texts)
+        m = cfg.lm
+        lm = PocketLMForCausalLM(PocketLMConfig(
+            vocab_size=len(tokenizer), hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+            num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
+            num_key_value_heads=m.num_key_value_heads, max_position_embeddings=1024,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
+    p = cfg.projector
+    params = ProjectorParams(num_tokens=p.num_tokens, depth=p.depth, num_heads=p.num_heads, hidden_mult=p.hidden_mult)
+    return VisionLanguageModel.build(encoder, lm, tokenizer, p.kind, params,
+                                     processor or ImageProcessor(encoder.image_size))
+
+
+def _hf_processor(folder: Path, image_size: int):
+    """Our processor with the mean/std of the folder's preprocessor_config.json (CLIP's when it has none)."""
+    from pocketlm.vlm.images import ImageProcessor
+
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's
+    path = folder / "preprocessor_config.json"
+    if path.is_file():
+        pc = json.loads(path.read_text())
+        mean, std = tuple(pc.get("image_mean", mean)), tuple(pc.get("image_std", std))
+    return ImageProcessor(image_size, mean, std)
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+def lr_lambda(steps: int, warmup: float) -> Callable[[int], float]:
+    """Linear warm-up over ``warmup``·steps, then cosine from 1 to 0.1."""
+    w = max(1, round(warmup * steps)) if warmup > 0 else 0
+
+    def f(step: int) -> float:
+        if step < w:
+            return (step + 1) / w
+        t = (step - w) / max(1, steps - w)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return f
+
+
+def set_trainable(vlm: VisionLanguageModel, parts: Sequence[str]) -> list[torch.nn.Parameter]:
+    """Freeze every part not in ``parts`` (and put it in eval mode); return the trainable parameters."""
+    params = []
+    for name, module in (("encoder", vlm.encoder), ("projector", vlm.projector), ("lm", vlm.lm)):
+        on = name in parts
+        module.train(on)
+        for p in module.parameters():
+            p.requires_grad_(on)
+            if on:
+                params.append(p)
+    return params
+
+
+@torch.no_grad()
+def encode_images(vlm: VisionLanguageModel, pixels_u8: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Encoder features [N, n, e] of every image (uint8 pixels), for a frozen encoder."""
+    was = vlm.encoder.training
+    vlm.encoder.eval()
+    out = [vlm.image_features(vlm.processor.normalize(pixels_u8[i:i + batch_size]))
+           for i in range(0, len(pixels_u8), batch_size)]
+    vlm.encoder.train(was)
+    return torch.cat(out)
+
+
+@dataclass
+class Prepared:
+    """A split made ready for a stage: encoded rows, image index per row, and pixels or cached features."""
+
+    rows: list[tuple[list[int], list[int]]]
+    images: torch.Tensor  # [rows] image index
+    pixels: torch.Tensor  # [N, c, H, W] uint8
+    features: torch.Tensor | None  # [N, n, e] when the encoder is frozen
+
+
+def prepare(vlm: VisionLanguageModel, data: VLData, items: Sequence[VLItem], pixels: torch.Tensor,
+            frozen_encoder: bool) -> Prepared:
+    rows = [vlm.encode(it.prompt, it.target) for it in items]
+    feats = encode_images(vlm, pixels) if frozen_encoder else None
+    return Prepared(rows, torch.tensor([it.image for it in items]), pixels, feats)
+
+
+def batch_loss(vlm: VisionLanguageModel, prep: Prepared, idx: torch.Tensor) -> torch.Tensor:
+    batch = vlm.pad([prep.rows[i] for i in idx.tolist()])
+    img = prep.images[idx]
+    if prep.features is not None:
+        return vlm(**batch, image_features=prep.features[img]).loss
+    return vlm(**batch, pixel_values=vlm.processor.normalize(prep.pixels[img])).loss
+
+
+@torch.no_grad()
+def eval_loss(vlm: VisionLanguageModel, prep: Prepared, batch_size: int = 64) -> float:
+    """Answer-token loss over the rows (token-weighted: Σ nll / Σ tokens)."""
+    was = [m.training for m in (vlm.encoder, vlm.projector, vlm.lm)]
+    vlm.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(prep.rows), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(prep.rows)))
+        n = sum(sum(t != IGNORE_INDEX for t in prep.rows[i][1][1:]) for i in idx.tolist())
+        total += float(batch_loss(vlm, prep, idx)) * n
+        count += n
+    for m, w in zip((vlm.encoder, vlm.projector, vlm.lm), was):
+        m.train(w)
+    return total / max(count, 1)
+
+
+def _batches(n: int, batch_size: int, steps: int, seed: int):
+    """``steps`` index batches from seeded shuffles of range(n) (a new shuffle each epoch)."""
+    g = torch.Generator().manual_seed(seed)
+    perm, pos = torch.randperm(n, generator=g), 0
+    for _ in range(steps):
+        if pos + batch_size > n:
+            perm, pos = torch.randperm(n, generator=g), 0
+        yield perm[pos:pos + batch_size]
+        pos += batch_size
+
+
+def optimise(params: list[torch.nn.Parameter], stage: StageConfig, loss_fn: Callable[[torch.Tensor], torch.Tensor],
+             n_rows: int, *, seed: int, name: str, log: Callable[[dict], None], progress: bool,
+             log_every: int) -> dict:
+    """AdamW over ``params`` for ``stage.steps`` steps of ``loss_fn(batch indices)``; gradients clipped at 1."""
+    opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(stage.steps, stage.warmup))
+    start, losses = time.perf_counter(), []
+    bar = tqdm(total=stage.steps, desc=name, disable=not progress)
+    for step, idx in enumerate(_batches(n_rows, min(stage.batch_size, n_rows), stage.steps, seed)):
+        loss = loss_fn(idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if (step + 1) % log_every == 0 or step + 1 == stage.steps:
+            recent = sum(losses[-log_every:]) / len(losses[-log_every:])
+            log({"stage": name, "step": step + 1, "loss": recent, "lr": sched.get_last_lr()[0],
+                 "elapsed_s": time.perf_counter() - start})
+            bar.set_postfix(loss=f"{recent:.3f}")
+        bar.update(1)
+    bar.close()
+    tail = losses[-max(1, len(losses) // 10):] if losses else [float("nan")]
+    return {"steps": stage.steps, "final_loss": sum(tail) / len(tail), "wall_s": time.perf_counter() - start,
+            "trainable_parameters": sum(p.numel() for p in params)}
+
+
+def pretrain_lm(vlm: VisionLanguageModel, texts: Sequence[str], cfg: VLMConfig, *, log, progress: bool) -> dict:
+    """Stage 0: the LM alone on whole texts (every token counted), so a new LM knows the language."""
+    tok, m = vlm.tokenizer, cfg.lm
+    rows = []
+    for t in texts:
+        ids = tok(t, add_special_tokens=True, verbose=False)["input_ids"] + [tok.eos_token_id]
+        rows.append((ids, ids))
+    params = set_trainable(vlm, ["lm"])
+
+    def loss_fn(idx: torch.Tensor) -> torch.Tensor:
+        batch = vlm.pad([rows[i] for i in idx.tolist()])
+        logits = vlm.lm(input_ids=batch["input_ids"].to(vlm.device),
+                        attention_mask=batch["attention_mask"].to(vlm.device), use_cache=False).logits
+        return causal_lm_loss(logits, batch["labels"])
+
+    stage = StageConfig(steps=m.pretrain_steps, lr=m.pretrain_lr, batch_size=m.pretrain_batch_size,
+                        tasks=["caption"], train=["lm"])
+    return optimise(params, stage, loss_fn, len(rows), seed=cfg.seed, name="stage0", log=log, progress=progress,
+                    log_every=cfg.log_every)
+
+
+def run_stage(vlm: VisionLanguageModel, name: str, stage: StageConfig, train: VLData, val: VLData | None,
+              pixels: dict[str, torch.Tensor], cfg: VLMConfig, *, log, progress: bool) -> dict:
+    """One LLaVA stage: train the parts ``stage.train`` names on the tasks ``stage.tasks`` names."""
+    items = [it for it in train.items if it.task in stage.tasks]
+    if not items:
+        raise ValueError(f"{name}: the training data has no items of tasks {stage.tasks}")
+    frozen = "encoder" not in stage.train
+    params = set_trainable(vlm, stage.train)
+    prep = prepare(vlm, train, items, pixels["train"], frozen)
+    result = optimise(params, stage, lambda idx: batch_loss(vlm, prep, idx), len(prep.rows),
+                      seed=cfg.seed + {"stage1": 1, "stage2": 2}.get(name, 3), name=name, log=log,
+                      progress=progress, log_every=cfg.log_every)
+    result.update(tasks=list(stage.tasks), trained=list(stage.train), n_items=len(items))
+    if val is not None:
+        vitems = [it for it in val.items if it.task in stage.tasks][:512]
+        if vitems:
+            result["val_loss"] = eval_loss(vlm, prepare(vlm, val, vitems, pixels["val"], True))
+    set_trainable(vlm, [])
+    return result
+
+
+def run_train(cfg: VLMConfig, *, progress: bool = False) -> "Results":
+    """Build, train (stage 0 when asked, stages 1 and 2) and save; returns the training results."""
+    from pocketlm.data.text import hash_documents
+    from pocketlm.provenance import provenance
+    from pocketlm.report.results import Metric, Results, model_info
+
+    start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    random.seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_splits(cfg.data, ("train", "val"))
+    train, val = data["train"], data.get("val")
+    vlm = build_vlm(cfg, train.texts()).to(cfg.device)
+    pixels = {k: vlm.processor.to_uint8(v.images) for k, v in data.items()}
+    log_path = out / "metrics.jsonl"
+    log_path.write_text("")
+
+    def log(row: dict) -> None:
+        with open(log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    stages: dict[str, dict] = {}
+    if cfg.lm.pretrain_steps:
+        texts = [text_only(it.prompt) + " " + it.target for it in train.items]
+        stages["stage0"] = pretrain_lm(vlm, texts, cfg, log=log, progress=progress)
+        vlm.lm.save_pretrained(out / "text_lm")
+        vlm.tokenizer.save_pretrained(out / "text_lm")
+    if cfg.stage1.steps:
+        stages["stage1"] = run_stage(vlm, "stage1", cfg.stage1, train, val, pixels, cfg, log=log, progress=progress)
+        vlm.save(out / "stage1")
+    if cfg.stage2.steps:
+        stages["stage2"] = run_stage(vlm, "stage2", cfg.stage2, train, val, pixels, cfg, log=log, progress=progress)
+    final = vlm.save(out / "model")
+    metrics = []
+    for name, r in stages.items():
+        metrics.append(Metric("train_loss", r["final_loss"], r["steps"], higher_is_better=False, group=name))
+        if "val_loss" in r:
+            metrics.append(Metric("val_loss", r["val_loss"], r.get("n_items", 0), higher_is_better=False, group=name))
+        metrics.append(Metric("wall_time", r["wall_s"], r["steps"], higher_is_better=False, group=name, unit="s"))
+    res = Results(
+        kind="vlm_train", model=model_info(str(final), vlm.lm, vlm.tokenizer),
+        data={**train.source, "hash": hash_documents(train.texts()), "n": len(train.items)},
+        settings=cfg.model_dump(), metrics=metrics,
+        details={"stages": stages, "num_image_tokens": vlm.num_image_tokens, "output": str(final)},
+        provenance=provenance(), wall_time_s=time.perf_counter() - start)
+    res.write(out / "results.json")
+    return res

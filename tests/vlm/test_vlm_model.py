@@ -1,0 +1,250 @@
+"""The VLM: projector shapes, image tokens where <image> stands, loss only on answers, save/load, bad input."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pocketlm.models.projectors import PROJECTORS, ProjectorParams, build_projector
+from pocketlm.models.student import IGNORE_INDEX, PocketLMConfig, PocketLMForCausalLM
+from pocketlm.models.vision import IMAGE_TOKEN, PromptError, VisionLanguageModel, add_image_token
+from pocketlm.models.vit import ViT, ViTConfig
+from pocketlm.vlm.images import ImageError, ImageProcessor, load_image, to_rgb
+from pocketlm.vlm.tokenizer import word_tokenizer
+
+TEXTS = ["<image> describe the image .", "a small red circle left of a large blue square",
+         "<image> question : what colour is the circle ? answer :", "red blue green one two three left right"]
+
+
+def tiny_lm(vocab: int, seed: int = 0):
+    torch.manual_seed(seed)
+    return PocketLMForCausalLM(PocketLMConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
+
+
+def tiny_vlm(kind: str = "mlp", seed: int = 0, **params) -> VisionLanguageModel:
+    tok = word_tokenizer(TEXTS)
+    torch.manual_seed(seed)
+    vit = ViT(ViTConfig(image_size=16, patch_size=4, hidden_size=24, num_layers=1, num_heads=2))
+    return VisionLanguageModel.build(vit, tiny_lm(len(tok), seed), tok, kind, ProjectorParams(**params)).eval()
+
+
+def images(n: int = 2):
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------- projectors
+@pytest.mark.parametrize("kind, params, tokens", [("linear", {}, 9), ("mlp", {"hidden_mult": 2}, 9),
+                                                  ("resampler", {"num_tokens": 4, "depth": 2, "num_heads": 2}, 4)])
+def test_projector_shapes_and_patch_maps(kind, params, tokens):
+    proj = build_projector(kind, 24, 32, ProjectorParams(**params))
+    x = torch.randn(3, 9, 24)  # [b, n, e]
+    assert proj(x).shape == (3, tokens, 32)
+    assert proj.num_tokens(9) == tokens
+    m = proj.patch_map(x)
+    assert m.shape == (3, tokens, 9)
+    torch.testing.assert_close(m.sum(-1), torch.ones(3, tokens))  # each image token is a distribution over patches
+
+
+def test_linear_projector_is_one_matrix_per_patch():
+    proj = build_projector("linear", 24, 32)
+    x = torch.randn(2, 9, 24)
+    torch.testing.assert_close(proj(x), x @ proj.proj.weight.T + proj.proj.bias)
+
+
+def test_projector_registry_names_the_valid_kinds():
+    assert set(PROJECTORS.names()) >= {"linear", "mlp", "resampler"}
+    with pytest.raises(KeyError, match="valid names: linear, mlp, resampler"):
+        build_projector("qformer", 4, 4)
+    with pytest.raises(ValueError, match="projector.num_tokens"):
+        ProjectorParams(num_tokens=0)
+
+
+# ---------------------------------------------------------------------------------------------- tokens
+def test_image_token_is_added_and_embeddings_resized_keeping_old_rows():
+    from conftest import make_tokenizer
+
+    tok = make_tokenizer()
+    assert IMAGE_TOKEN not in tok.get_vocab()
+    lm = tiny_lm(len(tok))
+    old = lm.get_input_embeddings().weight.detach().clone()
+    ids = torch.tensor([tok("The cat sat on the mat.")["input_ids"]])
+    before = lm(ids).logits
+    image_id = add_image_token(tok, lm)
+    assert image_id == len(tok) - 1 and tok.convert_ids_to_tokens(image_id) == IMAGE_TOKEN
+    assert lm.get_input_embeddings().weight.shape[0] == len(tok) == lm.config.vocab_size
+    torch.testing.assert_close(lm.get_input_embeddings().weight[: old.shape[0]], old)
+    torch.testing.assert_close(lm(ids).logits[..., : old.shape[0]], before)  # old tokens score as before
+    assert tok(f"x {IMAGE_TOKEN}{IMAGE_TOKEN} y")["input_ids"].count(image_id) == 2  # one token per marker
+
+
+@pytest.mark.parametrize("kind", ["mlp", "resampler"])
+def test_image_embeddings_stand_exactly_at_the_markers(kind):
+    vlm = tiny_vlm(kind, num_tokens=3, num_heads=2)
+    prompts = ["<image> describe the image .", "question : what colour is <image> the circle ? answer :"]
+    batch = vlm.collate(prompts, left_pad=True)
+    px = vlm.pixels(images())
+    projected = vlm.projector(vlm.image_features(px))  # [b, q, d]
+    embeds = vlm.embed(batch["input_ids"], projected)
+    text = vlm.lm.get_input_embeddings()(batch["input_ids"])
+    for i in range(2):
+        pos = (batch["input_ids"][i] == vlm.image_token_id).nonzero().squeeze(-1)
+        assert len(pos) == vlm.num_image_tokens and (pos.diff() == 1).all()  # one run, where <image> stood
+        torch.testing.assert_close(embeds[i, pos], projected[i], rtol=0, atol=0)
+        other = torch.ones(embeds.shape[1], dtype=torch.bool)
+        other[pos] = False
+        torch.testing.assert_close(embeds[i, other], text[i, other], rtol=0, atol=0)
+    first = (batch["input_ids"][1] == vlm.image_token_id).nonzero()[0].item()
+    words = vlm.tokenizer.convert_ids_to_tokens(batch["input_ids"][1, :first].tolist())
+    assert [w for w in words if w != "<pad>"] == ["question", ":", "what", "colour", "is"]
+
+
+def test_labels_count_only_answer_tokens_and_eos():
+    vlm = tiny_vlm()
+    batch = vlm.collate(["<image> describe the image .", "<image> question : what colour is the circle ? answer :"],
+                        ["a small red circle", "red"])
+    tok = vlm.tokenizer
+    for row, answer in zip(range(2), ["a small red circle", "red"]):
+        labels, ids = batch["labels"][row], batch["input_ids"][row]
+        kept = labels[labels != IGNORE_INDEX].tolist()
+        assert kept == tok(answer)["input_ids"] + [tok.eos_token_id]
+        start = (labels != IGNORE_INDEX).nonzero()[0].item()
+        assert (ids[start:start + len(kept)] == torch.tensor(kept)).all()  # labels sit on the answer itself
+        assert (labels[ids == vlm.image_token_id] == IGNORE_INDEX).all()
+        assert (labels[batch["attention_mask"][row] == 0] == IGNORE_INDEX).all()
+
+
+def test_loss_is_cross_entropy_over_answer_tokens_only():
+    vlm = tiny_vlm()
+    batch = vlm.collate(["<image> describe the image ."] * 2, ["a small red circle", "blue"])
+    out = vlm(**batch, pixel_values=vlm.pixels(images()))
+    logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
+    keep = labels != IGNORE_INDEX
+    manual = -torch.log_softmax(logits.float(), -1)[keep].gather(-1, labels[keep].unsqueeze(-1)).mean()
+    torch.testing.assert_close(out.loss, manual, rtol=1e-5, atol=1e-6)
+    # changing prompt tokens' labels cannot change it: only answers count
+    assert keep.sum() == (len(vlm.tokenizer("a small red circle")["input_ids"]) + 1) + 2
+
+
+def test_batched_generation_equals_one_at_a_time():
+    vlm = tiny_vlm("resampler", num_tokens=2, num_heads=2)
+    prompts = ["<image> describe the image .", "<image> question : what colour is the circle ? answer :"]
+    imgs = images()
+    together = vlm.generate(prompts, imgs, max_new_tokens=5)
+    alone = [vlm.generate([p], [im], max_new_tokens=5)[0] for p, im in zip(prompts, imgs)]
+    assert together == alone
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+@pytest.mark.parametrize("kind", ["linear", "resampler"])
+def test_save_load_round_trip_gives_equal_logits(tmp_path, kind):
+    vlm = tiny_vlm(kind, num_tokens=3, num_heads=2)
+    batch = vlm.collate(["<image> describe the image ."] * 2, ["a red circle", "blue"])
+    px = vlm.pixels(images())
+    with torch.no_grad():
+        before = vlm(**batch, pixel_values=px).logits
+    path = vlm.save(tmp_path / "vlm")
+    assert sorted(p.name for p in path.iterdir()) == ["encoder", "lm", "projector.safetensors", "vlm_config.json"]
+    assert not list(path.rglob("*.bin")) and not list(path.rglob("*.pt")) and not list(path.rglob("*.pkl"))
+    loaded = VisionLanguageModel.load(path)
+    assert loaded.num_image_tokens == vlm.num_image_tokens and loaded.image_token_id == vlm.image_token_id
+    with torch.no_grad():
+        after = loaded(**loaded.collate(["<image> describe the image ."] * 2, ["a red circle", "blue"]),
+                       pixel_values=loaded.pixels(images())).logits
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+    vlm.save(path)  # overwriting an existing folder is atomic and leaves nothing behind
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_load_refuses_a_folder_that_is_not_a_vlm(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no vlm_config.json"):
+        VisionLanguageModel.load(tmp_path)
+    path = tiny_vlm().save(tmp_path / "v")
+    (path / "projector.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="missing projector.safetensors"):
+        VisionLanguageModel.load(path)
+
+
+def test_hf_clip_vision_tower_from_a_folder(tmp_path):
+    """Any HF vision model from a folder: a tiny CLIP vision tower (class token dropped), a full CLIP model too."""
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+
+    from pocketlm.models.vit import HFVisionEncoder
+
+    vcfg = dict(image_size=16, patch_size=4, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                num_attention_heads=2)
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(**vcfg)).save_pretrained(tmp_path / "tower")
+    enc = HFVisionEncoder.from_folder(tmp_path / "tower", feature_layer=-2)
+    px = torch.randn(2, 3, 16, 16)
+    feats = enc(px)
+    assert feats.shape == (2, 16, 16)
+    ref = enc.model(pixel_values=px, output_hidden_states=True).hidden_states[-2][:, 1:]
+    torch.testing.assert_close(feats, ref)
+    CLIPModel(CLIPConfig(vision_config=vcfg, text_config=dict(vocab_size=50, hidden_size=16, intermediate_size=32,
+                                                              num_hidden_layers=1, num_attention_heads=2))
+              ).save_pretrained(tmp_path / "clip")
+    assert HFVisionEncoder.from_folder(tmp_path / "clip")(px).shape == (2, 16, 16)
+
+    tok = word_tokenizer(TEXTS)
+    vlm = VisionLanguageModel.build(enc, tiny_lm(len(tok)), tok, "mlp")
+    batch = vlm.collate(["<image> describe the image ."] * 2, ["red", "blue"])
+    with torch.no_grad():
+        before = vlm(**batch, pixel_values=px).logits
+    loaded = VisionLanguageModel.load(vlm.save(tmp_path / "vlm"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch, pixel_values=px).logits, before, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_prompt_without_marker_with_an_image_is_refused():
+    vlm = tiny_vlm()
+    with pytest.raises(PromptError, match="has no <image> marker"):
+        vlm.generate(["describe the image ."], images(1))
+    with pytest.raises(PromptError, match="has 2 <image> markers"):
+        vlm.collate(["<image> <image> describe"])
+    with pytest.raises(PromptError, match="no image was given"):
+        vlm.collate(["<image> describe"], has_image=False)
+
+
+def test_unreadable_and_missing_image_files(tmp_path):
+    bad = tmp_path / "x.png"
+    bad.write_bytes(b"\x89PNG but not really")
+    with pytest.raises(ImageError, match="cannot read .*x.png"):
+        load_image(bad)
+    with pytest.raises(ImageError, match="not found"):
+        load_image(tmp_path / "none.png")
+
+
+def test_channels_are_converted_or_refused_with_the_reason(tmp_path, caplog):
+    gray = np.full((8, 8), 100, dtype=np.uint8)
+    with caplog.at_level("WARNING", logger="pocketlm.vlm"):
+        out = to_rgb(gray)
+    assert out.mode == "RGB" and out.getpixel((0, 0)) == (100, 100, 100)
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[..., 0], rgba[..., 3] = 255, 255
+    rgba[0, 0, 3] = 0  # a transparent pixel goes over white
+    with caplog.at_level("WARNING", logger="pocketlm.vlm"):
+        out = to_rgb(rgba)
+    assert out.getpixel((1, 1)) == (255, 0, 0) and out.getpixel((0, 0)) == (255, 255, 255)
+    assert "converted L to RGB" in caplog.text and "converted RGBA to RGB" in caplog.text
+    with pytest.raises(ImageError, match="has 2 channels; images need 1 .*3 .*4"):
+        to_rgb(np.zeros((8, 8, 2), dtype=np.uint8))
+    with pytest.raises(ImageError, match="channels-first"):
+        to_rgb(np.zeros((3, 8, 8), dtype=np.uint8))
+    with pytest.raises(ImageError, match="values range"):
+        to_rgb(np.full((8, 8, 3), 300.0))
+    Image.fromarray(gray).save(tmp_path / "g.png")
+    assert load_image(tmp_path / "g.png").mode == "RGB"
+
+
+def test_processor_resizes_and_normalises():
+    proc = ImageProcessor(16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    img = Image.new("RGB", (40, 30), (255, 0, 128))
+    px = proc([img])
+    assert px.shape == (1, 3, 16, 16)
+    torch.testing.assert_close(px[0, :, 5, 5], torch.tensor([(1 - .5) / .25, (0 - .5) / .25, (128 / 255 - .5) / .25]))
+    assert json.loads(json.dumps(proc.to_dict())) == proc.to_dict()
