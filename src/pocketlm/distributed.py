@@ -32,6 +32,13 @@ def init() -> None:
         PartialState(cpu=not torch.cuda.is_available())
 
 
+def device() -> torch.device:
+    """This process's device: ``cuda:<local rank>`` where there are GPUs, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
 def is_initialized() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 

@@ -74,6 +74,7 @@ def prepare(cfg: DistillConfig, *, progress: bool = True, teacher=None, tokenize
     out = Path(cfg.output_dir)
     if teacher is None:
         teacher, tokenizer = load_model(cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code)
+        teacher.to(dist.device())  # this process's accelerator (cuda:local_rank under a launcher), else the CPU
     t_fp, k_fp = fingerprint_model(teacher), fingerprint_tokenizer(tokenizer)
     docs = load_documents(cfg, teacher, tokenizer, t_fp, out, progress)
     blocks = build_blocks(

@@ -255,6 +255,10 @@ def causal_lm_loss(
     return total / torch.clamp(torch.as_tensor(count, device=total.device), min=1).to(total.dtype)
 
 
+# the KV-cache field of transformers' outputs: `cache` since 5.2x, `past_key_values` before
+_CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 @dataclass
 class PocketLMModelOutput(BaseModelOutputWithPast):
     """`BaseModelOutputWithPast` plus `aux`: per-layer auxiliary MLP outputs (None when no layer returns any)."""
@@ -404,7 +408,7 @@ class PocketLMModel(PocketLMPreTrainedModel):
 
         return PocketLMModelOutput(
             last_hidden_state=hidden,
-            cache=cache,
+            **{_CACHE_FIELD: cache},
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
             attentions=tuple(all_attn) if output_attentions else None,
             aux=tuple(all_aux) if any(a is not None for a in all_aux) else None,
@@ -468,7 +472,7 @@ class PocketLMForCausalLM(PocketLMPreTrainedModel, GenerationMixin):
         return PocketLMCausalLMOutput(
             loss=loss,
             logits=logits,
-            cache=outputs.cache,
+            **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             aux=outputs.aux,
