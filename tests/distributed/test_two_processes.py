@@ -147,3 +147,18 @@ def test_sharded_perplexity_and_generation_equal_one_process(tmp_path, teacher_d
         for (ll_a, *counts_a), (ll_b, *counts_b) in zip(single["per_doc"], got["per_doc"]):
             assert counts_a == counts_b
             assert ll_b == pytest.approx(ll_a, rel=1e-6)
+
+
+def test_eval_perplexity_cli_under_torchrun_equals_one_process(tmp_path, teacher_dir, corpus_file):
+    from pocketlm.report.results import Results
+
+    args = ["eval", "perplexity", "--model", str(teacher_dir), "--data", str(corpus_file), "--max-length", "12",
+            "--precision", "fp32", "--quiet"]
+    subprocess.run([sys.executable, "-m", "pocketlm.cli", *args, "--out", str(tmp_path / "one.json")], check=True,
+                   capture_output=True, timeout=300)
+    torchrun(["-m", "pocketlm.cli", *args, "--out", str(tmp_path / "two.json")])
+    one, two = Results.read(tmp_path / "one.json"), Results.read(tmp_path / "two.json")
+    assert one.details["sums"]["tokens"] == two.details["sums"]["tokens"]
+    for m in ("token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"):
+        assert two.get(m).value == pytest.approx(one.get(m).value, rel=1e-6)
+        assert two.get(m).ci == pytest.approx(one.get(m).ci, rel=1e-6)  # same per-document sums, same bootstrap

@@ -28,6 +28,10 @@ def main(
 ) -> None:
     """pocketlm: distill → evaluate → audit → inspect → report."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun / accelerate launch: join the group
+        from pocketlm import distributed
+
+        distributed.init()
 
 
 @app.command()
