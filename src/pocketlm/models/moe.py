@@ -7,14 +7,16 @@ Fine-grained experts (Dai et al., 2024) are just more, smaller experts: `expert_
 The expert computation has two implementations that compute the same thing (tested equal in fp32 to 1e-5,
 forward and backward):
 - `experts_reference`: a loop over experts, each applied to the tokens routed to it. Obvious, and slow.
-- `experts_dropless`: the token slots sorted by expert, each projection done as one grouped matmul over the
-  contiguous groups (`torch._grouped_mm`, or a loop over `torch.split` slices where its alignment rule or the
-  device rules it out), the outputs weighted and scattered back. Dropless as in MegaBlocks (Gale et al., 2022):
-  no expert has a capacity to pad to or drop at (only the switch router drops, by its own rule).
-Measured on these 2 cores (fwd+bwd of the expert part, E=8/k=2 and E=32/k=4, 256-8192 tokens), the grouped matmul
-and the split loop are within ~10 % of each other, padded bmm 0-40 % slower, and per-expert slices of the
-[E, ...] weights 2-5× slower (each slice's backward writes a full-size zero gradient). benchmarks/moe_dispatch.py
-compares the whole layer with transformers' Mixtral block.
+- `experts_dropless`: the token slots sorted by expert, so each expert's tokens are one contiguous slice; the
+  SwiGLU runs over all slices at once, each projection one grouped matmul (`torch._grouped_mm`), or, when experts
+  get many tokens each (or grouped_mm cannot take the tensors), expert by expert over `torch.split` slices; the
+  outputs are weighted and scattered back. Dropless as in MegaBlocks (Gale et al., 2022): no expert has a
+  capacity to pad to or drop at (only the switch router drops, by its own rule).
+Measured on these cores, one thread, fwd+bwd, d=512 (E=8/k=2/f=1024 and E=32/k=4/f=256, 256-8192 tokens): the
+grouped matmul is up to 1.4× the split loop when experts get few tokens (its loop is in C++, with fewer autograd
+nodes), the split loop 5-10 % ahead from ~1,024 tokens per expert (one expert's SwiGLU stays in cache); a padded
+bmm was 0-40 % slower, and per-expert slices of the [E, ...] weights 2-5× slower (each slice's backward writes a
+full-size zero gradient). benchmarks/moe_dispatch.py compares the whole layer with transformers' Mixtral block.
 
 The layer returns `(output, aux)`: `aux["aux_loss"]` is the sum of the router's weighted auxiliary losses (the
 trainer adds it to the loss), the rest is telemetry of this call (`router_telemetry`).
@@ -80,18 +82,34 @@ def _grouped_mm_fits(x: Tensor, weight: Tensor) -> bool:
     return all(v * size % 16 == 0 for v in (x.shape[-1], weight.shape[-2], x.data_ptr(), weight.data_ptr()))
 
 
+LOOP_ROWS = 1024  # from this many token slots per expert (on average), run the experts one by one
+
+
+def _autocast(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Cast to the autocast dtype when autocast is on (grouped_mm is not autocast-aware; F.linear is)."""
+    if not torch.is_autocast_enabled(tensors[0].device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(tensors[0].device.type)
+    return tuple(t.to(dtype) for t in tensors)
+
+
 def grouped_linear(x: Tensor, weight: Tensor, counts: Tensor) -> Tensor:
     """Rows of `x` in E consecutive groups of `counts` rows; group e is multiplied by weight[e]ᵀ.
     x: [a, i], weight: [E, o, i], counts: [E] → [a, o]."""
-    if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not autocast-aware; F.linear below is
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
+    x, weight = _autocast(x, weight)
     if _grouped_mm_fits(x, weight):
         offsets = counts.cumsum(0).to(torch.int32)  # [E]: end row of each group
         return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
-    x = x.to(weight.dtype) if not torch.is_autocast_enabled(x.device.type) else x
     parts = [F.linear(xe, we) for xe, we in zip(x.split(counts.tolist()), weight.unbind(0))]
     return torch.cat(parts)
+
+
+def _expert_by_expert(xs: Tensor, gate_up: Tensor, down: Tensor, counts: Tensor) -> Tensor:
+    """Each expert's whole SwiGLU over its slice of `xs` [a, d], one expert after another → [a, d]."""
+    xs, gate_up, down = _autocast(xs, gate_up, down)
+    slices = xs.split(counts.tolist())
+    return torch.cat([F.linear(_swiglu(F.linear(xe, gu)), dn)
+                      for xe, gu, dn in zip(slices, gate_up.unbind(0), down.unbind(0))])
 
 
 def experts_dropless(x: Tensor, weights: Tensor, experts: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
@@ -104,8 +122,11 @@ def experts_dropless(x: Tensor, weights: Tensor, experts: Tensor, gate_up: Tenso
     counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]  # [E]
     order = order[: int(counts.sum())]  # [a]: the filled slots, grouped by expert
     token = order // k  # [a]
-    h = grouped_linear(x[token], gate_up, counts)  # [a, 2f]
-    y = grouped_linear(_swiglu(h), down, counts)  # [a, d]
+    xs = x[token]  # [a, d]: each expert's tokens in one contiguous slice
+    if order.numel() >= LOOP_ROWS * num_experts or not _grouped_mm_fits(*_autocast(xs, gate_up)):
+        y = _expert_by_expert(xs, gate_up, down, counts)  # [a, d]
+    else:
+        y = grouped_linear(_swiglu(grouped_linear(xs, gate_up, counts)), down, counts)  # [a, 2f] → [a, d]
     y = y.float() * weights.reshape(-1)[order, None]
     return torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add(0, token, y).to(x.dtype)
 
