@@ -117,3 +117,18 @@ def test_random_top_level_trees_either_validate_or_raise_config_error(tree):
                                           if v is not None])
     except ConfigError as e:
         assert "invalid config" in str(e) or "--set" in str(e)
+
+
+def test_student_attention_fields_are_validated_and_reach_the_student(teacher_dir):
+    from pocketlm.distill.run import build_student
+    from pocketlm.models.load import load_model
+
+    with pytest.raises(ValueError, match="position_scheme: unknown .xpos.; valid: alibi, none, rotary"):
+        DistillConfig.model_validate({"teacher": "x", "student": {"init": "random", "position_scheme": "xpos"}})
+    with pytest.raises(ValueError, match="position_scheme: teacher layers were trained with rotary"):
+        DistillConfig.model_validate({"teacher": "x", "student": {"position_scheme": "alibi"}})
+    teacher, _ = load_model(teacher_dir)
+    cfg = DistillConfig.model_validate({"teacher": str(teacher_dir), "student": {
+        "init": "random", "num_layers": 2, "position_scheme": "alibi", "sliding_window": 4}})
+    student = build_student(cfg, teacher)
+    assert (student.config.position_scheme, student.config.sliding_window) == ("alibi", 4)

@@ -99,6 +99,8 @@ class StudentConfig(_Strict):
     num_attention_heads: Optional[int] = Field(None, ge=1)
     num_key_value_heads: Optional[int] = Field(None, ge=1)
     tie_word_embeddings: Optional[bool] = None
+    position_scheme: str = "rotary"  # models.attention.POSITION_SCHEMES: rotary, alibi, none
+    sliding_window: Optional[int] = Field(None, ge=1)  # attend to at most this many most recent tokens
     # sparse MoE MLPs; with init teacher_layers they are upcycled from the teacher's (Komatsuzaki et al., 2022)
     moe: Optional[MoEConfig] = None
 
@@ -116,6 +118,13 @@ class StudentConfig(_Strict):
         if self.init == "teacher_layers" and any(getattr(self, w) is not None for w in widths):
             bad = [w for w in widths if getattr(self, w) is not None]
             raise ValueError(f"{', '.join(bad)}: width overrides need init: random (teacher layers keep their shapes)")
+        from pocketlm.models.attention import POSITION_SCHEMES
+
+        if self.position_scheme not in POSITION_SCHEMES:
+            raise ValueError(f"position_scheme: unknown {self.position_scheme!r}; valid: {', '.join(POSITION_SCHEMES)}")
+        if self.init == "teacher_layers" and self.position_scheme != "rotary":
+            raise ValueError("position_scheme: teacher layers were trained with rotary positions; "
+                             "another scheme needs init: random")
         if self.moe is not None and self.moe.layers is not None:
             depth = len(self.layers) if self.layers is not None else self.num_layers
             if depth is not None and max(self.moe.layers) >= depth:

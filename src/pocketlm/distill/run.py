@@ -93,14 +93,15 @@ def build_student(cfg: DistillConfig, teacher):
     s = cfg.student
     torch.manual_seed(cfg.train.seed)
     if s.init == "teacher_layers":  # an MoE student is the teacher-layer student, upcycled
-        conf = student_config_from_teacher(teacher.config, num_layers=s.num_layers, layers=s.layers)
+        conf = student_config_from_teacher(teacher.config, num_layers=s.num_layers, layers=s.layers,
+                                           sliding_window=s.sliding_window)
         student = init_student_from_teacher(teacher, conf, layers=s.layers)
         if s.moe is not None:
             student = upcycle(student, s.moe, seed=cfg.train.seed)
     else:
         overrides = {k: v for k, v in s.model_dump().items()
                      if k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-                              "tie_word_embeddings", "moe") and v is not None}
+                              "tie_word_embeddings", "moe", "position_scheme", "sliding_window") and v is not None}
         conf = student_config_from_teacher(teacher.config, num_layers=s.num_layers, layers=s.layers, **overrides)
         student = PocketLMForCausalLM(conf)
     check_vocab_compatible(teacher, student)
