@@ -290,6 +290,7 @@ def audit_bias(
     baseline_spec: str | None = None,
     batch_size: int = 16,
     max_length: int | None = None,
+    precision: str = "fp32",
     seed: int = 0,
     n_resamples: int = DEFAULT_RESAMPLES,
     progress: bool = False,
@@ -300,12 +301,12 @@ def audit_bias(
 
     start = time.perf_counter()
     suite = BIAS_SUITES.get(suite_name)
-    scorer = model_scorer(model, tokenizer, batch_size=batch_size, max_length=max_length, progress=progress,
-                          desc=f"{suite_name} (model)")
+    scorer = model_scorer(model, tokenizer, batch_size=batch_size, max_length=max_length, precision=precision,
+                          progress=progress, desc=f"{suite_name} (model)")
     base_scorer = None
     if baseline is not None:
         base_scorer = model_scorer(baseline[0], baseline[1], batch_size=batch_size, max_length=max_length,
-                                   progress=progress, desc=f"{suite_name} (baseline)")
+                                   precision=precision, progress=progress, desc=f"{suite_name} (baseline)")
     run = run_bias_suite(suite_name, data.items, scorer, baseline_scorer=base_scorer, seed=seed,
                          n_resamples=n_resamples)
     results = Results(
@@ -314,7 +315,8 @@ def audit_bias(
         baseline=None if baseline is None else model_info(baseline_spec or "baseline", *baseline),
         data={"suite": suite_name, **data.data_info()},
         settings={"suite": suite_name, "scoring": suite.scoring, "batch_size": batch_size, "max_length": max_length,
-                  "seed": seed, "n_resamples": n_resamples, "confidence": 0.95, **(settings or {})},
+                  "precision": precision, "seed": seed, "n_resamples": n_resamples, "confidence": 0.95,
+                  **(settings or {})},
         metrics=run.metrics,
         details=run.details(),
         provenance=provenance(),

@@ -21,7 +21,9 @@ def audit_bias_cmd(
     seed: int = typer.Option(0, help="Seed of the subset and of the bootstrap."),
     batch_size: int = typer.Option(16, help="Requests per forward pass."),
     max_length: Optional[int] = typer.Option(None, help="Cap on input tokens (default: the model's context)."),
-    dtype: str = typer.Option("float32", help="float32 or bfloat16."),
+    dtype: str = typer.Option("float32", help="Weights: float32 or bfloat16."),
+    precision: str = typer.Option("fp32", help="Scoring: fp32, bf16 (model body in bf16 autocast, output layer and "
+                                               "log-softmax in fp32) or auto (bf16 where the hardware runs it)."),
     n_resamples: int = typer.Option(1000, help="Bootstrap resamples per interval."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where to write results.json "
                                                            "(default results/bias-<suite>.json)."),
@@ -33,17 +35,20 @@ def audit_bias_cmd(
     95 % bootstrap interval; with --baseline, paired deltas flagged where the interval excludes zero."""
     from pocketlm.audit.bias import BIAS_SUITES, audit_bias, examples
     from pocketlm.data.suites import load_suite, sample_items
+    from pocketlm.eval.loglik import PRECISIONS
     from pocketlm.models.load import load_model
 
     try:
         BIAS_SUITES.get(suite)
+        if precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
         full = load_suite(suite, data)  # every row checked here, before any model work
         subset = sample_items(full, limit, seed)
         m, tok = load_model(model, dtype=dtype)
         base = load_model(baseline, dtype=dtype) if baseline else None
         res, run = audit_bias(
             suite, subset, m, tok, model_spec=model, baseline=base, baseline_spec=baseline, batch_size=batch_size,
-            max_length=max_length, seed=seed, n_resamples=n_resamples, progress=not quiet,
+            max_length=max_length, precision=precision, seed=seed, n_resamples=n_resamples, progress=not quiet,
             settings={"limit": limit, "n_items": len(subset.items), "n_total": full.n_total, "dtype": dtype,
                       "subset": f"{len(subset.items)} of {full.n_total} items, seeded random (seed {seed})"
                                 if len(subset.items) < full.n_total else "all items"},
