@@ -82,10 +82,18 @@ class Scene:
 
     def render(self) -> Image.Image:
         img = Image.new("RGB", (self.image_size, self.image_size), self.background)
-        draw = ImageDraw.Draw(img)
-        for s in self.shapes:
+        self._draw(ImageDraw.Draw(img), [COLOURS[s.colour] for s in self.shapes])
+        return img
+
+    def mask(self) -> Image.Image:
+        """Which shape covers each pixel: 0 for background, i + 1 for shape i (drawn exactly as `render`)."""
+        img = Image.new("L", (self.image_size, self.image_size), 0)
+        self._draw(ImageDraw.Draw(img), [i + 1 for i in range(len(self.shapes))])
+        return img
+
+    def _draw(self, draw: ImageDraw.ImageDraw, fills: list) -> None:
+        for s, fill in zip(self.shapes, fills):
             box = (s.x - s.radius, s.y - s.radius, s.x + s.radius, s.y + s.radius)
-            fill = COLOURS[s.colour]
             if s.kind == "circle":
                 draw.ellipse(box, fill=fill)
             elif s.kind == "square":
@@ -94,7 +102,6 @@ class Scene:
             else:
                 draw.polygon([(s.x, s.y - s.radius), (s.x - s.radius, s.y + s.radius),
                               (s.x + s.radius, s.y + s.radius)], fill=fill)
-        return img
 
     def questions(self) -> list[QA]:
         """Every question the scene answers unambiguously, in a fixed order."""
@@ -218,6 +225,7 @@ class VLData:
     images: list[Image.Image]
     items: list[VLItem]
     source: dict = field(default_factory=dict)
+    scenes: list[Scene] | None = None  # for generated data: the scene behind each image
 
     def select(self, task: str) -> list[VLItem]:
         return [it for it in self.items if it.task == task]
@@ -240,7 +248,7 @@ def scenes_data(split: str, n: int, *, seed: int = 0, spec: SceneSpec = SceneSpe
         for qa in scene.questions():
             items.append(VLItem(i, QUESTION_PROMPT.format(question=qa.question), qa.answer, "vqa", qa.qtype))
     return VLData([s.render() for s in scenes], items,
-                  {"kind": "shapes", "split": split, "n_images": n, "seed": seed, "spec": _spec_dict(spec)})
+                  {"kind": "shapes", "split": split, "n_images": n, "seed": seed, "spec": _spec_dict(spec)}, scenes)
 
 
 def _spec_dict(spec: SceneSpec) -> dict:

@@ -27,6 +27,9 @@ class EncoderConfig(_Strict):
     num_layers: int = Field(2, ge=1)
     num_heads: int = Field(4, ge=1)
     mlp_ratio: int = Field(4, ge=1)
+    pretrain_steps: int = Field(0, ge=0)  # vit on shapes: label patches first (vlm/pretrain_vit.py), then frozen
+    pretrain_lr: float = Field(2e-3, gt=0)
+    pretrain_batch_size: int = Field(64, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> "EncoderConfig":
@@ -180,6 +183,9 @@ class VLMConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "VLMConfig":
+        if self.encoder.pretrain_steps and (self.encoder.kind != "vit" or self.data.kind != "shapes"):
+            raise ValueError("encoder.pretrain_steps needs encoder.kind 'vit' and data.kind 'shapes' (it learns "
+                             "the scenes' per-patch labels)")
         if self.encoder.kind == "vit" and self.data.kind == "shapes" and \
                 self.encoder.image_size != self.data.shapes.image_size:
             raise ValueError(f"encoder.image_size ({self.encoder.image_size}) differs from data.shapes.image_size "

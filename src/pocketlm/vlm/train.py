@@ -1,5 +1,6 @@
 """Training a vision-language student in two stages, as LLaVA does (Liu et al. 2023, "Visual Instruction Tuning").
 
+    encoder (only for a new ViT)  our ViT labels the scenes' patches (colour, kind, size): `vlm/pretrain_vit.py`
     stage 0 (only for a new LM)  the LM alone on the training text, image markers removed: it learns the language
     stage 1                      projector only (encoder and LM frozen), on captions: aligns image tokens to words
     stage 2                      projector + LM, on captions and questions
@@ -280,7 +281,14 @@ def run_train(cfg: VLMConfig, *, progress: bool = False) -> "Results":
             f.write(json.dumps(row) + "\n")
 
     stages: dict[str, dict] = {}
-    if cfg.lm.pretrain_steps:
+    if cfg.encoder.pretrain_steps:
+        from pocketlm.vlm.pretrain_vit import pretrain_encoder
+
+        e = cfg.encoder
+        stages["encoder"] = pretrain_encoder(
+            vlm.encoder, vlm.processor, train.scenes, steps=e.pretrain_steps, lr=e.pretrain_lr,
+            batch_size=e.pretrain_batch_size, seed=cfg.seed, log=log, log_every=cfg.log_every, progress=progress,
+            held_out=(val.scenes or [])[:200] if val is not None else ())
         texts = [text_only(it.prompt) + " " + it.target for it in train.items]
         stages["stage0"] = pretrain_lm(vlm, texts, cfg, log=log, progress=progress)
         vlm.lm.save_pretrained(out / "text_lm")
