@@ -85,14 +85,15 @@ def test_lr_schedule_warms_up_then_decays_to_a_tenth():
 
 
 def test_run_train_writes_every_folder_and_eval_scores_against_the_blind_lm(tmp_path):
-    cfg = tiny_cfg(tmp_path / "run")
+    cfg = tiny_cfg(tmp_path / "run", "encoder.pretrain_steps=2")
     res = run_train(cfg)
     out = Path(cfg.output_dir)
     for name in ("text_lm", "stage1", "model", "results.json", "metrics.jsonl"):
         assert (out / name).exists(), name
-    assert res.kind == "vlm_train" and {m.group for m in res.metrics} == {"stage0", "stage1", "stage2"}
+    assert res.kind == "vlm_train" and {m.group for m in res.metrics} == {"encoder", "stage0", "stage1", "stage2"}
+    assert set(res.details["stages"]["encoder"]["patch_accuracy"]) == {"colour", "kind", "size"}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in rows] == ["stage0"] * 4 + ["stage1"] * 3 + ["stage2"] * 3
+    assert [r["stage"] for r in rows] == ["encoder"] * 2 + ["stage0"] * 4 + ["stage1"] * 3 + ["stage2"] * 3
     vlm = VisionLanguageModel.load(out / "model")
     from pocketlm.models.load import load_model
 
@@ -181,6 +182,12 @@ def test_shipped_vlm_config_validates():
 def test_bad_config_fields_are_named(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config(VLMConfig, None, [override])
+
+
+def test_encoder_pretraining_needs_generated_scenes():
+    with pytest.raises(ConfigError, match="encoder.pretrain_steps needs"):
+        load_config(VLMConfig, None, ["encoder.pretrain_steps=5", "data.kind=folder",
+                                      "data.train={images: x, captions: y.jsonl}"])
 
 
 def test_cli_train_eval_caption(tmp_path):

@@ -161,6 +161,7 @@ class VLMConfig(_Strict):
     seed: int = 0
     threads: Optional[int] = Field(None, ge=1)
     device: str = "cpu"  # a torch device: cpu, cuda, cuda:1, ...
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: training forwards under autocast (weights stay fp32)
     encoder: EncoderConfig = EncoderConfig()
     projector: ProjectorConfig = ProjectorConfig()
     lm: LMConfig = LMConfig()

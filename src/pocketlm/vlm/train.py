@@ -189,14 +189,17 @@ def _batches(n: int, batch_size: int, steps: int, seed: int):
 
 def optimise(params: list[torch.nn.Parameter], stage: StageConfig, loss_fn: Callable[[torch.Tensor], torch.Tensor],
              n_rows: int, *, seed: int, name: str, log: Callable[[dict], None], progress: bool,
-             log_every: int) -> dict:
-    """AdamW over ``params`` for ``stage.steps`` steps of ``loss_fn(batch indices)``; gradients clipped at 1."""
+             log_every: int, precision: str = "fp32") -> dict:
+    """AdamW over ``params`` for ``stage.steps`` steps of ``loss_fn(batch indices)``; gradients clipped at 1.
+    ``precision="bf16"`` runs the forward under bf16 autocast (weights, gradients and optimizer stay fp32)."""
+    device = params[0].device.type
     opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(stage.steps, stage.warmup))
     start, losses = time.perf_counter(), []
     bar = tqdm(total=stage.steps, desc=name, disable=not progress)
     for step, idx in enumerate(_batches(n_rows, min(stage.batch_size, n_rows), stage.steps, seed)):
-        loss = loss_fn(idx)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = loss_fn(idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -233,7 +236,7 @@ def pretrain_lm(vlm: VisionLanguageModel, texts: Sequence[str], cfg: VLMConfig, 
     stage = StageConfig(steps=m.pretrain_steps, lr=m.pretrain_lr, batch_size=m.pretrain_batch_size,
                         tasks=["caption"], train=["lm"])
     return optimise(params, stage, loss_fn, len(rows), seed=cfg.seed, name="stage0", log=log, progress=progress,
-                    log_every=cfg.log_every)
+                    log_every=cfg.log_every, precision=cfg.precision)
 
 
 def run_stage(vlm: VisionLanguageModel, name: str, stage: StageConfig, train: VLData, val: VLData | None,
@@ -247,7 +250,7 @@ def run_stage(vlm: VisionLanguageModel, name: str, stage: StageConfig, train: VL
     prep = prepare(vlm, train, items, pixels["train"], frozen)
     result = optimise(params, stage, lambda idx: batch_loss(vlm, prep, idx), len(prep.rows),
                       seed=cfg.seed + {"stage1": 1, "stage2": 2}.get(name, 3), name=name, log=log,
-                      progress=progress, log_every=cfg.log_every)
+                      progress=progress, log_every=cfg.log_every, precision=cfg.precision)
     result.update(tasks=list(stage.tasks), trained=list(stage.train), n_items=len(items))
     if val is not None:
         vitems = [it for it in val.items if it.task in stage.tasks][:512]
@@ -289,6 +292,7 @@ def run_train(cfg: VLMConfig, *, progress: bool = False) -> "Results":
             vlm.encoder, vlm.processor, train.scenes, steps=e.pretrain_steps, lr=e.pretrain_lr,
             batch_size=e.pretrain_batch_size, seed=cfg.seed, log=log, log_every=cfg.log_every, progress=progress,
             held_out=(val.scenes or [])[:200] if val is not None else ())
+    if cfg.lm.pretrain_steps:
         texts = [text_only(it.prompt) + " " + it.target for it in train.items]
         stages["stage0"] = pretrain_lm(vlm, texts, cfg, log=log, progress=progress)
         vlm.lm.save_pretrained(out / "text_lm")
