@@ -168,7 +168,7 @@ def card_markdown(doc: dict[str, Any]) -> str:
           f"lr {cfg['train']['lr']}, {md(cfg['train']['precision'])}, seed {cfg['train']['seed']}.", ""]
     L += ["## Quantitative analyses", ""]
     for entry, by_role in by_entry.items():
-        if entry in ("parameters",):
+        if entry in ("parameters", "size", "attention"):  # inspection, not evaluation: in the report
             continue
         rows = comparison_rows(by_role)
         if rows:
