@@ -8,7 +8,8 @@ Both score the pairs of ``../shared/data/crows_pairs/crows_pairs_anonymized.csv`
   ``target_delimiter: ""``, ``doc_to_choice`` and ``process_results`` (the harness's own functions) — through
   ``lm_eval.simple_evaluate`` with an ``HFLM`` wrapping the loaded model, fp32 (the harness's default).
 * pocketlm: ``load_suite`` + ``audit_bias`` (lm-eval's encoding, batched `score_continuations`, plus 95 % bootstrap
-  intervals overall and per bias type) on the same model object in fp32, and on a bf16 copy.
+  intervals overall and per bias type) on the same model object, with ``precision="fp32"`` and ``"bf16"`` (the
+  model body in bf16 autocast, the output layer and log-softmax in fp32).
 
 Prints pct_stereotype (in %, lm-eval's fraction × 100) and likelihood_diff from each, their differences (target:
 within 0.1 points), the wall times and the ratios lm-eval time / pocketlm time (target ≥ 2×). The model is loaded
@@ -21,7 +22,6 @@ machine, ``--repeats`` lets the tools take turns several times and keeps each on
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
 import os
@@ -91,22 +91,25 @@ def run_lm_eval(model, tokenizer, data: Path, batch_size: int, workdir: Path) ->
     return {"pct_stereotype": 100.0 * res["pct_stereotype,none"], "likelihood_diff": res["likelihood_diff,none"]}
 
 
-def run_pocketlm(model, tokenizer, data: Path, batch_size: int) -> dict:
+def run_pocketlm(model, tokenizer, data: Path, batch_size: int, precision: str) -> dict:
     from pocketlm.audit.bias import audit_bias
     from pocketlm.data.suites import load_suite
 
     suite = load_suite("crows_pairs", data)
-    res, run = audit_bias("crows_pairs", suite, model, tokenizer, model_spec="benchmark", batch_size=batch_size)
+    res, run = audit_bias("crows_pairs", suite, model, tokenizer, model_spec="benchmark", batch_size=batch_size,
+                          precision=precision)
     return {m: res.get(m).value for m in METRICS} | {"ci": {m: res.get(m).ci for m in METRICS},
                                                      "more_likelier": run.arrays["more_likelier"].tolist()}
 
 
 def warm_up(model) -> None:
-    """One forward per width before any clock starts: the first calls of a fresh model pay one-off costs
+    """Forwards in fp32 and bf16 before any clock starts: the first calls of a fresh model pay one-off costs
     (first touch of the weights, kernel selection) that would otherwise land on whichever tool runs first."""
     with torch.inference_mode():
-        for width in (8, 24, 48):
-            model(input_ids=torch.ones(16, width, dtype=torch.long), use_cache=False)
+        for bf16 in (False, True):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                for width in (8, 24, 48):
+                    model(input_ids=torch.ones(16, width, dtype=torch.long), use_cache=False)
 
 
 def timed(fn, *args):
@@ -132,9 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"data not found: {args.data}", file=sys.stderr)
         return 2
     model, tokenizer = load_model(args.model, dtype="float32")
-    model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
     warm_up(model)
-    warm_up(model_bf16)
 
     times: dict[str, list[float]] = {"lm_eval": [], "pocketlm_fp32": [], "pocketlm_bf16": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(args.repeats):  # the tools take turns, so a change in the machine's load hits all of them
             theirs, t = timed(run_lm_eval, model, tokenizer, data, args.batch_size, Path(tmp))
             times["lm_eval"].append(t)
-            ours32, t = timed(run_pocketlm, model, tokenizer, data, args.batch_size)
+            ours32, t = timed(run_pocketlm, model, tokenizer, data, args.batch_size, "fp32")
             times["pocketlm_fp32"].append(t)
-            ours16, t = timed(run_pocketlm, model_bf16, tokenizer, data, args.batch_size)
+            ours16, t = timed(run_pocketlm, model, tokenizer, data, args.batch_size, "bf16")
             times["pocketlm_bf16"].append(t)
             print(f"round {rnd + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items()), flush=True)
     t_lm, t32, t16 = (min(times[k]) for k in ("lm_eval", "pocketlm_fp32", "pocketlm_bf16"))

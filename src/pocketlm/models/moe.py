@@ -122,8 +122,8 @@ def experts_dropless(x: Tensor, weights: Tensor, experts: Tensor, gate_up: Tenso
     counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]  # [E]
     order = order[: int(counts.sum())]  # [a]: the filled slots, grouped by expert
     token = order // k  # [a]
-    xs = x[token]  # [a, d]: each expert's tokens in one contiguous slice
-    if order.numel() >= LOOP_ROWS * num_experts or not _grouped_mm_fits(*_autocast(xs, gate_up)):
+    xs, gate_up, down = _autocast(x[token], gate_up, down)  # [a, d]: each expert's tokens in one slice
+    if order.numel() >= LOOP_ROWS * num_experts or not _grouped_mm_fits(xs, gate_up):
         y = _expert_by_expert(xs, gate_up, down, counts)  # [a, d]
     else:
         y = grouped_linear(_swiglu(grouped_linear(xs, gate_up, counts)), down, counts)  # [a, 2f] → [a, d]
