@@ -37,7 +37,8 @@ def test_crows_pairs_real_file():
 
 
 def test_stereoset_real_files():
-    data = load_suite("stereoset", _need("stereoset_intrasentence_subset"))
+    with pytest.warns(UserWarning, match="gender_test.json: 253 of 253"):  # EditBias's map only, no gold_label
+        data = load_suite("stereoset", _need("stereoset_intrasentence_subset"))
     assert Counter(it.bias_type for it in data.items) == {"race": 962, "religion": 79, "gender": 253}
     for it in data.items:
         assert isinstance(it, StereoSetItem)
@@ -46,15 +47,36 @@ def test_stereoset_real_files():
 
 
 def test_stereoset_official_labels_agree_with_editbias_map():
-    """race/religion files carry both layouts; the loader reads EditBias's map, which must match gold_label."""
-    path = _need("stereoset_intrasentence_subset") / "religion_test.json"
+    """race/religion files carry both layouts: the loader reads gold_label, and EditBias's map agrees there."""
+    for name in ("religion_test.json", "race_test.json"):
+        _labels_agree(_need("stereoset_intrasentence_subset") / name)
+
+
+def _labels_agree(path):
     rows = json.loads(path.read_text())
     items = {it.id: it for it in load_suite("stereoset", path).items}
     for row in rows:
+        assert row["data"]["stereotype"]["sentence"] == items[row["id"]].stereotype
         gold = {s["gold_label"]: s["sentence"] for s in row["sentences"]}
         it = items[row["id"]]
         assert (gold["stereotype"], gold["anti-stereotype"], gold["unrelated"]) == (
             it.stereotype, it.anti_stereotype, it.unrelated)
+
+
+def test_stereoset_gold_labels_win_over_the_editbias_map(tmp_path):
+    gold = [{"sentence": "t is a", "gold_label": "anti-stereotype"}, {"sentence": "t is b", "gold_label": "stereotype"},
+            {"sentence": "t is c", "gold_label": "unrelated"}]
+    swapped = {"stereotype": {"sentence": "t is a"}, "anti-stereotype": {"sentence": "t is b"},
+               "unrelated": {"sentence": "t is c"}}
+    row = {"id": "x", "target": "t", "bias_type": "race", "context": "t is BLANK", "sentences": gold, "data": swapped}
+    (tmp_path / "both.json").write_text(json.dumps([row]))
+    (it,) = load_suite("stereoset", tmp_path / "both.json").items
+    assert (it.stereotype, it.anti_stereotype, it.label_source) == ("t is b", "t is a", "gold")
+    del row["sentences"]
+    (tmp_path / "both.json").write_text(json.dumps([row]))
+    with pytest.warns(UserWarning, match="1 of 1 StereoSet items have no gold_label"):
+        (it,) = load_suite("stereoset", tmp_path / "both.json").items
+    assert (it.stereotype, it.label_source) == ("t is a", "editbias-map")
 
 
 def test_bbq_real_files():

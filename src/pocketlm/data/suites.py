@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
@@ -61,6 +62,7 @@ class StereoSetItem:
     stereotype: str
     anti_stereotype: str
     unrelated: str
+    label_source: str = "gold"  # "gold": StereoSet's gold_label; "editbias-map": only EditBias's label map
 
     @property
     def group(self) -> str:
@@ -274,16 +276,18 @@ _HUB_GOLD = ("anti-stereotype", "stereotype", "unrelated")  # McGill-NLP/stereos
 
 
 def _stereoset_item(row: dict[str, Any], where: str) -> StereoSetItem:
-    """One item from the official layout (``sentences`` with ``gold_label``) or EditBias's ``data`` map."""
+    """One item from the official layout (``sentences`` with ``gold_label``), the hub's, or — only where neither
+    is present — EditBias's ``data`` map (``label_source="editbias-map"``: labels StereoSet's gold cannot confirm)."""
     _require(row, _STEREOSET_FIELDS, where)
-    by_label: dict[str, str] = {}
-    if isinstance(row.get("data"), dict):  # EditBias: {label: {sentence, id}}
-        by_label = {k: v["sentence"] for k, v in row["data"].items() if isinstance(v, dict) and "sentence" in v}
-    elif isinstance(row.get("sentences"), list):  # official dev.json
+    source = "gold"
+    if isinstance(row.get("sentences"), list):  # official dev.json (and EditBias's race/religion files)
         by_label = {s.get("gold_label"): s.get("sentence") for s in row["sentences"] if isinstance(s, dict)}
     elif isinstance(row.get("sentences"), dict):  # hub: columns of lists, gold_label as class indices
         s = row["sentences"]
         by_label = {_HUB_GOLD[g] if isinstance(g, int) else g: t for g, t in zip(s["gold_label"], s["sentence"])}
+    elif isinstance(row.get("data"), dict):  # EditBias: {label: {sentence, id}}
+        by_label = {k: v["sentence"] for k, v in row["data"].items() if isinstance(v, dict) and "sentence" in v}
+        source = "editbias-map"
     else:
         raise SuiteError(f"{where}: missing column 'sentences' (or EditBias's 'data')")
     for label in _STEREOSET_LABELS:
@@ -291,7 +295,8 @@ def _stereoset_item(row: dict[str, Any], where: str) -> StereoSetItem:
             raise SuiteError(f"{where}: item {row['id']!r} has no {label!r} sentence")
     return StereoSetItem(id=str(row["id"]), target=str(row["target"]), bias_type=str(row["bias_type"]),
                          context=str(row["context"]), stereotype=by_label["stereotype"],
-                         anti_stereotype=by_label["anti-stereotype"], unrelated=by_label["unrelated"])
+                         anti_stereotype=by_label["anti-stereotype"], unrelated=by_label["unrelated"],
+                         label_source=source)
 
 
 def _stereoset_local(path: Path) -> list[StereoSetItem]:
@@ -307,7 +312,13 @@ def _stereoset_local(path: Path) -> list[StereoSetItem]:
             doc = doc["data"].get("intrasentence")
         if not isinstance(doc, list):
             raise SuiteError(f"{f}: expected a list of intrasentence items (or the official data.intrasentence)")
-        items.extend(_stereoset_item(row, f"{f} item {i}") for i, row in enumerate(doc))
+        loaded = [_stereoset_item(row, f"{f} item {i}") for i, row in enumerate(doc)]
+        unconfirmed = sum(it.label_source != "gold" for it in loaded)
+        if unconfirmed:
+            warnings.warn(f"{f}: {unconfirmed} of {len(loaded)} StereoSet items have no gold_label, only EditBias's "
+                          "stereotype/anti-stereotype map; their ss rests on that map (check it before trusting "
+                          "their domain's figures)", stacklevel=2)
+        items.extend(loaded)
     return items
 
 
