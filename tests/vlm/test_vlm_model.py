@@ -248,3 +248,23 @@ def test_processor_resizes_and_normalises():
     assert px.shape == (1, 3, 16, 16)
     torch.testing.assert_close(px[0, :, 5, 5], torch.tensor([(1 - .5) / .25, (0 - .5) / .25, (128 / 255 - .5) / .25]))
     assert json.loads(json.dumps(proc.to_dict())) == proc.to_dict()
+
+
+def test_example_averaged_loss_weighs_each_answer_equally():
+    from pocketlm.models.vision import answer_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 11)
+    labels = torch.full((3, 6), IGNORE_INDEX)
+    labels[0, 2:6] = torch.tensor([1, 2, 3, 4])  # a long answer
+    labels[1, 4] = 5  # a one-token answer
+    # row 2: no answer at all → left out
+    logp = torch.log_softmax(logits, -1)
+    row0 = -torch.stack([logp[0, t - 1, labels[0, t]] for t in range(2, 6)]).mean()
+    row1 = -logp[1, 3, 5]
+    torch.testing.assert_close(answer_loss(logits, labels, "example"), (row0 + row1) / 2)
+    token = -(torch.stack([logp[0, t - 1, labels[0, t]] for t in range(2, 6)]).sum() + logp[1, 3, 5]) / 5
+    torch.testing.assert_close(answer_loss(logits, labels, "token"), token)
+    assert answer_loss(logits, torch.full((3, 6), IGNORE_INDEX), "example").item() == 0.0
+    with pytest.raises(ValueError, match="valid: token, example"):
+        answer_loss(logits, labels, "sequence")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pocketlm.models.projectors import ProjectorParams, build_projector
@@ -57,6 +58,24 @@ def add_image_token(tokenizer, lm: nn.Module) -> int:
             raise ValueError("the LM's tokenizer has neither a pad nor an EOS token to pad batches with")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor, average: str = "token") -> torch.Tensor:
+    """Next-token cross-entropy (fp32) on the labelled tokens. ``average="token"``: Σ nll / Σ tokens over the batch
+    (`causal_lm_loss`, LLaVA's); ``"example"``: each row's mean over its own tokens, then the mean over rows, so a
+    one-word answer weighs as much as a long caption. Rows with no labelled token count as 0 and are left out."""
+    if average == "token":
+        return causal_lm_loss(logits, labels)
+    if average != "example":
+        raise ValueError(f"unknown loss average {average!r}; valid: token, example")
+    targets = labels[:, 1:].to(logits.device)  # [b, s-1]
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+                          reduction="none")  # [b, s-1]
+    counts = (targets != IGNORE_INDEX).sum(1)  # [b]
+    rows = counts > 0
+    if not rows.any():
+        return nll.sum() * 0.0
+    return (nll.sum(1)[rows] / counts[rows]).mean()
 
 
 class VisionLanguageModel(nn.Module):
@@ -167,9 +186,10 @@ class VisionLanguageModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, **lm_kwargs: Any):
-        """The LM's output on the joined sequence; ``loss`` is the answer-token cross-entropy when labels are given.
-        ``image_features`` ([b, n, e], e.g. cached from a frozen encoder) stand in for ``pixel_values``."""
+                labels: torch.Tensor | None = None, loss_average: str = "token", **lm_kwargs: Any):
+        """The LM's output on the joined sequence; ``loss`` is the answer-token cross-entropy when labels are given
+        (`answer_loss`). ``image_features`` ([b, n, e], e.g. cached from a frozen encoder) stand in for
+        ``pixel_values``."""
         if image_features is None and pixel_values is not None:
             image_features = self.image_features(pixel_values)
         image_embeds = None if image_features is None else self.projector(image_features.to(self.device))
@@ -177,7 +197,7 @@ class VisionLanguageModel(nn.Module):
         mask = None if attention_mask is None else attention_mask.to(self.device)
         out = self.lm(inputs_embeds=embeds, attention_mask=mask, use_cache=False, **lm_kwargs)
         if labels is not None:
-            out.loss = causal_lm_loss(out.logits, labels.to(self.device))
+            out.loss = answer_loss(out.logits, labels.to(self.device), loss_average)
         return out
 
     @torch.no_grad()

@@ -130,6 +130,7 @@ class StageConfig(_Strict):
     batch_size: int = Field(32, ge=1)
     warmup: float = Field(0.05, ge=0, lt=1)  # share of steps with a linear warm-up, then cosine to lr / 10
     weight_decay: float = Field(0.0, ge=0)
+    loss_average: Literal["token", "example"] = "token"  # example: a one-word answer weighs as much as a caption
     tasks: list[Task] = ["caption"]
     train: list[Part] = ["projector"]
 

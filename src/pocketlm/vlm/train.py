@@ -1,7 +1,8 @@
 """Training a vision-language student in two stages, as LLaVA does (Liu et al. 2023, "Visual Instruction Tuning").
 
     encoder (only for a new ViT)  our ViT labels the scenes' patches (colour, kind, size): `vlm/pretrain_vit.py`
-    stage 0 (only for a new LM)  the LM alone on the training text, image markers removed: it learns the language
+    stage 0 (only for a new LM)  the LM alone on the training text, image markers removed: it learns the language,
+                                 and to answer questions about a scene its caption describes (`stage0_texts`)
     stage 1                      projector only (encoder and LM frozen), on captions: aligns image tokens to words
     stage 2                      projector + LM, on captions and questions
 
@@ -48,6 +49,20 @@ def load_splits(cfg: DataConfig, splits: Sequence[str] = ("train", "val", "test"
 def text_only(prompt: str) -> str:
     """A prompt with its image marker removed (what the LM alone sees)."""
     return " ".join(prompt.replace(IMAGE_TOKEN, " ").split())
+
+
+def stage0_texts(data: VLData) -> list[str]:
+    """The text-only corpus of stage 0: every item as text (prompt without its image, then the answer), and every
+    question again after its image's caption — so the LM learns to answer questions about a scene described in
+    words, the lookup it later makes over image tokens. Nothing here is more than the training split's own text."""
+    captions: dict[int, str] = {}
+    for it in data.items:
+        if it.task == "caption":
+            captions.setdefault(it.image, text_only(it.prompt) + " " + it.target)
+    texts = [text_only(it.prompt) + " " + it.target for it in data.items]
+    texts += [captions[it.image] + " " + text_only(it.prompt) + " " + it.target
+              for it in data.items if it.task == "vqa" and it.image in captions]
+    return texts
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -152,12 +167,12 @@ def prepare(vlm: VisionLanguageModel, data: VLData, items: Sequence[VLItem], pix
     return Prepared(rows, torch.tensor([it.image for it in items]), pixels, feats)
 
 
-def batch_loss(vlm: VisionLanguageModel, prep: Prepared, idx: torch.Tensor) -> torch.Tensor:
+def batch_loss(vlm: VisionLanguageModel, prep: Prepared, idx: torch.Tensor, average: str = "token") -> torch.Tensor:
     batch = vlm.pad([prep.rows[i] for i in idx.tolist()])
     img = prep.images[idx]
     if prep.features is not None:
-        return vlm(**batch, image_features=prep.features[img]).loss
-    return vlm(**batch, pixel_values=vlm.processor.normalize(prep.pixels[img])).loss
+        return vlm(**batch, image_features=prep.features[img], loss_average=average).loss
+    return vlm(**batch, pixel_values=vlm.processor.normalize(prep.pixels[img]), loss_average=average).loss
 
 
 @torch.no_grad()
@@ -248,7 +263,7 @@ def run_stage(vlm: VisionLanguageModel, name: str, stage: StageConfig, train: VL
     frozen = "encoder" not in stage.train
     params = set_trainable(vlm, stage.train)
     prep = prepare(vlm, train, items, pixels["train"], frozen)
-    result = optimise(params, stage, lambda idx: batch_loss(vlm, prep, idx), len(prep.rows),
+    result = optimise(params, stage, lambda idx: batch_loss(vlm, prep, idx, stage.loss_average), len(prep.rows),
                       seed=cfg.seed + {"stage1": 1, "stage2": 2}.get(name, 3), name=name, log=log,
                       progress=progress, log_every=cfg.log_every, precision=cfg.precision)
     result.update(tasks=list(stage.tasks), trained=list(stage.train), n_items=len(items))
@@ -293,7 +308,7 @@ def run_train(cfg: VLMConfig, *, progress: bool = False) -> "Results":
             batch_size=e.pretrain_batch_size, seed=cfg.seed, log=log, log_every=cfg.log_every, progress=progress,
             held_out=(val.scenes or [])[:200] if val is not None else ())
     if cfg.lm.pretrain_steps:
-        texts = [text_only(it.prompt) + " " + it.target for it in train.items]
+        texts = stage0_texts(train)
         stages["stage0"] = pretrain_lm(vlm, texts, cfg, log=log, progress=progress)
         vlm.lm.save_pretrained(out / "text_lm")
         vlm.tokenizer.save_pretrained(out / "text_lm")
