@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -179,6 +180,8 @@ def _prepare_folder(out: Path, mpath: Path, manifest: CacheManifest) -> str:
             for shard in old.shards:
                 spath = out / shard["file"]
                 if spath.is_file() and _sha256(spath) != shard["sha256"]:
+                    warnings.warn(f"teacher cache shard {spath} is damaged (checksum mismatch); rebuilding it",
+                                  stacklevel=3)
                     spath.unlink()
     elif out.is_dir():
         # shards without a manifest have no provenance: they may come from other data or another teacher

@@ -6,7 +6,9 @@
       trainer_state.json                                  step, optimizer param groups, scheduler, RNG, metrics
 
 Nothing is pickled: tensors go to safetensors, the rest to JSON. A checkpoint is built in a hidden temporary
-folder and renamed into place, so a crash mid-write leaves the previous checkpoint as the latest.
+folder and renamed into place, so a crash mid-write leaves the previous checkpoint as the latest. A write that
+fails (a full disk) removes its temporary folder and raises `CheckpointWriteError` naming the intact checkpoint;
+the temporary folders of a killed process are never read and are removed by the next save.
 """
 from __future__ import annotations
 
@@ -23,6 +25,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
+_LEFTOVER = re.compile(r"^\.(?:tmp-step-\d{6,}|old-step-\d{6,})-(\d+)$")  # written by process <pid>
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (e.g. the disk is full); the previous checkpoint is untouched."""
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -109,6 +116,7 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = step_dir(root, step)
     tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
+    remove_leftovers(root)
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
@@ -130,6 +138,13 @@ def save_checkpoint(
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1, default=_json_default))
         _fsync_dir(tmp)
         replace_dir(tmp, final)
+    except OSError as e:  # a full disk, a quota, an I/O error: say what is intact
+        shutil.rmtree(tmp, ignore_errors=True)
+        intact = latest_checkpoint(root)
+        raise CheckpointWriteError(
+            f"could not write checkpoint step {step} under {root} ({e.strerror or e}); nothing of it was kept, "
+            f"the latest intact checkpoint is {intact or 'none'}. Free space and resume with --resume"
+        ) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -147,6 +162,30 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+    _fsync_path(final.parent)  # the rename itself survives a power loss
+
+
+def remove_leftovers(root: Path) -> list[Path]:
+    """Remove the temporary folders of checkpoint writes whose process is gone (killed mid-write)."""
+    removed = []
+    for p in root.iterdir() if root.is_dir() else ():
+        m = _LEFTOVER.match(p.name)
+        if m and not _alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _json_default(o):
@@ -161,8 +200,16 @@ def _json_default(o):
 
 def _fsync_dir(path: Path) -> None:
     for f in path.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+        _fsync_path(f)
+    _fsync_path(path)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_training_state(ckpt: str | os.PathLike, optimizer, scheduler) -> dict[str, Any]:

@@ -223,7 +223,11 @@ class Trainer:
             self.tokens_seen += block_ids.numel() * (self.train_blocks.shape[1] - 1)
         grad_norm = self.accelerator.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
         if not torch.isfinite(torch.as_tensor(grad_norm)):
-            raise NonFiniteLossError(f"gradient norm is {float(grad_norm)} at step {self.step + 1}; stopped without saving")
+            raise NonFiniteLossError(
+                f"gradient norm is {float(grad_norm)} at step {self.step + 1}; stopped without saving. Last good "
+                f"checkpoint: {latest_checkpoint(self.ckpt_dir) or 'none'}. Lower train.lr, check the data, or use "
+                f"train.precision=fp32."
+            )
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
