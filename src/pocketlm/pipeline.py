@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from pocketlm.config_pipeline import PipelineConfig
+from pocketlm.paths import check_outputs, confined
 from pocketlm.pipeline_stages import ORDER, STAGES, Context, StageUnavailable, unavailable
 from pocketlm.provenance import provenance
 
 SCHEMA = "pocketlm.pipeline/1"
 STAGE_SCHEMA = "pocketlm.stage/1"
+OUTPUTS = ("stages", "distill", "ce_baseline", "audit", "results.json", "report.html")  # what a run writes in out
 
 
 @dataclass
@@ -142,8 +144,10 @@ def _stored(path: Path, key: str, out: Path) -> dict[str, Any] | None:
     if rec.get("schema") != STAGE_SCHEMA or rec.get("key") != key:
         return None
     for name, value in rec.get("facts", {}).items():
-        if name.endswith(("_dir", "_file")) and value and not (out / value).exists():
-            return None
+        if name.endswith(("_dir", "_file")) and value:
+            # a record is a file in the output folder, not to be trusted with paths that lead out of it
+            if not confined(out, value, f"{path} facts.{name}").exists():
+                return None
     return rec
 
 
@@ -157,6 +161,7 @@ def run_pipeline(cfg: PipelineConfig, *, force: Iterable[str] = (), progress: bo
         raise ValueError(f"--force {', '.join(sorted(unknown))}: no such stage; stages: {', '.join(ORDER)}")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    check_outputs(out, OUTPUTS)
     ctx = Context(cfg, out, progress=progress)
     ctx.forced = force
     check_inputs(ctx)
@@ -207,7 +212,7 @@ def run_pipeline(cfg: PipelineConfig, *, force: Iterable[str] = (), progress: bo
     report = write_report(doc, out / "report.html")
     card = None
     if "student_dir" in doc["facts"]:
-        card = write_card(doc, out / doc["facts"]["student_dir"] / "README.md")
+        card = write_card(doc, confined(out, doc["facts"]["student_dir"], "facts.student_dir") / "README.md")
     return PipelineOutcome(doc, results_path, report, card, gates, code, ran, reused)
 
 

@@ -26,6 +26,10 @@ from pocketlm.distill.trainer import Trainer, TrainResult
 from pocketlm.models.load import (
     check_vocab_compatible, fingerprint_model, fingerprint_tokenizer, load_model, parse_dtype,
 )
+from pocketlm.paths import check_outputs
+
+
+OUTPUTS = ("checkpoints", "student", "teacher_cache", "data", "metrics.jsonl", "config.json", "moe_load.png")
 
 
 @dataclass
@@ -151,6 +155,7 @@ def run_distill(
     dist.init()  # under torchrun / accelerate launch: join the process group (no-op for one process)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    check_outputs(out, OUTPUTS)
     if not resume and latest_checkpoint(out / "checkpoints") is not None:
         raise FileExistsError(
             f"{out} already holds checkpoints of a run; pass --resume to continue it, or choose another output_dir"

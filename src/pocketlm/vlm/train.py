@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from pocketlm.data.scenes import SceneSpec, VLData, VLItem, load_caption_folder, scenes_data
 from pocketlm.models.student import IGNORE_INDEX, causal_lm_loss
 from pocketlm.models.vision import IMAGE_TOKEN, VisionLanguageModel
+from pocketlm.paths import check_outputs
 from pocketlm.vlm.config import DataConfig, StageConfig, VLMConfig
 
 
@@ -287,6 +288,7 @@ def run_train(cfg: VLMConfig, *, progress: bool = False) -> "Results":
     random.seed(cfg.seed)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    check_outputs(out, ("text_lm", "stage1", "model", "metrics.jsonl", "results.json"))
     data = load_splits(cfg.data, ("train", "val"))
     train, val = data["train"], data.get("val")
     vlm = build_vlm(cfg, train.texts()).to(cfg.device)
