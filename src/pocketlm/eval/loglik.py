@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -110,9 +110,18 @@ class _Forward:
         self.bf16 = resolve_precision(precision, device) == "bf16"
         self.decoder, self.head = self._split(model)
         self.kwargs = _forward_kwargs(self.decoder if self.decoder is not None else model)
+        self.rows_per_chunk = _ROWS_PER_CHUNK  # lowered by a memory budget (`_memory_fit`)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def session(self):
+        """Enter once around many batches: autocast keeps its bf16 copies of the weights for the whole region
+        instead of casting every weight again for each batch (it drops them when the outermost region exits)."""
+        return self._autocast()
+
+    def _fp32(self):
+        return torch.autocast(self.device.type, enabled=False)
 
     def _split(self, model: torch.nn.Module):
         get_decoder = getattr(model, "get_decoder", None)
@@ -155,12 +164,13 @@ class _Forward:
             with self._autocast():
                 logits = self.model(input_ids=input_ids, **self.kwargs).logits  # [b, t, v]
             source = lambda sl: logits[rows[sl], positions[sl]].float()  # noqa: E731
-        for lo in range(0, len(targets), _ROWS_PER_CHUNK):  # bounds the fp32 copy to [chunk, v]
-            sl = slice(lo, lo + _ROWS_PER_CHUNK)
-            scores = source(sl)  # [c, v] fp32
-            # log_softmax(x)[y] = x[y] - logsumexp(x), without materialising the full log-softmax
-            token_lp[sl] = (scores.gather(-1, targets[sl, None]).squeeze(-1) - scores.logsumexp(dim=-1)).double()
-            misses[sl] = scores.argmax(dim=-1) != targets[sl]
+        with self._fp32():  # the output layer and log-softmax in fp32, also inside a caller's bf16 session
+            for lo in range(0, len(targets), self.rows_per_chunk):  # bounds the fp32 copy to [chunk, v]
+                sl = slice(lo, lo + self.rows_per_chunk)
+                scores = source(sl)  # [c, v] fp32
+                # log_softmax(x)[y] = x[y] - logsumexp(x), without materialising the full log-softmax
+                token_lp[sl] = (scores.gather(-1, targets[sl, None]).squeeze(-1) - scores.logsumexp(dim=-1)).double()
+                misses[sl] = scores.argmax(dim=-1) != targets[sl]
         return token_lp, misses
 
 
@@ -190,9 +200,11 @@ def _score_batch(forward: _Forward, batch: list[Request], max_length: int | None
 
 
 def _batches(
-    order: list[int], reqs: list[Request], batch_size: int, max_length: int | None, max_batch_tokens: int | None
+    order: list[int], reqs: list[Request], batch_size: int, max_length: int | None, max_batch_tokens: int | None,
+    memory_fits: Callable[[int, int], bool] | None = None,
 ) -> list[list[int]]:
-    """Cut the longest-first order into batches of at most ``batch_size`` rows and ``max_batch_tokens`` padded tokens.
+    """Cut the longest-first order into batches of at most ``batch_size`` rows and ``max_batch_tokens`` padded tokens
+    (and, given ``memory_fits(rows, width)``, within a memory budget).
 
     The first request of a batch is its longest, so the padded size is ``rows × len(first input)``.
     """
@@ -202,12 +214,37 @@ def _batches(
         if batches:
             rows = len(batches[-1])
             fits = rows < batch_size and (max_batch_tokens is None or (rows + 1) * width <= max_batch_tokens)
-            if fits:
+            if fits and (memory_fits is None or memory_fits(rows + 1, width)):
                 batches[-1].append(i)
                 continue
         batches.append([i])
         width = len(model_input(*reqs[i], max_length))
+        if memory_fits is not None:
+            memory_fits(1, width)  # refuses (MemoryBudgetError) a request that does not fit alone
     return batches
+
+
+def _memory_fit(forward: _Forward, model: torch.nn.Module, budget: int) -> Callable[[int, int], bool]:
+    """``fits(rows, width)`` under a budget for weights + one batch (`pocketlm.memory`); sets the fp32 chunk so
+    that it takes at most a quarter of the room the weights leave. One row that does not fit is refused."""
+    from pocketlm.memory import Footprint, largest_batch
+
+    fp = Footprint.of(model)
+    cast = fp.weights // 2 if forward.bf16 else 0  # autocast's bf16 copies of the weights, kept for the session
+    room = budget - fp.weights - cast
+    forward.rows_per_chunk = min(_ROWS_PER_CHUNK, max(1, room // 4 // (8 * fp.vocab)))
+    split = forward.decoder is not None
+
+    def need(rows: int, width: int) -> int:
+        return cast + fp.scoring(rows, width, chunk_rows=forward.rows_per_chunk, split=split)
+
+    def fits(rows: int, width: int) -> bool:
+        if rows == 1:
+            largest_batch(lambda b: need(b, width), 1, fp, budget, f"scoring a {width}-token request")
+            return True
+        return need(rows, width) <= budget - fp.weights
+
+    return fits
 
 
 def score_continuations(
@@ -221,6 +258,7 @@ def score_continuations(
     progress: bool = False,
     desc: str = "scoring",
     distributed: bool = True,
+    max_memory: int | None = None,
 ) -> list[tuple[float, bool]]:
     """For each (context_ids, continuation_ids): (summed log-probability of the continuation, is_greedy).
 
@@ -230,7 +268,9 @@ def score_continuations(
     as well, so long windows go a few at a time and short ones many at a time within the same memory; a single
     request longer than the budget still runs, alone. ``precision="bf16"`` runs the model body in bf16 autocast and
     keeps the output layer and log-softmax in fp32 (see :class:`_Forward`). The model is put in eval mode for the
-    call and restored after. Under a multi-process launch (and ``distributed``) each rank scores an interleaved
+    call and restored after. ``max_memory`` (bytes) bounds the weights plus one batch's estimated peak
+    (`pocketlm.memory`): batches and fp32 chunks shrink to fit, and a request that does not fit alone is refused
+    before any is scored. Under a multi-process launch (and ``distributed``) each rank scores an interleaved
     share of the longest-first order and every rank gets all answers back (:mod:`pocketlm.distributed`); every
     rank must then make the same call.
     """
@@ -249,12 +289,16 @@ def score_continuations(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), tqdm(total=len(mine), desc=desc, disable=not progress or not dist.is_main()) as bar:
+        bar = tqdm(total=len(mine), desc=desc, disable=not progress or not dist.is_main())
+        # no_grad, not inference_mode: autocast keeps its weight casts only outside inference mode
+        with torch.no_grad(), bar:
             forward = _Forward(model, precision, _device(model))
-            for idx in _batches(mine, reqs, batch_size, max_length, max_batch_tokens):
-                for i, answer in zip(idx, _score_batch(forward, [reqs[i] for i in idx], max_length)):
-                    answers[i] = answer
-                bar.update(len(idx))
+            fits = _memory_fit(forward, model, max_memory) if max_memory is not None else None
+            with forward.session():
+                for idx in _batches(mine, reqs, batch_size, max_length, max_batch_tokens, fits):
+                    for i, answer in zip(idx, _score_batch(forward, [reqs[i] for i in idx], max_length)):
+                        answers[i] = answer
+                    bar.update(len(idx))
     finally:
         model.train(was_training)
     if not distributed:
