@@ -6,10 +6,10 @@ are applied to the YAML tree before validation, so they are checked the same way
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -182,6 +182,23 @@ class DistillConfig(_Strict):
     distill: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
     output_dir: str = "runs/distill"
+    # e.g. 2GiB: the teacher cache (and, in a pipeline, every scoring and generation) picks batch sizes whose
+    # estimated peak (weights + one batch) fits, or stops before any work when one row does not (pocketlm.memory)
+    max_memory: Optional[Union[StrictInt, str]] = None  # bytes, or a size such as 2GiB / 512MB
+
+    @field_validator("max_memory")
+    @classmethod
+    def _memory_size(cls, v: Optional[Union[int, str]]) -> Optional[Union[int, str]]:
+        if v is not None:
+            from pocketlm.memory import parse_bytes
+
+            parse_bytes(v)  # a ValueError naming the value; pydantic reports it under max_memory
+        return v
+
+    def max_memory_bytes(self) -> Optional[int]:
+        from pocketlm.memory import parse_bytes
+
+        return None if self.max_memory is None else parse_bytes(self.max_memory)
 
 
 # ---------------------------------------------------------------------------------------------- loading

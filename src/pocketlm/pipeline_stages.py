@@ -186,6 +186,7 @@ def _distill_inputs(ctx: Context, ce_only: bool = False) -> dict[str, Any]:
     cfg = ctx.cfg
     dcfg = cfg.distill_config(".", ce_only=ce_only).model_dump(mode="json")
     dcfg.pop("output_dir")
+    dcfg.pop("max_memory")  # it picks batch sizes, never what is computed
     src = cfg.data.source
     data_id = path_identity(src) if src and Path(src).expanduser().exists() else src
     return {"config": dcfg, "teacher": model_identity(cfg.teacher), "data": data_id}
@@ -336,7 +337,8 @@ def perplexity_stage(ctx: Context) -> StageOutput:
             res = perplexity_results(
                 model, tok, docs, model_spec=ctx.spec(role), data_source=source, max_length=p.max_length,
                 stride=p.stride, detokenize=p.detokenize, batch_size=ctx.cfg.eval.batch_size,
-                precision=ctx.cfg.eval.precision, seed=ctx.seed, progress=ctx.progress)
+                precision=ctx.cfg.eval.precision, seed=ctx.seed, progress=ctx.progress,
+                max_memory=ctx.cfg.max_memory_bytes())
             res.model["role"] = role
             by_role[role] = res
         _against_teacher(by_role, lambda res, base: perplexity_deltas(res, base, seed=ctx.seed))
@@ -426,7 +428,7 @@ def bias_stage(ctx: Context) -> StageOutput:
         res, run = audit_bias(
             b.suite, data, student, tok, model_spec=ctx.spec("student"), baseline=teacher,
             baseline_spec=ctx.spec("teacher"), batch_size=b.batch_size, seed=ctx.seed,
-            n_resamples=ctx.cfg.audit.n_resamples, progress=ctx.progress,
+            n_resamples=ctx.cfg.audit.n_resamples, progress=ctx.progress, max_memory=ctx.cfg.max_memory_bytes(),
             settings={"limit": b.limit, "n_items": len(data.items), "n_total": data.n_total})
         res.model["role"] = "student"
         t_metrics, _ = compute_metrics(BIAS_SUITES.get(b.suite).statistics, run.baseline_arrays, run.groups,
@@ -480,7 +482,8 @@ def toxicity_stage(ctx: Context) -> StageOutput:
         for role in AUDIT_ROLES:
             model, tok = ctx.model(role)
             scored[role] = generate_scored(model, tok, texts, settings, scorer, sentiment=sentiment,
-                                           progress=ctx.progress, desc=f"{t.entry}: {role}")
+                                           progress=ctx.progress, desc=f"{t.entry}: {role}",
+                                           max_memory=ctx.cfg.max_memory_bytes())
         gen = write_generations(ctx.out / "audit" / f"{t.entry}.generations.jsonl", prompts, scored["student"],
                                 scored["teacher"])
         entries += [Entry(role, t.entry, _toxicity_results(ctx, t, role, prompts, loaded, scored, settings, scorer,

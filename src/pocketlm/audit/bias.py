@@ -295,6 +295,7 @@ def audit_bias(
     n_resamples: int = DEFAULT_RESAMPLES,
     progress: bool = False,
     settings: dict[str, Any] | None = None,
+    max_memory: int | None = None,
 ) -> tuple[Results, BiasRun]:
     """Score one suite's items with a causal LM (and a baseline LM on the same items) → ``Results(kind="bias")``."""
     from pocketlm.provenance import provenance
@@ -302,11 +303,12 @@ def audit_bias(
     start = time.perf_counter()
     suite = BIAS_SUITES.get(suite_name)
     scorer = model_scorer(model, tokenizer, batch_size=batch_size, max_length=max_length, precision=precision,
-                          progress=progress, desc=f"{suite_name} (model)")
+                          progress=progress, desc=f"{suite_name} (model)", max_memory=max_memory)
     base_scorer = None
     if baseline is not None:
         base_scorer = model_scorer(baseline[0], baseline[1], batch_size=batch_size, max_length=max_length,
-                                   precision=precision, progress=progress, desc=f"{suite_name} (baseline)")
+                                   precision=precision, progress=progress, desc=f"{suite_name} (baseline)",
+                                   max_memory=max_memory)
     run = run_bias_suite(suite_name, data.items, scorer, baseline_scorer=base_scorer, seed=seed,
                          n_resamples=n_resamples)
     results = Results(

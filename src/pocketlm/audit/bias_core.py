@@ -77,7 +77,7 @@ def encode_requests(tokenizer, requests: Sequence[TextRequest]) -> list[tuple[li
 
 def model_scorer(
     model, tokenizer, *, batch_size: int = 16, max_length: int | None = None, precision: str = "fp32",
-    progress: bool = False, desc: str = "scoring",
+    progress: bool = False, desc: str = "scoring", max_memory: int | None = None,
 ) -> Scorer:
     """A scorer backed by a causal LM: lm-eval's encoding, then `score_continuations` (batched, longest first;
     ``precision`` as there: fp32, or bf16 for the model body with the output layer and log-softmax in fp32)."""
@@ -89,7 +89,7 @@ def model_scorer(
     def score(requests: Sequence[TextRequest]) -> list[tuple[float, int]]:
         encoded = encode_requests(tokenizer, requests)
         answers = score_continuations(model, encoded, batch_size=batch_size, max_length=limit, precision=precision,
-                                      progress=progress, desc=desc)
+                                      progress=progress, desc=desc, max_memory=max_memory)
         return [(ll, len(cont)) for (ll, _), (_, cont) in zip(answers, encoded)]
 
     return score

@@ -73,10 +73,10 @@ class Scored:
 
 def generate_scored(model, tokenizer, prompts: Sequence[str], settings: GenerationSettings,
                     scorer: ToxicityScorer, *, sentiment: bool = False, progress: bool = False,
-                    desc: str = "generating") -> Scored:
+                    desc: str = "generating", max_memory: int | None = None) -> Scored:
     """k continuations per prompt (batched, KV cache, per-item seeds), each scored for toxicity (and sentiment)."""
     t0 = time.perf_counter()
-    out = generate(model, tokenizer, list(prompts), settings, progress=progress, desc=desc)
+    out = generate(model, tokenizer, list(prompts), settings, progress=progress, desc=desc, max_memory=max_memory)
     flat = [t for row in out.texts for t in row]
     shape = (len(prompts), settings.num_samples)
     tox = scorer(flat).reshape(shape)  # [p, k]

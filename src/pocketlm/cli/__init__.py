@@ -40,13 +40,15 @@ def distill(
     set_: List[str] = typer.Option([], "--set", help="Override a config field: --set train.steps=100 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in output_dir from its latest checkpoint."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget for the teacher cache "
+                                             "build (weights + one batch), e.g. 2GiB (the config's max_memory)."),
 ) -> None:
     """Distill a teacher into a student as the config says; writes checkpoints and the final student folder."""
     from pocketlm.config import DistillConfig, load_config
     from pocketlm.distill.run import run_distill
 
     try:
-        cfg = load_config(DistillConfig, config, set_)
+        cfg = load_config(DistillConfig, config, [*set_, *([f"max_memory={max_memory}"] if max_memory else [])])
         result = run_distill(cfg, resume=resume, progress=not quiet)
     except _EXPECTED as e:
         _fail(e)

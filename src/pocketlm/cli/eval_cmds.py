@@ -24,6 +24,9 @@ def eval_perplexity(
     batch_size: int = typer.Option(8, help="Most windows per forward pass."),
     max_batch_tokens: int = typer.Option(16384, help="Most padded tokens per forward pass (bounds memory)."),
     max_documents: Optional[int] = typer.Option(None, help="Score only the first N documents."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget for the weights and one "
+                                             "batch, e.g. 2GiB: batches shrink to fit; refused if one window "
+                                             "does not."),
     dtype: str = typer.Option("float32", help="Weights' dtype when loading: float32 or bfloat16."),
     precision: str = typer.Option("auto", help="fp32; bf16 (the model body in bf16 autocast, output layer and "
                                                "log-softmax in fp32: ~2x faster, figures within 0.02 % of fp32 "
@@ -36,7 +39,10 @@ def eval_perplexity(
     from pocketlm.eval.perplexity import DETOKENIZERS, check_max_length, perplexity_results
     from pocketlm.models.load import load_model
 
+    from pocketlm.memory import parse_bytes
+
     try:
+        budget = None if max_memory is None else parse_bytes(max_memory)
         if detokenize is not None and detokenize not in DETOKENIZERS:
             raise ValueError(f"unknown --detokenize {detokenize!r}; valid: {', '.join(DETOKENIZERS)}")
         docs = read_documents(data, field=field, split=split, max_documents=max_documents, txt_split=txt_split)
@@ -46,7 +52,7 @@ def eval_perplexity(
         res = perplexity_results(
             m, tok, docs, model_spec=model, data_source=data, max_length=max_length, stride=stride,
             detokenize=detokenize, batch_size=batch_size, max_batch_tokens=max_batch_tokens, precision=precision,
-            progress=not quiet,
+            progress=not quiet, max_memory=budget,
         )
         res.settings["txt_split"] = txt_split
         path = res.write(out)

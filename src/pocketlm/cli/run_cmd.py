@@ -6,7 +6,7 @@ error (including a gate that names a result that does not exist).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import typer
 
@@ -21,13 +21,15 @@ def run_cmd(
                                                         "bias, toxicity, size, attention."),
     set_: List[str] = typer.Option([], "--set", help="Override a config field: --set train.steps=100 (repeatable)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget per model for its weights "
+                                             "and one batch, e.g. 2GiB (the config's max_memory)."),
 ) -> None:
     """Distill → evaluate → audit → inspect, then results.json, an HTML report, a model card and the gates."""
     from pocketlm.config_pipeline import load_pipeline_config
     from pocketlm.pipeline import run_pipeline
 
     try:
-        cfg = load_pipeline_config(config, set_)
+        cfg = load_pipeline_config(config, [*set_, *([f"max_memory={max_memory}"] if max_memory else [])])
         outcome = run_pipeline(cfg, force=force, progress=not quiet)
     except _EXPECTED as e:
         _fail(e)

@@ -101,13 +101,23 @@ def build_teacher_cache(
     batch_size: int = 8,
     shard_blocks: int = 256,
     progress: bool = True,
+    max_memory: int | None = None,
 ) -> "TeacherCache":
-    """Run the teacher once over `blocks` [n, L] and write the cache; shards already written are kept (resume)."""
+    """Run the teacher once over `blocks` [n, L] and write the cache; shards already written are kept (resume).
+
+    `max_memory` (bytes): teacher weights plus one batch's working set must fit; the batch is the largest up to
+    `batch_size` that does (`pocketlm.memory`), and a budget too small for one block is refused before any work."""
     out = Path(out_dir)
     n, L = blocks.shape
     vocab = teacher.get_output_embeddings().weight.shape[0]
     if not 1 <= k <= vocab:
         raise ValueError(f"cache k must be between 1 and the vocabulary size {vocab}, got {k}")
+    if max_memory is not None:
+        from pocketlm.memory import Footprint, largest_batch
+
+        fp = Footprint.of(teacher)
+        batch_size = largest_batch(lambda b: fp.teacher_cache(b, L, k, min(shard_blocks, n)), batch_size, fp,
+                                   max_memory, f"the teacher cache ({L}-token blocks, top-{k})")
     manifest = CacheManifest(
         teacher_fingerprint=teacher_fingerprint,
         tokenizer_fingerprint=tokenizer_fingerprint,

@@ -117,6 +117,7 @@ def get_cache(cfg: DistillConfig, prep: Prepared, progress: bool) -> TeacherCach
         prep.teacher, prep.blocks.train, Path(cfg.output_dir) / "teacher_cache", k=cfg.distill.top_k,
         teacher_fingerprint=prep.teacher_fingerprint, tokenizer_fingerprint=prep.tokenizer_fingerprint,
         data_hash=prep.blocks.data_hash, batch_size=cfg.train.eval_batch_size, progress=progress,
+        max_memory=cfg.max_memory_bytes(),
     )
 
 

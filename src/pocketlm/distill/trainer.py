@@ -73,7 +73,7 @@ def batch_indices(n_blocks: int, batch_size: int, seed: int, micro_step: int) ->
 
 
 # settings that may change between a run and its resumption without changing what is computed
-_RESUME_FREE = {"train.eval_every", "train.save_every", "train.keep_checkpoints", "train.eval_batch_size"}
+_RESUME_FREE = {"train.eval_every", "train.save_every", "train.keep_checkpoints", "train.eval_batch_size", "max_memory"}
 
 
 def _differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:

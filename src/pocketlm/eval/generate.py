@@ -116,6 +116,24 @@ def _cut(text: str, stop: Sequence[str]) -> str:
     return text[:cut]
 
 
+def _batches(widths: list[int], settings: GenerationSettings, model, max_memory: int | None) -> list[tuple[int, int]]:
+    """[start, stop) of each batch over rows sorted longest first: ``batch_size`` rows, fewer where the memory
+    budget says so (the first row of a batch is its widest)."""
+    if max_memory is None:
+        return [(i, min(i + settings.batch_size, len(widths))) for i in range(0, len(widths), settings.batch_size)]
+    from pocketlm.memory import Footprint, largest_batch
+
+    fp = Footprint.of(model)
+    out, start = [], 0
+    while start < len(widths):
+        width = widths[start]
+        fit = largest_batch(lambda b: fp.generation(b, width, settings.max_new_tokens), settings.batch_size, fp,
+                            max_memory, f"generation ({width}-token prompt, {settings.max_new_tokens} new tokens)")
+        out.append((start, min(start + fit, len(widths))))
+        start = out[-1][1]
+    return out
+
+
 def generate(
     model: torch.nn.Module,
     tokenizer,
@@ -124,8 +142,13 @@ def generate(
     *,
     progress: bool = False,
     desc: str = "generating",
+    max_memory: int | None = None,
 ) -> GenerationOutput:
-    """Continuations of each prompt (``settings.num_samples`` of them), in the order of ``prompts``."""
+    """Continuations of each prompt (``settings.num_samples`` of them), in the order of ``prompts``.
+
+    ``max_memory`` (bytes): each batch holds at most ``settings.batch_size`` rows and as many as the model's
+    weights plus the batch's estimated peak allow (`pocketlm.memory`); a budget too small for the longest prompt
+    alone is refused before anything is generated. Batching never changes what is written."""
     if isinstance(prompts, str):
         raise TypeError("prompts must be a sequence of strings, not one string")
     if len(prompts) == 0:
@@ -147,12 +170,13 @@ def generate(
         eos_token_id=eos, bos_token_id=tokenizer.bos_token_id, temperature=None, top_p=None, top_k=None,
     )
     new_tokens = 0
+    batches = _batches([len(encoded[p]) for p, _ in rows], settings, model, max_memory)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode(), tqdm(total=len(rows), desc=desc, disable=not progress or not dist.is_main()) as bar:
-            for start in range(0, len(rows), settings.batch_size):
-                batch = rows[start : start + settings.batch_size]
+            for start, stop in batches:
+                batch = rows[start:stop]
                 width = max(len(encoded[p]) for p, _ in batch)
                 input_ids = torch.full((len(batch), width), pad, dtype=torch.long)  # [b, t] left-padded
                 attention_mask = torch.zeros(len(batch), width, dtype=torch.long)  # [b, t]

@@ -238,13 +238,15 @@ def document_perplexities(
     max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
     precision: str = "fp32",
     progress: bool = True,
+    max_memory: int | None = None,
 ) -> list[PerplexityResult]:
     """Per-document sums (one :class:`PerplexityResult` per document, in order; empty ones are skipped).
 
     ``detokenize`` names a :data:`DETOKENIZERS` entry applied to the text the model scores; words and bytes are
     counted on the original text, as lm-eval's wikitext task counts them. Windows of all documents are batched
     together (longest first, at most ``batch_size`` rows and ``max_batch_tokens`` padded tokens per forward).
-    ``precision="bf16"`` runs the model body in bf16 and its output layer and log-softmax in fp32.
+    ``precision="bf16"`` runs the model body in bf16 and its output layer and log-softmax in fp32. ``max_memory``
+    (bytes) shrinks batches to fit weights + one batch's estimated peak (see ``score_continuations``).
     """
     if isinstance(documents, str):
         raise TypeError("documents must be a sequence of strings, not one string")
@@ -272,7 +274,7 @@ def document_perplexities(
 
     scores = score_continuations(
         model, requests, batch_size=batch_size, max_length=max_length, max_batch_tokens=max_batch_tokens,
-        precision=precision, progress=progress, desc="perplexity",
+        precision=precision, progress=progress, desc="perplexity", max_memory=max_memory,
     )
     per_doc: list[list[float]] = [[] for _ in kept]
     for d, (ll, _) in zip(owner, scores):
@@ -352,6 +354,7 @@ def perplexity_results(
     precision: str = "fp32",
     seed: int = 0,
     progress: bool = True,
+    max_memory: int | None = None,
 ) -> Results:
     """Perplexity as a typed ``results.json`` document: figures with intervals, sums, settings, provenance."""
     from pocketlm.data.text import hash_documents
@@ -363,6 +366,7 @@ def perplexity_results(
     per_doc = document_perplexities(
         model, tokenizer, documents, max_length=max_length, stride=stride, detokenize=detokenize,
         batch_size=batch_size, max_batch_tokens=max_batch_tokens, precision=precision, progress=progress,
+        max_memory=max_memory,
     )
     total = sum(per_doc, PerplexityResult(0.0, 0, 0, 0, 0))
     dtype = next(model.parameters()).dtype
@@ -374,7 +378,8 @@ def perplexity_results(
             "max_length": max_length, "stride": stride, "windows": "rolling" if stride is None else "strided",
             "detokenize": detokenize, "prefix_token_id": prefix_token_id(tokenizer), "dtype": str(dtype),
             "precision": resolve_precision(precision, next(model.parameters()).device),
-            "batch_size": batch_size, "max_batch_tokens": max_batch_tokens, "bootstrap_seed": seed,
+            "batch_size": batch_size, "max_batch_tokens": max_batch_tokens, "max_memory": max_memory,
+            "bootstrap_seed": seed,
         },
         metrics=perplexity_metrics(per_doc, seed=seed),
         details={"sums": asdict(total), "per_document": [asdict(r) for r in per_doc]},
