@@ -209,8 +209,9 @@ def test_damaged_cache_shard_is_refused_by_name(tmp_path, tokenizer, damage):
 
 
 def test_damaged_shard_in_a_run_is_named_and_rebuilt(tmp_path, teacher_dir, corpus_file, reference):
-    """1 fault: a bit flipped in the middle of the run's first cache shard before a resume. The run names the
-    shard, rebuilds it from the teacher (never trains on it) and ends bit-identical to the reference."""
+    """2 faults: a NaN in step 3's teacher log-probs stops the run (so there is a run to resume), then a bit is
+    flipped in the middle of its first cache shard. The resume names the shard, rebuilds it from the teacher
+    (never trains on it) and ends bit-identical to the reference."""
     cfg = config(teacher_dir, corpus_file, tmp_path / "run", steps=6)
     with pytest.raises(NonFiniteLossError):  # stop at step 3 (a transient fault) so there is something to resume
         with pytest.MonkeyPatch.context() as m:
