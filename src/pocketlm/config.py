@@ -17,7 +17,8 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # a NaN or infinite float is refused by name (lr: .inf would train to NaN, and NaN passes every bound check)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
 
 def _registered(registry, name: str) -> str:
@@ -202,6 +203,18 @@ class DistillConfig(_Strict):
 
 
 # ---------------------------------------------------------------------------------------------- loading
+def load_yaml_text(text: str) -> Any:
+    """``yaml.safe_load``, every way it fails on bad text a ValueError with the reason: besides its own errors, its
+    constructors raise ValueError, IndexError or TypeError (a date 2024-13-45, an empty ``!!int``, an int past
+    Python's digit limit) and its composer RecursionError (text nested thousands deep)."""
+    try:
+        return yaml.safe_load(text)
+    except RecursionError:
+        raise ValueError("it nests too deeply") from None
+    except Exception as e:  # noqa: BLE001 - see above; none of them is a config error of ours yet
+        raise ValueError(str(e) or type(e).__name__) from None
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b.c=value` → (["a", "b", "c"], value parsed as YAML)."""
     if "=" not in text:
@@ -211,8 +224,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise ConfigError(f"--set {text!r}: empty key segment")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
+        value = load_yaml_text(raw) if raw.strip(" \t\r\n") else None  # YAML's blanks: a lone U+00A0 is text
+    except ValueError as e:
         raise ConfigError(f"--set {text!r}: value is not valid YAML ({e})") from None
     return parts, value
 
@@ -252,8 +265,8 @@ def load_config(model: type[BaseModel], path: str | Path | None = None, override
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            tree = load_yaml_text(p.read_text(encoding="utf-8")) or {}
+        except ValueError as e:  # UnicodeDecodeError too
             raise ConfigError(f"{p} is not valid YAML: {e}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of keys, got {type(tree).__name__}")

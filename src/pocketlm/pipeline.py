@@ -160,11 +160,11 @@ def run_pipeline(cfg: PipelineConfig, *, force: Iterable[str] = (), progress: bo
     if unknown:
         raise ValueError(f"--force {', '.join(sorted(unknown))}: no such stage; stages: {', '.join(ORDER)}")
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     check_outputs(out, OUTPUTS)
     ctx = Context(cfg, out, progress=progress)
     ctx.forced = force
     check_inputs(ctx)
+    out.mkdir(parents=True, exist_ok=True)  # after the checks: bad input leaves no empty output folder behind
     status: dict[str, dict[str, Any]] = {}
     ran, reused = [], []
     for name in ORDER:

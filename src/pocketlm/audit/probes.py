@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from scipy import stats as sps
 
@@ -90,12 +89,21 @@ def load_probes(path: str | Path | None = None, sets: Sequence[str] | None = Non
     path = Path(path) if path is not None else shipped_probes()
     if not path.is_file():
         raise FileNotFoundError(f"probe file {path} does not exist")
+    from pocketlm.config import load_yaml_text
+    from pocketlm.data.text import read_utf8
+
+    text = read_utf8(path)  # not UTF-8: a DataError naming the line
     try:
-        parsed = ProbeFile.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
-    except yaml.YAMLError as e:
+        tree = load_yaml_text(text)
+    except ValueError as e:
         raise ValueError(f"{path} is not valid YAML: {e}") from None
+    if tree is None:
+        raise ValueError(f"{path} is empty; a probe file holds `sets:` (see {shipped_probes()})")
+    try:
+        parsed = ProbeFile.model_validate(tree)
     except ValidationError as e:
-        errors = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
+        errors = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or '(top level)'}: {err['msg']}"
+                           for err in e.errors())
         raise ValueError(f"{path}: {errors}") from None
     if not sets:
         return dict(parsed.sets)

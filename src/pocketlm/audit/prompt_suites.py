@@ -215,8 +215,12 @@ def _json_line(path: Path, lineno: int, line: str) -> dict:
 
 
 def load_suite(name: str, path: str | Path) -> PromptSuite:
-    """The suite registered as ``name``, read from ``path``."""
-    return SUITES.get(name)(Path(path))
+    """The suite registered as ``name``, read from ``path``; one with no prompts is refused here, before any model
+    is loaded."""
+    suite = SUITES.get(name)(Path(path))
+    if not suite.prompts:
+        raise ValueError(f"{path} holds no prompts (its {name} files are empty)")
+    return suite
 
 
 def select(prompts: Sequence[Prompt], limit: int | None, seed: int = 0) -> list[Prompt]:

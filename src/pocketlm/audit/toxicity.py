@@ -200,15 +200,22 @@ def read_labelled(path: str | Path, text_column: str, label_column: str) -> tupl
 
     import pandas as pd
 
+    from pocketlm.data.text import count_utf8_lines, first_line
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"labelled set {path} does not exist")
-    if path.suffix == ".jsonl":
-        frame = pd.read_json(path, lines=True, dtype=False)
-    elif path.suffix in (".csv", ".tsv"):
-        frame = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
-    else:
+    if path.suffix not in (".jsonl", ".csv", ".tsv"):
         raise ValueError(f"{path}: a labelled set is a .csv, .tsv or .jsonl file")
+    if count_utf8_lines(path) <= (path.suffix != ".jsonl"):  # not UTF-8: the line and byte
+        raise ValueError(f"{path} holds no rows")
+    try:
+        if path.suffix == ".jsonl":
+            frame = pd.read_json(path, lines=True, dtype=False)
+        else:
+            frame = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
+    except ValueError as e:  # pandas' parser errors (a ragged row, bad JSON) say where, but not which file
+        raise ValueError(f"could not read {path}: {first_line(e)}") from None
     for col in (text_column, label_column):
         if col not in frame.columns:
             raise ValueError(f"{path} has no column {col!r}; its columns are: {[str(c) for c in frame.columns]}")

@@ -221,12 +221,21 @@ def _require_columns(columns: Sequence[str], fields: Sequence[str], where: str) 
 
 
 def _read_table(path: Path, builder: str):
-    import datasets
+    from pocketlm.data.text import DataError, read_table
 
     try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
-    except Exception as e:  # noqa: BLE001 - datasets raises many types for a bad file
-        raise SuiteError(f"could not read {path} as {builder}: {str(e).splitlines()[0]}") from None
+        return read_table(path, builder)  # an empty file, no rows, not UTF-8 or unparseable: named
+    except DataError as e:
+        raise SuiteError(str(e)) from None
+
+
+def _read_text(path: Path) -> str:
+    from pocketlm.data.text import DataError, read_utf8
+
+    try:
+        return read_utf8(path)
+    except DataError as e:  # not UTF-8: the line and byte
+        raise SuiteError(str(e)) from None
 
 
 def _one_file(path: Path, pattern: str, what: str) -> list[Path]:
@@ -305,7 +314,7 @@ def _stereoset_local(path: Path) -> list[StereoSetItem]:
         # One nested JSON document (the official file keeps items under data.intrasentence): not a table, so it
         # is read with json rather than `datasets`.
         try:
-            doc = json.loads(f.read_text(encoding="utf-8"))
+            doc = json.loads(_read_text(f))
         except json.JSONDecodeError as e:
             raise SuiteError(f"{f} line {e.lineno}: not valid JSON ({e.msg})") from None
         if isinstance(doc, dict) and isinstance(doc.get("data"), dict):
@@ -434,7 +443,7 @@ def _wino_file(path: Path) -> dict[int, str]:
     if not path.is_file():
         raise SuiteError(f"WinoBias file not found: {path}")
     out: dict[int, str] = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         m = _WINO_LINE.match(line)

@@ -26,15 +26,63 @@ class DataError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- reading documents
-def _read_txt(path: Path) -> str:
+def _not_utf8(path: Path, line: int, byte: int, reason: str) -> DataError:
+    return DataError(f"{path} is not UTF-8 text: line {line}, byte {byte} ({reason}); convert it to UTF-8 first")
+
+
+def read_utf8(path: str | os.PathLike) -> str:
+    """A text file's contents; a file that is not UTF-8 is a `DataError` naming the line and byte."""
+    path = Path(path)
     raw = path.read_bytes()
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(
-            f"{path} is not UTF-8 text: line {line}, byte {e.start} ({e.reason}); convert it to UTF-8 first"
-        ) from None
+        raise _not_utf8(path, raw.count(b"\n", 0, e.start) + 1, e.start, e.reason) from None
+
+
+def count_utf8_lines(path: str | os.PathLike) -> int:
+    """Non-blank lines of a text file, read line by line (any size); not UTF-8 is a `DataError` naming the line."""
+    path, n, offset = Path(path), 0, 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):  # a newline byte is never part of a multi-byte UTF-8 character
+            try:
+                n += bool(raw.decode("utf-8").strip())
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, lineno, offset + e.start, e.reason) from None
+            offset += len(raw)
+    return n
+
+
+def first_line(e: BaseException) -> str:
+    """An error's first message line (its type's name when it has no message)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _innermost(e: BaseException) -> str:
+    """The first line of the innermost error's message (`datasets` wraps the parser's own, which says where)."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    return first_line(e)
+
+
+def read_table(path: str | os.PathLike, builder: str):
+    """A local .jsonl/.json/.csv (builder json/csv) or .parquet file as a `datasets.Dataset`, refusing by name what
+    `datasets` reports badly or not at all: an empty file, a CSV with a header and no rows, text that is not UTF-8
+    (`datasets` stores the bytes and fails later, far from the file), or a file its parser cannot read."""
+    import datasets
+
+    path = Path(path)
+    if builder in ("json", "csv"):
+        lines = count_utf8_lines(path)
+        if lines <= (builder == "csv"):
+            raise DataError(f"{path} holds no rows" + (" (only a header)" if lines else " (the file is empty)"))
+    elif path.stat().st_size == 0:
+        raise DataError(f"{path} holds no rows (the file is empty)")
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as e:  # noqa: BLE001 - datasets raises many types for a bad file
+        raise DataError(f"could not read {path} as {builder}: {_innermost(e)}") from None
 
 
 def _split_blank_lines(text: str) -> list[str]:
@@ -98,16 +146,12 @@ def read_documents(
     text = str(source)
     path = Path(text).expanduser()
     if path.is_dir() and any(path.glob("*.txt")):
-        docs = [_read_txt(p) for p in sorted(path.glob("*.txt"))]
+        docs = [read_utf8(p) for p in sorted(path.glob("*.txt"))]
     elif path.is_file() and path.suffix in (".txt", ".raw", ".md"):
-        docs = TXT_SPLITS[txt_split](_read_txt(path))
+        docs = TXT_SPLITS[txt_split](read_utf8(path))
     elif path.is_file() and path.suffix in (".jsonl", ".json", ".parquet", ".csv"):
         builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}[path.suffix]
-        try:
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
-        except Exception as e:  # noqa: BLE001 - datasets raises many types for a bad file
-            raise DataError(f"could not read {path} as {builder}: {str(e).splitlines()[0]}") from None
-        docs = _from_dataset(ds, field, str(path))
+        docs = _from_dataset(read_table(path, builder), field, str(path))
     elif path.exists() and path.is_file():
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .txt, .jsonl, .parquet or .csv")
     elif not path.exists() and text.startswith((".", "/", "~")):
@@ -117,7 +161,7 @@ def read_documents(
             ds = datasets.load_dataset(text, split=split)
         except Exception as e:  # noqa: BLE001
             raise DataError(
-                f"could not load the dataset {text!r} (split {split!r}): {str(e).splitlines()[0]}. "
+                f"could not load the dataset {text!r} (split {split!r}): {first_line(e)}. "
                 f"Offline? Pass a local file or folder instead."
             ) from None
         docs = _from_dataset(ds, field, f"dataset {text!r}")

@@ -48,10 +48,20 @@ def _corpus_path(out: Path, cfg: DistillConfig, teacher_fp: str) -> Path:
     return out / "data" / f"teacher-corpus-{key.hexdigest()[:12]}.jsonl"
 
 
-def load_documents(cfg: DistillConfig, teacher, tokenizer, teacher_fp: str, out: Path, progress: bool) -> list[str]:
+def source_documents(cfg: DistillConfig) -> list[str] | None:
+    """The documents of `data.source` (None when the teacher writes the corpus); a missing, empty or non-UTF-8
+    source is refused here, before the teacher is loaded."""
     d = cfg.data
-    if d.source is not None:
-        return read_documents(d.source, field=d.field, split=d.split, max_documents=d.max_documents)
+    if d.source is None:
+        return None
+    return read_documents(d.source, field=d.field, split=d.split, max_documents=d.max_documents)
+
+
+def load_documents(cfg: DistillConfig, teacher, tokenizer, teacher_fp: str, out: Path, progress: bool) -> list[str]:
+    docs = source_documents(cfg)
+    if docs is not None:
+        return docs
+    d = cfg.data
     path = _corpus_path(out, cfg, teacher_fp)
     if path.is_file():
         return read_documents(path, field="text")
@@ -76,11 +86,13 @@ def load_documents(cfg: DistillConfig, teacher, tokenizer, teacher_fp: str, out:
 def prepare(cfg: DistillConfig, *, progress: bool = True, teacher=None, tokenizer=None) -> Prepared:
     """Load the teacher and build the token blocks (both reused by every student of the run)."""
     out = Path(cfg.output_dir)
+    docs = source_documents(cfg)  # bad data fails before the teacher is loaded
     if teacher is None:
         teacher, tokenizer = load_model(cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code)
         teacher.to(dist.device())  # this process's accelerator (cuda:local_rank under a launcher), else the CPU
     t_fp, k_fp = fingerprint_model(teacher), fingerprint_tokenizer(tokenizer)
-    docs = load_documents(cfg, teacher, tokenizer, t_fp, out, progress)
+    if docs is None:
+        docs = load_documents(cfg, teacher, tokenizer, t_fp, out, progress)
     blocks = build_blocks(
         docs, tokenizer, block_size=cfg.data.block_size, val_fraction=cfg.data.val_fraction, seed=cfg.train.seed,
         cache_dir=out / "data", tokenizer_fingerprint=k_fp,
@@ -155,7 +167,6 @@ def run_distill(
 ) -> DistillResult:
     dist.init()  # under torchrun / accelerate launch: join the process group (no-op for one process)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     check_outputs(out, OUTPUTS)
     if not resume and latest_checkpoint(out / "checkpoints") is not None:
         raise FileExistsError(
@@ -164,6 +175,7 @@ def run_distill(
     dist.barrier()  # every rank has checked for old checkpoints before anyone can write a new one
     with dist.main_first():  # rank 0 writes the teacher corpus and the token blocks; the others then read them
         prep = prepared or prepare(cfg, progress=progress and dist.is_main())
+    out.mkdir(parents=True, exist_ok=True)  # only now: a bad teacher or data leaves no empty run folder behind
     cache = get_cache(cfg, prep, progress and dist.is_main()) if cfg.distill.mode == "cache" else None
     student = build_student(cfg, prep.teacher)
     trainer = Trainer(

@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from pocketlm.data.text import DataError, hash_documents
+from pocketlm.data.text import DataError, first_line, hash_documents, read_table
 from pocketlm.eval.generate import GenerationSettings, generate
 from pocketlm.report.results import Metric, Results, model_info
 from pocketlm.stats import DEFAULT_RESAMPLES, mean_ci
@@ -157,11 +157,6 @@ def rouge_metrics(items: Sequence[Scores], *, seed: int = 0, n_resamples: int = 
 
 
 # ---------------------------------------------------------------------------------------------- reading data
-def _first_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
-
-
 def _load_table(source: str, split: str):
     """A `datasets.Dataset` from a .jsonl/.json/.parquet/.csv file, a local dataset folder or a hub name."""
     import datasets
@@ -169,20 +164,15 @@ def _load_table(source: str, split: str):
     path = Path(source).expanduser()
     builders = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
     if path.is_file():
-        if not path.read_bytes().strip():
-            raise DataError(f"{path} holds no rows (the file is empty)")
         if path.suffix not in builders:
             raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json, .parquet or .csv")
-        try:
-            return datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train")
-        except Exception as e:  # noqa: BLE001 - datasets raises many types for a bad file
-            raise DataError(f"could not read {path} as {builders[path.suffix]}: {_first_line(e)}") from None
+        return read_table(path, builders[path.suffix])  # empty, no rows, not UTF-8 or unparseable: named
     if not path.exists() and source.startswith((".", "/", "~")):
         raise DataError(f"data not found: {path}")
     try:
         return datasets.load_dataset(source, split=split)
     except Exception as e:  # noqa: BLE001
-        raise DataError(f"could not load the dataset {source!r} (split {split!r}): {_first_line(e)}. "
+        raise DataError(f"could not load the dataset {source!r} (split {split!r}): {first_line(e)}. "
                         f"Offline? Pass a local file or folder instead.") from None
 
 

@@ -157,6 +157,7 @@ def load_model(
     except Exception as e:  # noqa: BLE001 - re-raised with what to do
         raise _explain(ms, e) from e
     tokenizer = load_tokenizer(ms, trust_remote_code=trust_remote_code)
+    _check_tokenizer_fits(ms, model, tokenizer)
     model.eval()
     if ms.gguf_file:
         # keep the user's name in the config so fingerprints and reports say where the model came from
@@ -164,8 +165,42 @@ def load_model(
     return model, tokenizer
 
 
+def _check_tokenizer_fits(ms: ModelSpec, model, tokenizer) -> None:
+    """Refuse a tokenizer whose ids run past the model's embedding rows (it belongs to other weights): such ids
+    would fail deep inside the first forward pass, or in a distillation, compare different tokens by index."""
+    try:
+        rows = model.get_input_embeddings().weight.shape[0]
+    except (AttributeError, NotImplementedError):
+        return
+    top = max(tokenizer.get_vocab().values(), default=-1)
+    if top >= rows:
+        raise ModelLoadError(
+            f"{ms.describe()}: the tokenizer has ids up to {top} but the model embeds only {rows} tokens "
+            f"(ids 0-{rows - 1}); the tokenizer does not belong to these weights (vocabulary mismatch)")
+
+
+def _gguf_damage(path: Path) -> str | None:
+    """Why a GGUF file that failed to load is damaged (cut short, unreadable metadata), or None if it looks whole.
+    Only called after a failure: parsing the metadata of a large file takes seconds."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001 - a cut-short file fails in struct, numpy or the reader itself
+        return f"its metadata or tensors cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    need = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    size = path.stat().st_size
+    return f"its tensors need {need} bytes but the file has {size}" if need > size else None
+
+
 def _explain(ms: ModelSpec, e: Exception) -> ModelLoadError:
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, KeyError):
+        msg = f"missing entry {msg}"
+    if ms.kind in ("gguf", "embedded"):
+        damage = _gguf_damage(Path(ms.path) / str(ms.gguf_file))
+        if damage:
+            return ModelLoadError(f"{ms.describe()} is truncated or damaged: {damage}; download or convert it again")
     if ms.kind == "hub":
         hint = (
             "the machine is offline (HF_HUB_OFFLINE is set)" if _offline() else "it could not be fetched from the hub"

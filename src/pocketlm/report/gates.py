@@ -135,9 +135,26 @@ def is_bool(node: Node) -> bool:
     return isinstance(node, _BOOL)
 
 
+MAX_TOKENS = 256  # a real rule has a few dozen; bounds the depth of the trees that refs/unparse/evaluate recurse into
+MAX_NESTING = 32  # '(', '-' and 'not' inside one another; bounds the parser's own recursion
+
+
 class _Parser:
     def __init__(self, text: str) -> None:
-        self.text, self.tokens, self.i = text, tokenize(text), 0
+        self.text, self.tokens, self.i, self.depth = text, tokenize(text), 0, 0
+        if len(self.tokens) > MAX_TOKENS + 1:  # + the end token
+            raise self.error(f"the rule is longer than {MAX_TOKENS} tokens; split it into several gates",
+                             self.tokens[MAX_TOKENS])
+
+    def nested(self, tok: Token, operand: Callable[[], Node]) -> Node:
+        """``operand()`` one level deeper, refused past MAX_NESTING (a RecursionError is not a syntax error)."""
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise self.error(f"the rule nests '(', '-' and 'not' more than {MAX_NESTING} levels deep", tok)
+        try:
+            return operand()
+        finally:
+            self.depth -= 1
 
     def peek(self) -> Token:
         return self.tokens[self.i]
@@ -183,7 +200,7 @@ class _Parser:
         if self.peek().kind == "kw" and self.peek().text == "not":
             self.take()
             tok = self.peek()
-            return Not(self.expect_kind(self.not_(), True, tok, "'not'"))
+            return Not(self.expect_kind(self.nested(tok, self.not_), True, tok, "'not'"))
         return self.cmp()
 
     def cmp(self) -> Node:
@@ -219,7 +236,7 @@ class _Parser:
         if self.peek().kind == "op" and self.peek().text == "-":
             self.take()
             tok = self.peek()
-            return Neg(self.expect_kind(self.unary(), False, tok, "'-'"))
+            return Neg(self.expect_kind(self.nested(tok, self.unary), False, tok, "'-'"))
         return self.atom()
 
     def atom(self) -> Node:
@@ -230,7 +247,7 @@ class _Parser:
             name, _, group = tok.text.partition("[")
             return Ref(name, group[:-1].strip() if group else None)
         if tok.kind == "op" and tok.text == "(":
-            node = self.or_()
+            node = self.nested(tok, self.or_)
             if self.peek().text != ")" or self.peek().kind != "op":
                 raise self.error("missing ')'")
             self.take()

@@ -287,11 +287,11 @@ def run_train(cfg: VLMConfig, *, progress: bool = False) -> "Results":
         torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     check_outputs(out, ("text_lm", "stage1", "model", "metrics.jsonl", "results.json"))
     data = load_splits(cfg.data, ("train", "val"))
     train, val = data["train"], data.get("val")
     vlm = build_vlm(cfg, train.texts()).to(cfg.device)
+    out.mkdir(parents=True, exist_ok=True)  # after data and models load: bad input leaves no empty folder behind
     pixels = {k: vlm.processor.to_uint8(v.images) for k, v in data.items()}
     log_path = out / "metrics.jsonl"
     log_path.write_text("")
