@@ -80,7 +80,7 @@ def test_longest_requests_run_first(model):
 
     handle = model.get_decoder().register_forward_pre_hook(record, with_kwargs=True)
     try:
-        score_continuations(model, random_requests(10, seed=4), batch_size=3)
+        score_continuations(model, random_requests(10, seed=4), batch_size=3, pack=False)
     finally:
         handle.remove()
     widths = widths[2:]  # the first two calls are the one-off 8-token probe (whole model, then decoder alone)

@@ -319,10 +319,12 @@ def test_token_budget_batches_give_the_same_sums(model, tokenizer, docs):
     plain = perplexity(model, tokenizer, docs, max_length=6, batch_size=64, max_batch_tokens=None, progress=False)
     budget = perplexity(model, tokenizer, docs, max_length=6, batch_size=64, max_batch_tokens=7, progress=False)
     assert math.isclose(plain.loglikelihood, budget.loglikelihood, rel_tol=REL_TOL)
-    reqs = [([1], [5] * n) for n in (6, 6, 3, 2, 2, 1)]  # inputs of 6, 6, 3, 2, 2, 1 tokens, longest first
-    assert _batches(list(range(6)), reqs, 8, None, 12) == [[0, 1], [2, 3, 4, 5]]  # 2 x 6 then 4 x 3 padded
-    assert _batches(list(range(6)), reqs, 3, None, None) == [[0, 1, 2], [3, 4, 5]]
-    assert _batches(list(range(6)), reqs, 8, None, 4) == [[0], [1], [2], [3, 4], [5]]  # a row over budget runs alone
+    from pocketlm.eval.packing import plain_row
+
+    rows = [plain_row(i, [1] + [5] * (n - 1), 1, [5]) for i, n in enumerate((6, 6, 3, 2, 2, 1))]  # longest first
+    assert _batches(list(range(6)), rows, 8, 12) == [[0, 1], [2, 3, 4, 5]]  # 2 x 6 then 4 x 3 padded
+    assert _batches(list(range(6)), rows, 3, None) == [[0, 1, 2], [3, 4, 5]]
+    assert _batches(list(range(6)), rows, 8, 4) == [[0], [1], [2], [3, 4], [5]]  # a row over budget runs alone
 
 
 def test_wikitext_detokenizer_equals_lm_eval_and_counts_original_words(model, tokenizer):

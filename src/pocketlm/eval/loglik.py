@@ -25,8 +25,10 @@ import torch
 from tqdm.auto import tqdm
 
 from pocketlm import distributed as dist
+from pocketlm.eval import packing
 
 Request = tuple[list[int], list[int]]
+_UNPROBED = object()
 _ROWS_PER_CHUNK = 4096  # continuation tokens upcast to fp32 at once: 4096 x 49k vocab x 4 bytes = 0.8 GB
 
 
@@ -110,6 +112,7 @@ class _Forward:
         self.bf16 = resolve_precision(precision, device) == "bf16"
         self.decoder, self.head = self._split(model)
         self.kwargs = _forward_kwargs(self.decoder if self.decoder is not None else model)
+        self._mask_kind: object = _UNPROBED
         self.rows_per_chunk = _ROWS_PER_CHUNK  # lowered by a memory budget (`_memory_fit`)
 
     def _autocast(self):
@@ -147,22 +150,59 @@ class _Forward:
             return None, None
         return decoder, head
 
+    def mask_kind(self) -> str | None:
+        """How this model takes a prefix-tree mask ("bool" for SDPA-style attention, "additive" for eager), or None
+        where packed rows do not give the same log-probabilities as separate rows (checked once, numerically)."""
+        if self._mask_kind is _UNPROBED:
+            self._mask_kind = None
+            impl = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
+            kind = "additive" if impl == "eager" else "bool"
+            try:
+                if self._packing_matches(kind):
+                    self._mask_kind = kind
+            except Exception:  # noqa: BLE001 - a model that cannot take position ids or a 4-D mask runs unpacked
+                pass
+        return self._mask_kind
+
+    def _packing_matches(self, kind: str) -> bool:
+        vocab = self.head.out_features if self.head is not None else int(self.model.config.vocab_size)
+        base = torch.arange(3, 9).remainder(vocab).tolist()
+        # share 6 tokens, then part: the second's own tokens sit after the first's in the row, at shifted positions
+        inputs = [base + [(start + j) % vocab for j in range(k)] for start, k in ((20, 3), (30, 5))]
+        targets = [[(7 + k) % vocab] for k in (3, 5)]
+        rows = [packing.plain_row(i, x, 1, t) for i, (x, t) in enumerate(zip(inputs, targets))]
+        packed = packing.pack_requests(inputs, targets, max_row_tokens=64)
+        if len(packed) != 1:
+            return False
+        with torch.autocast(self.device.type, enabled=False):
+            alone = [self.scored(*packing.batch_tensors([r], self.device, None))[0] for r in rows]
+            together = self.scored(*packing.batch_tensors(packed, self.device, kind))[0]
+        return torch.allclose(torch.cat(alone), together, rtol=1e-4, atol=1e-4)
+
+    def scored(self, input_ids, position_ids, mask, reads) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p and misses [n] of a batch from `packing.batch_tensors` (reads: request, row, position, target)."""
+        _, rows, positions, targets = reads
+        extra = {} if mask is None else {"position_ids": position_ids, "attention_mask": mask}
+        return self.log_probs(input_ids, rows, positions, targets, **extra)
+
     def log_probs(
-        self, input_ids: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor
+        self, input_ids: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
+        **extra: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log p(target), argmax != target) at each (row, position), fp64 / bool, [n] each."""
+        """(log p(target), argmax != target) at each (row, position), fp64 / bool, [n] each. ``extra``: position
+        ids and a 4-D attention mask for packed rows."""
         token_lp = torch.empty(len(targets), dtype=torch.float64, device=self.device)  # [n]
         misses = torch.empty(len(targets), dtype=torch.bool, device=self.device)  # [n]
         if self.decoder is not None:
             with self._autocast():
-                hidden = self.decoder(input_ids=input_ids, **self.kwargs).last_hidden_state  # [b, t, d]
+                hidden = self.decoder(input_ids=input_ids, **self.kwargs, **extra).last_hidden_state  # [b, t, d]
             picked = hidden[rows, positions]  # [n, d]: only the positions that are scored
             weight = self.head.weight if self.head.weight.dtype == torch.float32 else self.head.weight.float()
             bias = None if self.head.bias is None else self.head.bias.float()
             source = lambda sl: torch.nn.functional.linear(picked[sl].float(), weight, bias)  # noqa: E731
         else:
             with self._autocast():
-                logits = self.model(input_ids=input_ids, **self.kwargs).logits  # [b, t, v]
+                logits = self.model(input_ids=input_ids, **self.kwargs, **extra).logits  # [b, t, v]
             source = lambda sl: logits[rows[sl], positions[sl]].float()  # noqa: E731
         with self._fp32():  # the output layer and log-softmax in fp32, also inside a caller's bf16 session
             for lo in range(0, len(targets), self.rows_per_chunk):  # bounds the fp32 copy to [chunk, v]
@@ -174,59 +214,54 @@ class _Forward:
         return token_lp, misses
 
 
-def _score_batch(forward: _Forward, batch: list[Request], max_length: int | None) -> list[tuple[float, bool]]:
-    device = forward.device
-    inputs = [model_input(ctx, cont, max_length) for ctx, cont in batch]
-    in_lens = [len(x) for x in inputs]
-    cont_lens = [len(cont) for _, cont in batch]
-    width = max(in_lens)
+def _score_batch(forward: _Forward, rows: list[packing.Row], mask_kind: str | None) -> dict[int, tuple[float, bool]]:
+    """(Σ log p, is_greedy) of every request in a batch of rows, by request index.
 
-    # Right padding and no attention mask, as lm-eval feeds causal LMs: a real token attends only to earlier
-    # positions, so it never sees the padding after it and keeps positions 0..len-1; padded positions are never read.
-    input_ids = torch.zeros(len(batch), width, dtype=torch.long)  # [b, t]
-    for i, ids in enumerate(inputs):
-        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-
-    # The logit at input position p predicts token p + 1, so a continuation of c tokens is read from the last c
-    # real positions of its row: [in_len - c, in_len).
-    rows = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor(cont_lens)).to(device)  # [n]
-    positions = torch.cat([torch.arange(n_in - c, n_in) for n_in, c in zip(in_lens, cont_lens)]).to(device)  # [n]
-    targets = torch.tensor([tok for _, cont in batch for tok in cont], dtype=torch.long, device=device)  # [n]
-    token_lp, misses = forward.log_probs(input_ids.to(device), rows, positions, targets)
-
-    sums = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, rows, token_lp)
-    n_miss = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, rows, misses.double())
-    return [(float(s), bool(m == 0)) for s, m in zip(sums.tolist(), n_miss.tolist())]
+    A plain row is the request's input right-padded without an attention mask, as lm-eval feeds causal LMs: a
+    real token attends only to earlier positions, so it never sees the padding after it and keeps positions
+    0..len-1; padded positions are never read. The logit at input position p predicts token p + 1, so a
+    continuation of c tokens is read from the last c positions of its input. Packed rows carry position ids and
+    the prefix-tree mask (`packing`).
+    """
+    kind = mask_kind if any(r.segments is not None for r in rows) else None
+    tensors = packing.batch_tensors(rows, forward.device, kind)
+    token_lp, misses = forward.scored(*tensors)
+    req = tensors[3][0]  # [n] request index of each scored token
+    ids, local = torch.unique(req, return_inverse=True)
+    sums = torch.zeros(len(ids), dtype=torch.float64, device=forward.device).index_add_(0, local, token_lp)
+    n_miss = torch.zeros(len(ids), dtype=torch.float64, device=forward.device).index_add_(0, local, misses.double())
+    return {int(i): (float(v), bool(m == 0)) for i, v, m in zip(ids.tolist(), sums.tolist(), n_miss.tolist())}
 
 
 def _batches(
-    order: list[int], reqs: list[Request], batch_size: int, max_length: int | None, max_batch_tokens: int | None,
+    order: list[int], rows: list[packing.Row], batch_size: int, max_batch_tokens: int | None,
     memory_fits: Callable[[int, int], bool] | None = None,
 ) -> list[list[int]]:
     """Cut the longest-first order into batches of at most ``batch_size`` rows and ``max_batch_tokens`` padded tokens
     (and, given ``memory_fits(rows, width)``, within a memory budget).
 
-    The first request of a batch is its longest, so the padded size is ``rows × len(first input)``.
+    The first row of a batch is its longest, so the padded size is ``rows × len(first row)``.
     """
     batches: list[list[int]] = []
-    width = 0  # input length of the current batch's first (longest) request
+    width = 0  # length of the current batch's first (longest) row
     for i in order:
         if batches:
-            rows = len(batches[-1])
-            fits = rows < batch_size and (max_batch_tokens is None or (rows + 1) * width <= max_batch_tokens)
-            if fits and (memory_fits is None or memory_fits(rows + 1, width)):
+            n = len(batches[-1])
+            fits = n < batch_size and (max_batch_tokens is None or (n + 1) * width <= max_batch_tokens)
+            if fits and (memory_fits is None or memory_fits(n + 1, width)):
                 batches[-1].append(i)
                 continue
         batches.append([i])
-        width = len(model_input(*reqs[i], max_length))
+        width = len(rows[i])
         if memory_fits is not None:
-            memory_fits(1, width)  # refuses (MemoryBudgetError) a request that does not fit alone
+            memory_fits(1, width)  # refuses (MemoryBudgetError) a row that does not fit alone
     return batches
 
 
 def _memory_fit(forward: _Forward, model: torch.nn.Module, budget: int) -> Callable[[int, int], bool]:
     """``fits(rows, width)`` under a budget for weights + one batch (`pocketlm.memory`); sets the fp32 chunk so
-    that it takes at most a quarter of the room the weights leave. One row that does not fit is refused."""
+    that it takes at most a quarter of the room the weights leave. One row that does not fit is refused. A packed
+    batch also holds its [b, 1, t, t] mask (4 bytes an entry at most)."""
     from pocketlm.memory import Footprint, largest_batch
 
     fp = Footprint.of(model)
@@ -234,9 +269,10 @@ def _memory_fit(forward: _Forward, model: torch.nn.Module, budget: int) -> Calla
     room = budget - fp.weights - cast
     forward.rows_per_chunk = min(_ROWS_PER_CHUNK, max(1, room // 4 // (8 * fp.vocab)))
     split = forward.decoder is not None
+    masked = 4 if forward.mask_kind() is not None else 0
 
     def need(rows: int, width: int) -> int:
-        return cast + fp.scoring(rows, width, chunk_rows=forward.rows_per_chunk, split=split)
+        return cast + fp.scoring(rows, width, chunk_rows=forward.rows_per_chunk, split=split) + masked * rows * width**2
 
     def fits(rows: int, width: int) -> bool:
         if rows == 1:
@@ -245,6 +281,19 @@ def _memory_fit(forward: _Forward, model: torch.nn.Module, budget: int) -> Calla
         return need(rows, width) <= budget - fp.weights
 
     return fits
+
+
+def _rows(reqs: list[Request], max_length: int | None, forward: _Forward, pack: bool) -> list[packing.Row]:
+    """One plain row per request, or prefix-packed rows where the model provably allows it and it saves ≥ 10 %
+    of the tokens."""
+    inputs = [model_input(ctx, cont, max_length) for ctx, cont in reqs]
+    targets = [cont for _, cont in reqs]
+    if pack and len(reqs) > 1 and forward.mask_kind() is not None:
+        longest = max(len(x) for x in inputs)
+        rows = packing.pack_requests(inputs, targets, max_row_tokens=max(longest, 1024))
+        if sum(len(r) for r in rows) <= 0.9 * sum(len(x) for x in inputs):
+            return rows
+    return [packing.plain_row(i, x, len(t), t) for i, (x, t) in enumerate(zip(inputs, targets))]
 
 
 def score_continuations(
@@ -259,6 +308,7 @@ def score_continuations(
     desc: str = "scoring",
     distributed: bool = True,
     max_memory: int | None = None,
+    pack: bool = True,
 ) -> list[tuple[float, bool]]:
     """For each (context_ids, continuation_ids): (summed log-probability of the continuation, is_greedy).
 
@@ -282,29 +332,31 @@ def score_continuations(
     for i, req in enumerate(reqs):
         _check(req, i, max_length)
 
-    # lm-eval's order: longest first, ties broken by the tokens themselves (deterministic batches).
-    order = sorted(range(len(reqs)), key=lambda i: (-len(reqs[i][0]) - len(reqs[i][1]), reqs[i][0] + reqs[i][1]))
-    mine = dist.share(order) if distributed else order
-    answers: dict[int, tuple[float, bool]] = {}
     was_training = model.training
     model.eval()
     try:
-        bar = tqdm(total=len(mine), desc=desc, disable=not progress or not dist.is_main())
         # no_grad, not inference_mode: autocast keeps its weight casts only outside inference mode
-        with torch.no_grad(), bar:
+        with torch.no_grad():
             forward = _Forward(model, precision, _device(model))
             fits = _memory_fit(forward, model, max_memory) if max_memory is not None else None
-            with forward.session():
-                for idx in _batches(mine, reqs, batch_size, max_length, max_batch_tokens, fits):
-                    for i, answer in zip(idx, _score_batch(forward, [reqs[i] for i in idx], max_length)):
-                        answers[i] = answer
-                    bar.update(len(idx))
+            rows = _rows(reqs, max_length, forward, pack)
+            # lm-eval's order: longest first, ties broken by the tokens themselves (deterministic batches)
+            order = sorted(range(len(rows)), key=lambda j: (-len(rows[j]), rows[j].tokens))
+            mine = dist.share(order) if distributed else order
+            per_row: dict[int, dict[int, tuple[float, bool]]] = {}
+            bar = tqdm(total=sum(len(rows[j].reads) for j in mine), desc=desc,
+                       disable=not progress or not dist.is_main())
+            with bar, forward.session():
+                for idx in _batches(mine, rows, batch_size, max_batch_tokens, fits):
+                    answers = _score_batch(forward, [rows[j] for j in idx], forward.mask_kind() if pack else None)
+                    for j in idx:
+                        per_row[j] = {r[0]: answers[r[0]] for r in rows[j].reads}
+                    bar.update(sum(len(rows[j].reads) for j in idx))
     finally:
         model.train(was_training)
-    if not distributed:
-        return [answers[i] for i in range(len(reqs))]
-    gathered = dist.gather_shares([answers[i] for i in mine], len(order))  # aligned with `order`
-    results: list[tuple[float, bool]] = [None] * len(reqs)  # type: ignore[list-item]
-    for i, answer in zip(order, gathered):
-        results[i] = answer
-    return results
+    local = [per_row[j] for j in mine]
+    gathered = dist.gather_shares(local, len(order)) if distributed else local  # aligned with `mine`/`order`
+    results: dict[int, tuple[float, bool]] = {}
+    for part in gathered:
+        results.update(part)
+    return [results[i] for i in range(len(reqs))]
