@@ -10,7 +10,10 @@ The contract is lm-evaluation-harness's `HFLM._loglikelihood_tokens` for causal 
   the caller's order.
 
 Batches are right-padded without an attention mask (as lm-eval feeds causal LMs): every real token keeps positions
-``0..len-1`` and, attention being causal, never attends to the padding after it. Log-softmax (as ``logit - logsumexp``, a bounded number of rows at a time) runs in fp32
+``0..len-1`` and, attention being causal, never attends to the padding after it. Requests that begin with the same
+tokens (the answers of one multiple-choice item, the two sentences of a CrowS pair) are packed into one row, their
+shared prefix run once (`packing`), where a probe shows that this model then gives the same answers; an output
+position read by several requests is computed once. Log-softmax (as ``logit - logsumexp``, a bounded number of rows at a time) runs in fp32
 whatever dtype the model computes in; sums accumulate in fp64.
 
 Shape legend: b = requests in a batch, t = padded input length, v = vocabulary, n = continuation tokens in a batch.
@@ -191,26 +194,38 @@ class _Forward:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(log p(target), argmax != target) at each (row, position), fp64 / bool, [n] each. ``extra``: position
         ids and a 4-D attention mask for packed rows."""
-        token_lp = torch.empty(len(targets), dtype=torch.float64, device=self.device)  # [n]
-        misses = torch.empty(len(targets), dtype=torch.bool, device=self.device)  # [n]
+        # A position read by several requests (packed rows' shared prefix) gets its output row computed once.
+        key = rows * input_ids.shape[1] + positions  # [n] flat index of each read
+        uniq, inverse = torch.unique(key, return_inverse=True)  # [u], [n]
         if self.decoder is not None:
             with self._autocast():
                 hidden = self.decoder(input_ids=input_ids, **self.kwargs, **extra).last_hidden_state  # [b, t, d]
-            picked = hidden[rows, positions]  # [n, d]: only the positions that are scored
+            flat = hidden.reshape(-1, hidden.shape[-1])  # [b·t, d]
             weight = self.head.weight if self.head.weight.dtype == torch.float32 else self.head.weight.float()
             bias = None if self.head.bias is None else self.head.bias.float()
-            source = lambda sl: torch.nn.functional.linear(picked[sl].float(), weight, bias)  # noqa: E731
+            with self._fp32():  # the target's logit alone: one dot product per read, [n]
+                target_logit = (flat[key].float() * weight[targets]).sum(-1)
+                if bias is not None:
+                    target_logit += bias[targets]
+            source = lambda sl: torch.nn.functional.linear(flat[uniq[sl]].float(), weight, bias)  # noqa: E731
         else:
             with self._autocast():
                 logits = self.model(input_ids=input_ids, **self.kwargs, **extra).logits  # [b, t, v]
-            source = lambda sl: logits[rows[sl], positions[sl]].float()  # noqa: E731
+            flat = logits.reshape(-1, logits.shape[-1])  # [b·t, v]
+            target_logit = flat[key, targets].float()
+            source = lambda sl: flat[uniq[sl]].float()  # noqa: E731 - a fresh copy: safe to modify in place
+        lse = torch.empty(len(uniq), dtype=torch.float32, device=self.device)  # [u]
+        best = torch.empty(len(uniq), dtype=torch.long, device=self.device)  # [u]
         with self._fp32():  # the output layer and log-softmax in fp32, also inside a caller's bf16 session
-            for lo in range(0, len(targets), self.rows_per_chunk):  # bounds the fp32 copy to [chunk, v]
+            for lo in range(0, len(uniq), self.rows_per_chunk):  # bounds the fp32 copy to [chunk, v]
                 sl = slice(lo, lo + self.rows_per_chunk)
                 scores = source(sl)  # [c, v] fp32
-                # log_softmax(x)[y] = x[y] - logsumexp(x), without materialising the full log-softmax
-                token_lp[sl] = (scores.gather(-1, targets[sl, None]).squeeze(-1) - scores.logsumexp(dim=-1)).double()
-                misses[sl] = scores.argmax(dim=-1) != targets[sl]
+                # one pass for max and argmax, then logsumexp = max + log Σ exp(x - max), in place
+                top, best[sl] = scores.max(dim=-1)
+                lse[sl] = top + scores.sub_(top[:, None]).exp_().sum(dim=-1).log()
+        # log_softmax(x)[y] = x[y] - logsumexp(x), without materialising the full log-softmax
+        token_lp = target_logit.double() - lse[inverse].double()  # [n]
+        misses = best[inverse] != targets  # [n]
         return token_lp, misses
 
 
