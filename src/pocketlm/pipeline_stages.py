@@ -128,7 +128,7 @@ class Context:
 
             dtype = self.cfg.teacher_dtype if role == "teacher" else "float32"
             self._models[role] = load_model(self.spec(role), dtype=dtype,
-                                            trust_remote_code=self.cfg.trust_remote_code and role == "teacher")
+                                            trust_remote_code=(self.cfg.trust_remote_code or None))
         return self._models[role]
 
     def info(self, role: str) -> dict[str, Any]:

@@ -151,9 +151,40 @@ def test_remote_code_is_not_run_without_the_flag(tmp_path, teacher_dir):
     cfg["model_type"] = "evil_remote"
     (folder / "config.json").write_text(json.dumps(cfg))
     (folder / "evil.py").write_text(f"import pathlib\npathlib.Path({str(sentinel)!r}).touch()\n")
-    with pytest.raises(ModelLoadError, match="contains custom code"):
+    with pytest.raises(ModelLoadError, match="contains custom code.*--trust-remote-code"):
         load_model(folder)
     assert not sentinel.exists()
+
+
+def test_remote_code_runs_only_when_the_user_passes_the_flag(monkeypatch, tmp_path, teacher_dir):
+    """`pocketlm --trust-remote-code CMD` (or POCKETLM_TRUST_REMOTE_CODE=1) is the only way to turn it on; an
+    explicit False from code still wins."""
+    import transformers
+    from typer.testing import CliRunner
+
+    from pocketlm.cli import app
+    from pocketlm.models import load
+
+    seen: list[bool] = []
+
+    def fake(path, **kwargs):
+        seen.append(kwargs["trust_remote_code"])
+        raise OSError("stop here")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake)
+    monkeypatch.delenv(load.REMOTE_CODE_ENV, raising=False)
+    text = tmp_path / "docs.txt"
+    text.write_text("one document here\n\nand another one\n")
+    for flag in ([], ["--trust-remote-code"]):
+        result = CliRunner().invoke(app, [*flag, "eval", "perplexity", "--model", str(teacher_dir), "--data", str(text),
+                                          "--out", str(tmp_path / "r.json")])
+        assert result.exit_code != 0 and "stop here" in result.output
+    assert seen == [False, True]
+    assert os.environ.pop(load.REMOTE_CODE_ENV) == "1"  # set by the flag only (popped: the test leaves no trace)
+    monkeypatch.setenv(load.REMOTE_CODE_ENV, "1")
+    assert load.remote_code_allowed(None) and not load.remote_code_allowed(False)
+    monkeypatch.delenv(load.REMOTE_CODE_ENV)
+    assert not load.remote_code_allowed(None)
 
 
 def test_source_never_unpickles_or_evals():

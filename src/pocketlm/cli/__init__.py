@@ -25,9 +25,15 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow models and tokenizers whose "
+                                           "repository ships its own Python code to run it (off by default)."),
 ) -> None:
     """pocketlm: distill → evaluate → audit → inspect → report."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if trust_remote_code:
+        from pocketlm.models.load import REMOTE_CODE_ENV
+
+        os.environ[REMOTE_CODE_ENV] = "1"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun / accelerate launch: join the group
         from pocketlm import distributed
 

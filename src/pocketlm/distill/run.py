@@ -88,7 +88,7 @@ def prepare(cfg: DistillConfig, *, progress: bool = True, teacher=None, tokenize
     out = Path(cfg.output_dir)
     docs = source_documents(cfg)  # bad data fails before the teacher is loaded
     if teacher is None:
-        teacher, tokenizer = load_model(cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code)
+        teacher, tokenizer = load_model(cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code or None)
         teacher.to(dist.device())  # this process's accelerator (cuda:local_rank under a launcher), else the CPU
     t_fp, k_fp = fingerprint_model(teacher), fingerprint_tokenizer(tokenizer)
     if docs is None:

@@ -118,10 +118,23 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
-def load_tokenizer(spec: str | os.PathLike | ModelSpec, *, trust_remote_code: bool = False):
+REMOTE_CODE_ENV = "POCKETLM_TRUST_REMOTE_CODE"  # set to 1 by `pocketlm --trust-remote-code ...`
+
+
+def remote_code_allowed(trust_remote_code: bool | None) -> bool:
+    """The caller's choice; None: whether the user opted in for this process (``pocketlm --trust-remote-code``
+    or ``POCKETLM_TRUST_REMOTE_CODE=1``). Off unless the user asks: remote code is a program from the model's
+    author, run with the user's rights."""
+    if trust_remote_code is not None:
+        return bool(trust_remote_code)
+    return os.environ.get(REMOTE_CODE_ENV, "0") not in ("0", "", "false", "False")
+
+
+def load_tokenizer(spec: str | os.PathLike | ModelSpec, *, trust_remote_code: bool | None = None):
     from transformers import AutoTokenizer
 
     ms = spec if isinstance(spec, ModelSpec) else resolve(spec)
+    trust_remote_code = remote_code_allowed(trust_remote_code)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if ms.gguf_file:
         kwargs["gguf_file"] = ms.gguf_file
@@ -138,7 +151,7 @@ def load_model(
     spec: str | os.PathLike,
     *,
     dtype: str | torch.dtype | None = "float32",
-    trust_remote_code: bool = False,
+    trust_remote_code: bool | None = None,
     attn_implementation: str | None = None,
 ):
     """Load (model, tokenizer) for any causal LM spec; the model is in eval mode."""
@@ -147,6 +160,7 @@ def load_model(
     import pocketlm  # noqa: F401 - registers the student with the Auto classes
 
     ms = resolve(spec)
+    trust_remote_code = remote_code_allowed(trust_remote_code)
     kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype), "trust_remote_code": trust_remote_code}
     if ms.gguf_file:
         kwargs["gguf_file"] = ms.gguf_file
@@ -208,6 +222,12 @@ def _explain(ms: ModelSpec, e: Exception) -> ModelLoadError:
         return ModelLoadError(
             f"could not load {ms.path!r} as a Hugging Face hub id: {hint} ({msg}). "
             f"If the model is on disk, pass its local folder or .gguf path instead."
+        )
+    if "trust_remote_code" in str(e):
+        return ModelLoadError(
+            f"{ms.describe()} contains custom code that must run to load it (auto_map); pocketlm does not run it unless "
+            "you ask: read that code, then pass --trust-remote-code (pocketlm --trust-remote-code COMMAND ...) or "
+            "set trust_remote_code: true in the config"
         )
     if ms.kind in ("gguf", "embedded") and ("architecture" in msg.lower() or "not supported" in msg.lower()):
         return ModelLoadError(f"{ms.describe()}: transformers cannot read this GGUF ({msg})")
