@@ -121,3 +121,22 @@ def test_a_model_that_would_score_packed_rows_wrongly_runs_unpacked():
     assert all(r.segments is None for r in loglik._rows(reqs, None, forward, pack=True))
     for (ctx, cont), (ll, _) in zip(reqs, score_continuations(model, reqs, batch_size=8)):
         assert ll == pytest.approx(reference(model, ctx, cont)[0], rel=REL_TOL, abs=1e-6)
+
+
+def test_sliding_window_models_keep_their_window_when_packed():
+    """A 4-D mask replaces the model's own sliding-window mask, so the tree mask applies the window itself: packed
+    and plain rows longer than the window still score as one request alone."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, sliding_window=6, initializer_range=0.2,
+    )).eval()
+    reqs = multiple_choice(5, seed=3)
+    forward = loglik._Forward(model, "fp32", torch.device("cpu"))
+    assert forward.window == 6 and forward.mask_kind() is not None
+    rows = loglik._rows(reqs, None, forward, pack=True)
+    assert any(r.segments is not None and len(r) > 12 for r in rows)  # packed rows well past the window
+    for (ctx, cont), (ll, _) in zip(reqs, score_continuations(model, reqs, batch_size=8)):
+        assert ll == pytest.approx(reference(model, ctx, cont)[0], rel=REL_TOL, abs=1e-6)

@@ -116,6 +116,10 @@ class _Forward:
         self.decoder, self.head = self._split(model)
         self.kwargs = _forward_kwargs(self.decoder if self.decoder is not None else model)
         self._mask_kind: object = _UNPROBED
+        # a 4-D mask replaces the model's own, so a sliding window (Mistral-style: key within `window` positions)
+        # is applied in the tree mask too
+        window = getattr(getattr(model, "config", None), "sliding_window", None)
+        self.window = window if isinstance(window, int) and window > 0 else None
         self.rows_per_chunk = _ROWS_PER_CHUNK  # lowered by a memory budget (`_memory_fit`)
 
     def _autocast(self):
@@ -179,7 +183,7 @@ class _Forward:
             return False
         with torch.autocast(self.device.type, enabled=False):
             alone = [self.scored(*packing.batch_tensors([r], self.device, None))[0] for r in rows]
-            together = self.scored(*packing.batch_tensors(packed, self.device, kind))[0]
+            together = self.scored(*packing.batch_tensors(packed, self.device, kind, window=self.window))[0]
         return torch.allclose(torch.cat(alone), together, rtol=1e-4, atol=1e-4)
 
     def scored(self, input_ids, position_ids, mask, reads) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,7 +243,7 @@ def _score_batch(forward: _Forward, rows: list[packing.Row], mask_kind: str | No
     the prefix-tree mask (`packing`).
     """
     kind = mask_kind if any(r.segments is not None for r in rows) else None
-    tensors = packing.batch_tensors(rows, forward.device, kind)
+    tensors = packing.batch_tensors(rows, forward.device, kind, window=forward.window)
     token_lp, misses = forward.scored(*tensors)
     req = tensors[3][0]  # [n] request index of each scored token
     ids, local = torch.unique(req, return_inverse=True)

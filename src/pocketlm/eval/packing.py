@@ -112,10 +112,11 @@ def pack_requests(
     return rows
 
 
-def batch_tensors(rows: list[Row], device: torch.device, mask_kind: str | None):
+def batch_tensors(rows: list[Row], device: torch.device, mask_kind: str | None, window: int | None = None):
     """Right-padded ``input_ids`` [b, t]; with ``mask_kind`` ("bool" or "additive") also ``position_ids`` [b, t]
-    and the 4-D tree mask [b, 1, t, t] (True / 0.0 where attending is allowed); and the reads, flattened:
-    request index, row, position and target per scored token [n] each."""
+    and the 4-D tree mask [b, 1, t, t] (True / 0.0 where attending is allowed; with a sliding ``window``, only keys
+    fewer than ``window`` positions back, as Mistral's mask); and the reads, flattened: request index, row,
+    position and target per scored token [n] each."""
     width = max(len(r) for r in rows)
     input_ids = torch.zeros(len(rows), width, dtype=torch.long)  # [b, t]
     for i, r in enumerate(rows):
@@ -140,6 +141,8 @@ def batch_tensors(rows: list[Row], device: torch.device, mask_kind: str | None):
     q_seg, k_seg = segments[:, :, None], segments[:, None, :]  # [b, t, 1], [b, 1, t]
     real = (k_seg != PAD_SEGMENT) & (q_seg != PAD_SEGMENT)
     allowed = causal[None] & ((k_seg == 0) | (k_seg == q_seg)) & real  # [b, t, t]
+    if window is not None:  # an ancestor's position difference is its distance in the request's own sequence
+        allowed &= (position_ids[:, :, None] - position_ids[:, None, :]) < window
     allowed |= torch.eye(width, dtype=torch.bool)[None]  # a padding query attends to itself (never read)
     mask = allowed[:, None]  # [b, 1, t, t]
     if mask_kind == "additive":
