@@ -181,7 +181,7 @@ class _Forward:
         packed = packing.pack_requests(inputs, targets, max_row_tokens=64)
         if len(packed) != 1:
             return False
-        with torch.autocast(self.device.type, enabled=False):
+        with self._fp32():
             alone = [self.scored(*packing.batch_tensors([r], self.device, None))[0] for r in rows]
             together = self.scored(*packing.batch_tensors(packed, self.device, kind, window=self.window))[0]
         return torch.allclose(torch.cat(alone), together, rtol=1e-4, atol=1e-4)
@@ -233,7 +233,7 @@ class _Forward:
         return token_lp, misses
 
 
-def _score_batch(forward: _Forward, rows: list[packing.Row], mask_kind: str | None) -> dict[int, tuple[float, bool]]:
+def _score_batch(forward: _Forward, rows: list[packing.Row]) -> dict[int, tuple[float, bool]]:
     """(Σ log p, is_greedy) of every request in a batch of rows, by request index.
 
     A plain row is the request's input right-padded without an attention mask, as lm-eval feeds causal LMs: a
@@ -242,7 +242,7 @@ def _score_batch(forward: _Forward, rows: list[packing.Row], mask_kind: str | No
     continuation of c tokens is read from the last c positions of its input. Packed rows carry position ids and
     the prefix-tree mask (`packing`).
     """
-    kind = mask_kind if any(r.segments is not None for r in rows) else None
+    kind = forward.mask_kind() if any(r.segments is not None for r in rows) else None  # packed: probed already
     tensors = packing.batch_tensors(rows, forward.device, kind, window=forward.window)
     token_lp, misses = forward.scored(*tensors)
     req = tensors[3][0]  # [n] request index of each scored token
@@ -277,7 +277,7 @@ def _batches(
     return batches
 
 
-def _memory_fit(forward: _Forward, model: torch.nn.Module, budget: int) -> Callable[[int, int], bool]:
+def _memory_fit(forward: _Forward, model: torch.nn.Module, budget: int, packed: bool) -> Callable[[int, int], bool]:
     """``fits(rows, width)`` under a budget for weights + one batch (`pocketlm.memory`); sets the fp32 chunk so
     that it takes at most a quarter of the room the weights leave. One row that does not fit is refused. A packed
     batch also holds its [b, 1, t, t] mask (4 bytes an entry at most)."""
@@ -288,7 +288,7 @@ def _memory_fit(forward: _Forward, model: torch.nn.Module, budget: int) -> Calla
     room = budget - fp.weights - cast
     forward.rows_per_chunk = min(_ROWS_PER_CHUNK, max(1, room // 4 // (8 * fp.vocab)))
     split = forward.decoder is not None
-    masked = 4 if forward.mask_kind() is not None else 0
+    masked = 4 if packed else 0
 
     def need(rows: int, width: int) -> int:
         return cast + fp.scoring(rows, width, chunk_rows=forward.rows_per_chunk, split=split) + masked * rows * width**2
@@ -357,8 +357,9 @@ def score_continuations(
         # no_grad, not inference_mode: autocast keeps its weight casts only outside inference mode
         with torch.no_grad():
             forward = _Forward(model, precision, _device(model))
-            fits = _memory_fit(forward, model, max_memory) if max_memory is not None else None
             rows = _rows(reqs, max_length, forward, pack)
+            packed = any(r.segments is not None for r in rows)
+            fits = _memory_fit(forward, model, max_memory, packed) if max_memory is not None else None
             # lm-eval's order: longest first, ties broken by the tokens themselves (deterministic batches)
             order = sorted(range(len(rows)), key=lambda j: (-len(rows[j]), rows[j].tokens))
             mine = dist.share(order) if distributed else order
@@ -367,7 +368,7 @@ def score_continuations(
                        disable=not progress or not dist.is_main())
             with bar, forward.session():
                 for idx in _batches(mine, rows, batch_size, max_batch_tokens, fits):
-                    answers = _score_batch(forward, [rows[j] for j in idx], forward.mask_kind() if pack else None)
+                    answers = _score_batch(forward, [rows[j] for j in idx])
                     for j in idx:
                         per_row[j] = {r[0]: answers[r[0]] for r in rows[j].reads}
                     bar.update(sum(len(rows[j].reads) for j in idx))

@@ -56,6 +56,8 @@ def pretrain_encoder(encoder: nn.Module, processor, scenes: Sequence[Scene], *, 
     """Train ``encoder`` (our ViT) to label its patches; returns the final loss and held-out patch accuracy."""
     from tqdm.auto import tqdm
 
+    from pocketlm.vlm.train import optimizer_step
+
     patch = encoder.config.patch_size
     if any(s.image_size != encoder.image_size for s in scenes):
         raise ValueError(f"scenes must be rendered at the encoder's image_size ({encoder.image_size})")
@@ -75,12 +77,7 @@ def pretrain_encoder(encoder: nn.Module, processor, scenes: Sequence[Scene], *, 
         logits = heads(encoder(processor.normalize(pixels[idx]).to(device)))
         y = labels[idx].to(device)
         loss = sum(F.cross_entropy(lg.flatten(0, 1), y[..., j].flatten()) for j, lg in enumerate(logits))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(loss, opt, sched, params))
         if (step + 1) % log_every == 0 or step + 1 == steps:
             log({"stage": "encoder", "step": step + 1, "loss": float(np.mean(losses[-log_every:])),
                  "elapsed_s": time.perf_counter() - start})

@@ -203,6 +203,16 @@ def _batches(n: int, batch_size: int, steps: int, seed: int):
         pos += batch_size
 
 
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched, params) -> float:
+    """Backward, clip the gradient norm at 1, step the optimizer and the schedule; the loss as a float."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
 def optimise(params: list[torch.nn.Parameter], stage: StageConfig, loss_fn: Callable[[torch.Tensor], torch.Tensor],
              n_rows: int, *, seed: int, name: str, log: Callable[[dict], None], progress: bool,
              log_every: int, precision: str = "fp32") -> dict:
@@ -216,12 +226,7 @@ def optimise(params: list[torch.nn.Parameter], stage: StageConfig, loss_fn: Call
     for step, idx in enumerate(_batches(n_rows, min(stage.batch_size, n_rows), stage.steps, seed)):
         with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = loss_fn(idx)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(loss, opt, sched, params))
         if (step + 1) % log_every == 0 or step + 1 == stage.steps:
             recent = sum(losses[-log_every:]) / len(losses[-log_every:])
             log({"stage": name, "step": step + 1, "loss": recent, "lr": sched.get_last_lr()[0],
