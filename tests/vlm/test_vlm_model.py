@@ -55,6 +55,43 @@ def test_linear_projector_is_one_matrix_per_patch():
     torch.testing.assert_close(proj(x), x @ proj.proj.weight.T + proj.proj.bias)
 
 
+@pytest.mark.parametrize("kind", ["linear", "mlp", "resampler"])
+def test_position_embeddings_tell_patches_apart(kind):
+    """Without position embeddings a per-patch projector maps equal patches to equal tokens and the resampler does
+    not see patch order at all; with them, both do."""
+    params = {"num_tokens": 4, "num_heads": 2} if kind == "resampler" else {}
+    torch.manual_seed(0)
+    plain = build_projector(kind, 24, 32, ProjectorParams(**params), grid=(3, 3))
+    torch.manual_seed(0)
+    placed = build_projector(kind, 24, 32, ProjectorParams(pos_embed="learned", **params), grid=(3, 3))
+    assert plain.pos is None and set(placed.state_dict()) == set(plain.state_dict()) | {"pos.table"}
+    x = torch.randn(2, 9, 24)
+    perm = torch.randperm(9)
+    if kind == "resampler":
+        torch.testing.assert_close(plain(x[:, perm]), plain(x))  # blind to patch order
+        assert not torch.allclose(placed(x[:, perm]), placed(x), atol=1e-4)
+    else:
+        same = x[:, :1].expand(-1, 9, -1)
+        assert torch.allclose(plain(same), plain(same)[:, :1].expand(-1, 9, -1))
+        out = placed(same)  # equal patches now differ by exactly the position table
+        torch.testing.assert_close(out - plain(same), placed.pos.table.expand(2, -1, -1))
+    assert placed(x).shape == plain(x).shape
+
+
+def test_2d_position_embeddings_are_row_plus_column():
+    pos = build_projector("linear", 4, 8, ProjectorParams(pos_embed="2d"), grid=(2, 3)).pos
+    table = pos.embeddings()  # [6, 8], raster order
+    for r in range(2):
+        for c in range(3):
+            torch.testing.assert_close(table[r * 3 + c], pos.row[r, 0] + pos.col[0, c])
+    with pytest.raises(ValueError, match="for 6 patches, got 5"):
+        pos(torch.zeros(1, 5, 8))
+    with pytest.raises(ValueError, match="needs the encoder's patch grid"):
+        build_projector("mlp", 4, 8, ProjectorParams(pos_embed="2d"))
+    with pytest.raises(ValueError, match="projector.pos_embed must be one of none, learned, 2d"):
+        ProjectorParams(pos_embed="sinusoidal")
+
+
 def test_projector_registry_names_the_valid_kinds():
     assert set(PROJECTORS.names()) >= {"linear", "mlp", "resampler"}
     with pytest.raises(KeyError, match="valid names: linear, mlp, resampler"):
@@ -139,9 +176,10 @@ def test_batched_generation_equals_one_at_a_time():
 
 
 # ---------------------------------------------------------------------------------------------- save / load
-@pytest.mark.parametrize("kind", ["linear", "resampler"])
-def test_save_load_round_trip_gives_equal_logits(tmp_path, kind):
-    vlm = tiny_vlm(kind, num_tokens=3, num_heads=2)
+@pytest.mark.parametrize("kind, pos", [("linear", "none"), ("resampler", "none"), ("mlp", "2d"),
+                                       ("resampler", "learned")])
+def test_save_load_round_trip_gives_equal_logits(tmp_path, kind, pos):
+    vlm = tiny_vlm(kind, num_tokens=3, num_heads=2, pos_embed=pos)
     batch = vlm.collate(["<image> describe the image ."] * 2, ["a red circle", "blue"])
     px = vlm.pixels(images())
     with torch.no_grad():
@@ -150,6 +188,7 @@ def test_save_load_round_trip_gives_equal_logits(tmp_path, kind):
     assert sorted(p.name for p in path.iterdir()) == ["encoder", "lm", "projector.safetensors", "vlm_config.json"]
     assert not list(path.rglob("*.bin")) and not list(path.rglob("*.pt")) and not list(path.rglob("*.pkl"))
     loaded = VisionLanguageModel.load(path)
+    assert loaded.projector_params.pos_embed == pos
     assert loaded.num_image_tokens == vlm.num_image_tokens and loaded.image_token_id == vlm.image_token_id
     with torch.no_grad():
         after = loaded(**loaded.collate(["<image> describe the image ."] * 2, ["a red circle", "blue"]),

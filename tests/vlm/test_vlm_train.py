@@ -14,7 +14,8 @@ from pocketlm.data.scenes import scenes_data
 from pocketlm.models.vision import VisionLanguageModel
 from pocketlm.vlm.config import VLMConfig
 from pocketlm.vlm.evaluate import evaluate_vlm, exact_match, normalise_answer
-from pocketlm.vlm.train import build_vlm, lr_lambda, run_stage, run_train, set_trainable
+from pocketlm.vlm.train import (_balanced_batches, build_vlm, item_group, lr_lambda, run_stage, run_train,
+                                set_trainable)
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["output_dir={out}", "encoder.image_size=16", "encoder.patch_size=4", "encoder.hidden_size=16",
@@ -67,6 +68,40 @@ def test_stage2_can_train_the_encoder_too(tmp_path):
     run_stage(vlm, "stage2", cfg.stage2, train, None, {"train": vlm.processor.to_uint8(train.images)}, cfg,
               log=lambda row: None, progress=False)
     assert len(_changed(enc, vlm.encoder)) == len(enc)
+
+
+def test_balanced_batches_give_every_group_the_same_share_and_cycle_each_group():
+    groups = ["caption"] * 100 + ["colour"] * 10 + ["count"] * 1000  # as unequal as the scenes' questions
+    batches = list(_balanced_batches(groups, 32, 500, seed=3))
+    assert all(len(b) == 32 for b in batches)
+    drawn = torch.cat(batches).tolist()
+    for name, size in (("caption", 100), ("colour", 10), ("count", 1000)):
+        seq = [i for i in drawn if groups[i] == name]
+        assert abs(len(seq) / len(drawn) - 1 / 3) < 0.02  # expected 1/3 each; binomial sd 0.004
+        for start in range(0, len(seq) - size + 1, size):  # each pass over a group is a permutation of it
+            assert sorted(seq[start:start + size]) == [i for i, g in enumerate(groups) if g == name]
+    again = list(_balanced_batches(groups, 32, 500, seed=3))
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))  # seeded
+    assert not all(torch.equal(a, b) for a, b in zip(batches, _balanced_batches(groups, 32, 500, seed=4)))
+
+
+def test_item_groups_are_question_types_and_tasks():
+    data = scenes_data("train", 6, spec=_spec())
+    got = {item_group(it) for it in data.items}
+    assert {"caption", "count"} <= got <= {"caption", "colour", "count", "position"}
+    assert all(item_group(it) == it.qtype for it in data.items if it.task == "vqa")
+
+
+def test_balanced_stage_reports_its_groups(tmp_path):
+    cfg = tiny_cfg(tmp_path, "stage2.sampling=balanced", "projector.pos_embed=2d")
+    train = scenes_data("train", 24, spec=_spec())
+    vlm = build_vlm(cfg, train.texts())
+    pixels = {"train": vlm.processor.to_uint8(train.images)}
+    r = run_stage(vlm, "stage2", cfg.stage2, train, None, pixels, cfg, log=lambda row: None, progress=False)
+    assert r["sampling"] == "balanced"
+    assert r["items_per_group"] == {g: sum(item_group(it) == g for it in train.items)
+                                    for g in sorted({item_group(it) for it in train.items})}
+    assert np.isfinite(r["final_loss"])
 
 
 def test_set_trainable_freezes_and_returns_the_rest():

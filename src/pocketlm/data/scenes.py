@@ -6,8 +6,9 @@ so "left of" is never ambiguous, and the text is exact by construction:
 
     caption   "a small red circle left of a large blue square"           (shapes read left to right)
     colour    "what colour is the circle?" → "red"                       (asked of a shape kind seen once)
-    count     "how many shapes are there?" → "two"; "how many red shapes are there?" → "one" (asked of every
-              colour present and of one colour absent, whose answer is "zero")
+    count     "how many shapes are there?" → "two"; "how many red shapes are there?" → "one"; "how many circles
+              are there?" → "one" (asked of every colour and kind present and of one colour and one kind absent,
+              whose answer is "zero")
     position  "is the red circle left or right of the blue square?" → "left"
 
 Everything follows from the seed. Splits are disjoint by construction: every possible scene belongs to exactly
@@ -111,13 +112,18 @@ class Scene:
             if kinds.count(s.kind) == 1:
                 out.append(QA(f"what colour is the {s.kind} ?", s.colour, "colour"))
         out.append(QA("how many shapes are there ?", NUMBERS[len(self.shapes)], "count"))
+        rng = random.Random(self.key())
         present = sorted({s.colour for s in self.shapes})
         absent = [c for c in COLOURS if c not in present]
         # every colour present, and one absent (answer "zero"), chosen by the scene itself
-        asked = present + ([random.Random(self.key()).choice(absent)] if absent else [])
+        asked = present + ([rng.choice(absent)] if absent else [])
         for colour in asked:
             n = sum(s.colour == colour for s in self.shapes)
             out.append(QA(f"how many {colour} shapes are there ?", NUMBERS[n], "count"))
+        present = sorted(set(kinds))
+        absent = [k for k in KINDS if k not in present]
+        for kind in present + ([rng.choice(absent)] if absent else []):  # the same for kinds
+            out.append(QA(f"how many {kind}s are there ?", NUMBERS[kinds.count(kind)], "count"))
         named = [s for s in self.shapes if sum((t.colour, t.kind) == (s.colour, s.kind) for t in self.shapes) == 1]
         for i, a in enumerate(named):
             for b in named[i + 1:]:  # a is left of b

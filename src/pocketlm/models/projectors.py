@@ -6,11 +6,17 @@
                of learned queries cross-attend to the patches, so the LM sees ``num_tokens`` image tokens
                whatever the number of patches.
 
+Position embeddings (``pos_embed``): a frozen encoder trained on position-free labels (our ViT on the scenes'
+patch labels) can lose where a patch is, and the LM's own positions (raster order under RoPE) do not say which
+column a patch is in. ``learned`` adds one learned vector per patch; ``2d`` adds a learned row vector plus a learned
+column vector (factorised, so "same column" is one direction the LM can read). The per-patch projectors add them to
+their output; the resampler adds them to the patches it attends to. ``none`` (the default) adds nothing.
+
 Every projector also says which patches each image token stands for (`patch_map`), so attention over image
 tokens can be drawn over the image: the identity for the per-patch projectors; for the resampler, each query's
 cross-attention over patches, averaged over heads and layers (an approximation for more than one layer).
 
-Adding one: a class taking (in_dim, out_dim, params) decorated with ``@PROJECTORS.register("name")``.
+Adding one: a class taking (in_dim, out_dim, params, grid) decorated with ``@PROJECTORS.register("name")``.
 
 Shape legend: b images, n patches, e encoder width, q image tokens out, d LM width.
 """
@@ -32,25 +38,67 @@ class ProjectorParams:
     depth: int = 2  # resampler: cross-attention layers
     num_heads: int = 4  # resampler
     hidden_mult: int = 1  # mlp: hidden width = hidden_mult · d
+    pos_embed: str = "none"  # none | learned | 2d: position embeddings of the patch grid (module docstring)
 
     def __post_init__(self) -> None:
         for name in ("num_tokens", "depth", "num_heads", "hidden_mult"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"projector.{name} must be a positive integer, got {value!r}")
+        if self.pos_embed not in POS_EMBEDS:
+            raise ValueError(f"projector.pos_embed must be one of {', '.join(POS_EMBEDS)}, got {self.pos_embed!r}")
+
+
+POS_EMBEDS = ("none", "learned", "2d")
+
+
+class PatchPositions(nn.Module):
+    """Learned position embeddings of a gh × gw patch grid, added to per-patch vectors [b, n, d] (n = gh·gw,
+    raster order): ``learned`` one vector per patch, ``2d`` row[r] + column[c]."""
+
+    def __init__(self, kind: str, grid: tuple[int, int], d: int) -> None:
+        super().__init__()
+        gh, gw = grid
+        self.n = gh * gw
+        if kind == "learned":
+            self.table = nn.Parameter(torch.randn(self.n, d) * 0.02)  # [n, d]
+        elif kind == "2d":
+            self.row = nn.Parameter(torch.randn(gh, 1, d) * 0.02)  # [gh, 1, d]
+            self.col = nn.Parameter(torch.randn(1, gw, d) * 0.02)  # [1, gw, d]
+        else:
+            raise ValueError(f"unknown pos_embed {kind!r}; valid: learned, 2d")
+
+    def embeddings(self) -> torch.Tensor:
+        return self.table if hasattr(self, "table") else (self.row + self.col).flatten(0, 1)  # [n, d]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.n:
+            raise ValueError(f"position embeddings are for {self.n} patches, got {x.shape[1]}")
+        return x + self.embeddings().to(x.dtype)
+
+
+def _positions(params: ProjectorParams, grid: tuple[int, int] | None, d: int) -> PatchPositions | None:
+    if params.pos_embed == "none":
+        return None
+    if grid is None:
+        raise ValueError(f"projector.pos_embed {params.pos_embed!r} needs the encoder's patch grid")
+    return PatchPositions(params.pos_embed, grid, d)
 
 
 @PROJECTORS.register("linear")
 class LinearProjector(nn.Module):
-    def __init__(self, in_dim: int, out_dim: int, params: ProjectorParams = ProjectorParams()) -> None:
+    def __init__(self, in_dim: int, out_dim: int, params: ProjectorParams = ProjectorParams(),
+                 grid: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.proj = nn.Linear(in_dim, out_dim)
+        self.pos = _positions(params, grid, out_dim)
 
     def num_tokens(self, num_patches: int) -> int:
         return num_patches
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)  # [b, n, e] → [b, n, d]
+        x = self.proj(x)  # [b, n, e] → [b, n, d]
+        return x if self.pos is None else self.pos(x)
 
     def patch_map(self, x: torch.Tensor) -> torch.Tensor:
         """[b, q, n]: image token i is patch i."""
@@ -59,10 +107,12 @@ class LinearProjector(nn.Module):
 
 @PROJECTORS.register("mlp")
 class MLPProjector(LinearProjector):
-    def __init__(self, in_dim: int, out_dim: int, params: ProjectorParams = ProjectorParams()) -> None:
+    def __init__(self, in_dim: int, out_dim: int, params: ProjectorParams = ProjectorParams(),
+                 grid: tuple[int, int] | None = None) -> None:
         nn.Module.__init__(self)
         hidden = params.hidden_mult * out_dim
         self.proj = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+        self.pos = _positions(params, grid, out_dim)
 
 
 class _ResamplerLayer(nn.Module):
@@ -85,11 +135,13 @@ class _ResamplerLayer(nn.Module):
 
 @PROJECTORS.register("resampler")
 class ResamplerProjector(nn.Module):
-    def __init__(self, in_dim: int, out_dim: int, params: ProjectorParams = ProjectorParams()) -> None:
+    def __init__(self, in_dim: int, out_dim: int, params: ProjectorParams = ProjectorParams(),
+                 grid: tuple[int, int] | None = None) -> None:
         super().__init__()
         if out_dim % params.num_heads:
             raise ValueError(f"projector.num_heads ({params.num_heads}) must divide the LM width ({out_dim})")
         self.inp = nn.Linear(in_dim, out_dim)
+        self.pos = _positions(params, grid, out_dim)
         self.latents = nn.Parameter(torch.randn(params.num_tokens, out_dim) * out_dim**-0.5)  # [q, d]
         self.layers = nn.ModuleList(_ResamplerLayer(out_dim, params.num_heads) for _ in range(params.depth))
         self.norm = nn.LayerNorm(out_dim)
@@ -100,6 +152,8 @@ class ResamplerProjector(nn.Module):
 
     def _run(self, x: torch.Tensor, need_weights: bool):
         x = self.inp(x)  # [b, n, d]
+        if self.pos is not None:
+            x = self.pos(x)
         latents = self.latents.unsqueeze(0).expand(x.shape[0], -1, -1)  # [b, q, d]
         maps = []
         for layer in self.layers:
@@ -115,5 +169,7 @@ class ResamplerProjector(nn.Module):
         return torch.stack(self._run(x, True)[1]).mean(0)
 
 
-def build_projector(kind: str, in_dim: int, out_dim: int, params: ProjectorParams = ProjectorParams()) -> nn.Module:
-    return PROJECTORS.get(kind)(in_dim, out_dim, params)
+def build_projector(kind: str, in_dim: int, out_dim: int, params: ProjectorParams = ProjectorParams(),
+                    grid: tuple[int, int] | None = None) -> nn.Module:
+    """A projector of ``kind``; ``grid`` (patches per side, rows × columns) is needed for position embeddings."""
+    return PROJECTORS.get(kind)(in_dim, out_dim, params, grid)

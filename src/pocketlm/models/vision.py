@@ -97,7 +97,7 @@ class VisionLanguageModel(nn.Module):
               processor: ImageProcessor | None = None) -> VisionLanguageModel:
         """Join an encoder and an LM with a new projector of ``projector_kind``."""
         d = lm.get_input_embeddings().weight.shape[1]
-        projector = build_projector(projector_kind, encoder.hidden_size, d, projector_params)
+        projector = build_projector(projector_kind, encoder.hidden_size, d, projector_params, tuple(encoder.grid))
         return cls(encoder, projector, lm, tokenizer, processor or ImageProcessor(encoder.image_size),
                    projector_kind, projector_params)
 
@@ -302,7 +302,7 @@ class VisionLanguageModel(nn.Module):
         kind = pcfg.pop("kind")
         params = ProjectorParams(**pcfg)
         d = lm.get_input_embeddings().weight.shape[1]
-        projector = build_projector(kind, encoder.hidden_size, d, params)
+        projector = build_projector(kind, encoder.hidden_size, d, params, tuple(encoder.grid))
         projector.load_state_dict(load_file(str(folder / "projector.safetensors")))
         model = cls(encoder, projector, lm, tokenizer, ImageProcessor.from_dict(cfg["processor"]), kind, params)
         if model.num_image_tokens != cfg["num_image_tokens"]:

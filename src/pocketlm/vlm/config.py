@@ -50,6 +50,7 @@ class ProjectorConfig(_Strict):
     depth: int = Field(2, ge=1)  # resampler
     num_heads: int = Field(4, ge=1)  # resampler
     hidden_mult: int = Field(1, ge=1)  # mlp
+    pos_embed: Literal["none", "learned", "2d"] = "none"  # position embeddings of the patch grid (any kind)
 
     @field_validator("kind")
     @classmethod
@@ -131,6 +132,7 @@ class StageConfig(_Strict):
     warmup: float = Field(0.05, ge=0, lt=1)  # share of steps with a linear warm-up, then cosine to lr / 10
     weight_decay: float = Field(0.0, ge=0)
     loss_average: Literal["token", "example"] = "token"  # example: a one-word answer weighs as much as a caption
+    sampling: Literal["natural", "balanced"] = "natural"  # balanced: captions and each question type equally often
     tasks: list[Task] = ["caption"]
     train: list[Part] = ["projector"]
 

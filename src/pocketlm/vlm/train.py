@@ -96,7 +96,8 @@ def build_vlm(cfg: VLMConfig, train_texts: Sequence[str]) -> VisionLanguageModel
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id))
     p = cfg.projector
-    params = ProjectorParams(num_tokens=p.num_tokens, depth=p.depth, num_heads=p.num_heads, hidden_mult=p.hidden_mult)
+    params = ProjectorParams(num_tokens=p.num_tokens, depth=p.depth, num_heads=p.num_heads, hidden_mult=p.hidden_mult,
+                             pos_embed=p.pos_embed)
     return VisionLanguageModel.build(encoder, lm, tokenizer, p.kind, params,
                                      processor or ImageProcessor(encoder.image_size))
 
@@ -203,6 +204,32 @@ def _batches(n: int, batch_size: int, steps: int, seed: int):
         pos += batch_size
 
 
+def item_group(item: VLItem) -> str:
+    """What balanced sampling balances: the question type of a VQA item (its task when it has none), else the
+    task (``caption``)."""
+    return (item.qtype or item.task) if item.task == "vqa" else item.task
+
+
+def _balanced_batches(groups: Sequence[str], batch_size: int, steps: int, seed: int):
+    """``steps`` index batches in which every group has the same expected share: each row picks a group uniformly
+    at random, then the next item of that group's own seeded shuffle (a new shuffle each time a group runs out),
+    so a rare question type is seen as often as a common one and every item of a group comes once per pass."""
+    g = torch.Generator().manual_seed(seed)
+    names = sorted(set(groups))
+    members = {n: torch.tensor([i for i, x in enumerate(groups) if x == n]) for n in names}
+    order = {n: members[n][torch.randperm(len(members[n]), generator=g)] for n in names}
+    pos = dict.fromkeys(names, 0)
+    for _ in range(steps):
+        batch = []
+        for k in torch.randint(len(names), (batch_size,), generator=g).tolist():
+            n = names[k]
+            if pos[n] == len(order[n]):
+                order[n], pos[n] = members[n][torch.randperm(len(members[n]), generator=g)], 0
+            batch.append(int(order[n][pos[n]]))
+            pos[n] += 1
+        yield torch.tensor(batch)
+
+
 def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched, params) -> float:
     """Backward, clip the gradient norm at 1, step the optimizer and the schedule; the loss as a float."""
     opt.zero_grad(set_to_none=True)
@@ -215,15 +242,19 @@ def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched, params
 
 def optimise(params: list[torch.nn.Parameter], stage: StageConfig, loss_fn: Callable[[torch.Tensor], torch.Tensor],
              n_rows: int, *, seed: int, name: str, log: Callable[[dict], None], progress: bool,
-             log_every: int, precision: str = "fp32") -> dict:
+             log_every: int, precision: str = "fp32", groups: Sequence[str] | None = None) -> dict:
     """AdamW over ``params`` for ``stage.steps`` steps of ``loss_fn(batch indices)``; gradients clipped at 1.
-    ``precision="bf16"`` runs the forward under bf16 autocast (weights, gradients and optimizer stay fp32)."""
+    ``precision="bf16"`` runs the forward under bf16 autocast (weights, gradients and optimizer stay fp32).
+    With ``groups`` (one name per row) batches are balanced over them (`_balanced_batches`), else seeded
+    shuffles of all rows."""
     device = params[0].device.type
     opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(stage.steps, stage.warmup))
     start, losses = time.perf_counter(), []
     bar = tqdm(total=stage.steps, desc=name, disable=not progress)
-    for step, idx in enumerate(_batches(n_rows, min(stage.batch_size, n_rows), stage.steps, seed)):
+    batches = (_balanced_batches(groups, stage.batch_size, stage.steps, seed) if groups is not None
+               else _batches(n_rows, min(stage.batch_size, n_rows), stage.steps, seed))
+    for step, idx in enumerate(batches):
         with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = loss_fn(idx)
         losses.append(optimizer_step(loss, opt, sched, params))
@@ -269,10 +300,14 @@ def run_stage(vlm: VisionLanguageModel, name: str, stage: StageConfig, train: VL
     frozen = "encoder" not in stage.train
     params = set_trainable(vlm, stage.train)
     prep = prepare(vlm, train, items, pixels["train"], frozen)
+    groups = [item_group(it) for it in items]
     result = optimise(params, stage, lambda idx: batch_loss(vlm, prep, idx, stage.loss_average), len(prep.rows),
                       seed=cfg.seed + {"stage1": 1, "stage2": 2}.get(name, 3), name=name, log=log,
-                      progress=progress, log_every=cfg.log_every, precision=cfg.precision)
-    result.update(tasks=list(stage.tasks), trained=list(stage.train), n_items=len(items))
+                      progress=progress, log_every=cfg.log_every, precision=cfg.precision,
+                      groups=groups if stage.sampling == "balanced" else None)
+    counts = {g: groups.count(g) for g in sorted(set(groups))}
+    result.update(tasks=list(stage.tasks), trained=list(stage.train), n_items=len(items), items_per_group=counts,
+                  sampling=stage.sampling)
     if val is not None:
         vitems = [it for it in val.items if it.task in stage.tasks][:512]
         if vitems:
