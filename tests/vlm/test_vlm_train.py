@@ -15,7 +15,7 @@ from pocketlm.models.vision import VisionLanguageModel
 from pocketlm.vlm.config import VLMConfig
 from pocketlm.vlm.evaluate import evaluate_vlm, exact_match, normalise_answer
 from pocketlm.vlm.train import (_balanced_batches, build_vlm, item_group, lr_lambda, run_stage, run_train,
-                                set_trainable)
+                                set_trainable, stage0_texts)
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["output_dir={out}", "encoder.image_size=16", "encoder.patch_size=4", "encoder.hidden_size=16",
@@ -102,6 +102,19 @@ def test_balanced_stage_reports_its_groups(tmp_path):
     assert r["items_per_group"] == {g: sum(item_group(it) == g for it in train.items)
                                     for g in sorted({item_group(it) for it in train.items})}
     assert np.isfinite(r["final_loss"])
+
+
+def test_stage0_text_is_each_item_without_its_image_and_optionally_after_the_caption():
+    data = scenes_data("train", 5, spec=_spec())
+    plain = stage0_texts(data)
+    assert plain == [" ".join(it.prompt.replace("<image>", " ").split()) + " " + it.target for it in data.items]
+    assert not any("<image>" in t for t in plain)
+    described = stage0_texts(data, with_captions=True)
+    vqa = [it for it in data.items if it.task == "vqa"]
+    assert described[:len(plain)] == plain and len(described) == len(plain) + len(vqa)
+    caption = {it.image: it.target for it in data.items if it.task == "caption"}
+    assert all(t.startswith("describe the image . " + caption[it.image] + " question :")
+               for t, it in zip(described[len(plain):], vqa))
 
 
 def test_set_trainable_freezes_and_returns_the_rest():

@@ -74,6 +74,7 @@ class LMConfig(_Strict):
     pretrain_steps: int = Field(0, ge=0)
     pretrain_lr: float = Field(3e-3, gt=0)
     pretrain_batch_size: int = Field(64, ge=1)
+    pretrain_with_captions: bool = False  # stage 0 also sees each question after its image's caption (text lookup)
 
     @model_validator(mode="after")
     def _check(self) -> "LMConfig":

@@ -1,8 +1,8 @@
 """Training a vision-language student in two stages, as LLaVA does (Liu et al. 2023, "Visual Instruction Tuning").
 
     encoder (only for a new ViT)  our ViT labels the scenes' patches (colour, kind, size): `vlm/pretrain_vit.py`
-    stage 0 (only for a new LM)  the LM alone on the training text, image markers removed: it learns the language,
-                                 and to answer questions about a scene its caption describes (`stage0_texts`)
+    stage 0 (only for a new LM)  the LM alone on the training text, image markers removed: it learns the language
+                                 and the answers' prior (`stage0_texts`); this LM is the blind baseline
     stage 1                      projector only (encoder and LM frozen), on captions: aligns image tokens to words
     stage 2                      projector + LM, on captions and questions
 
@@ -52,15 +52,18 @@ def text_only(prompt: str) -> str:
     return " ".join(prompt.replace(IMAGE_TOKEN, " ").split())
 
 
-def stage0_texts(data: VLData) -> list[str]:
-    """The text-only corpus of stage 0: every item as text (prompt without its image, then the answer), and every
-    question again after its image's caption — so the LM learns to answer questions about a scene described in
-    words, the lookup it later makes over image tokens. Nothing here is more than the training split's own text."""
+def stage0_texts(data: VLData, with_captions: bool = False) -> list[str]:
+    """The text-only corpus of stage 0: every item as text (prompt without its image, then the answer). With
+    ``with_captions``, every question also comes again after its image's caption, so the LM learns to answer a
+    question about a scene described in words. Off by default: on the shape scenes that text lookup competed with
+    the image lookup stage 2 has to learn (seed 0: colour accuracy 0.66 with it, 0.95 without)."""
+    texts = [text_only(it.prompt) + " " + it.target for it in data.items]
+    if not with_captions:
+        return texts
     captions: dict[int, str] = {}
     for it in data.items:
         if it.task == "caption":
             captions.setdefault(it.image, text_only(it.prompt) + " " + it.target)
-    texts = [text_only(it.prompt) + " " + it.target for it in data.items]
     texts += [captions[it.image] + " " + text_only(it.prompt) + " " + it.target
               for it in data.items if it.task == "vqa" and it.image in captions]
     return texts
@@ -350,7 +353,7 @@ def run_train(cfg: VLMConfig, *, progress: bool = False) -> "Results":
             batch_size=e.pretrain_batch_size, seed=cfg.seed, log=log, log_every=cfg.log_every, progress=progress,
             held_out=(val.scenes or [])[:200] if val is not None else ())
     if cfg.lm.pretrain_steps:
-        texts = stage0_texts(train)
+        texts = stage0_texts(train, cfg.lm.pretrain_with_captions)
         stages["stage0"] = pretrain_lm(vlm, texts, cfg, log=log, progress=progress)
         vlm.lm.save_pretrained(out / "text_lm")
         vlm.tokenizer.save_pretrained(out / "text_lm")
