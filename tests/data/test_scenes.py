@@ -48,9 +48,9 @@ def test_caption_and_answers_describe_the_rendered_pixels():
             assert qa.qtype in QUESTION_TYPES
             if qa.question == "how many shapes are there ?":
                 assert qa.answer == ["zero", "one", "two", "three"][len(scene.shapes)]
-            elif qa.qtype == "count":  # "how many red shapes are there ?" / "how many circles are there ?"
+            elif qa.qtype == "count":  # "how many red shapes are there ?" / "how many circle shapes are there ?"
                 word = qa.question.split()[2]
-                n = sum(word in (s.colour, s.kind + "s") for s in scene.shapes)
+                n = sum(word in (s.colour, s.kind) for s in scene.shapes)
                 assert qa.answer == ["zero", "one", "two", "three"][n]
             if qa.qtype == "colour":
                 kind = qa.question.split()[-2]
@@ -67,7 +67,7 @@ def test_counts_are_asked_of_every_colour_and_kind_present_and_one_absent():
         asked = [qa.question.split()[2] for qa in scene.questions()
                  if qa.qtype == "count" and qa.question != "how many shapes are there ?"]
         colours = {s.colour for s in scene.shapes}
-        kinds = {s.kind + "s" for s in scene.shapes}
+        kinds = {s.kind for s in scene.shapes}
         assert colours <= set(asked) and kinds <= set(asked)
         assert len([w for w in asked if w in COLOURS]) == len(colours) + 1  # six colours: one is always absent
         assert len([w for w in asked if w not in COLOURS]) == len(kinds) + (len(kinds) < 3)

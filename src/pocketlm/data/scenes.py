@@ -6,8 +6,8 @@ so "left of" is never ambiguous, and the text is exact by construction:
 
     caption   "a small red circle left of a large blue square"           (shapes read left to right)
     colour    "what colour is the circle?" → "red"                       (asked of a shape kind seen once)
-    count     "how many shapes are there?" → "two"; "how many red shapes are there?" → "one"; "how many circles
-              are there?" → "one" (asked of every colour and kind present and of one colour and one kind absent,
+    count     "how many shapes are there?" → "two"; "how many red shapes are there?" → "one"; "how many circle
+              shapes are there?" → "one" (asked of every colour and kind present and of one colour and one kind absent,
               whose answer is "zero")
     position  "is the red circle left or right of the blue square?" → "left"
 
@@ -123,7 +123,7 @@ class Scene:
         present = sorted(set(kinds))
         absent = [k for k in KINDS if k not in present]
         for kind in present + ([rng.choice(absent)] if absent else []):  # the same for kinds
-            out.append(QA(f"how many {kind}s are there ?", NUMBERS[kinds.count(kind)], "count"))
+            out.append(QA(f"how many {kind} shapes are there ?", NUMBERS[kinds.count(kind)], "count"))
         named = [s for s in self.shapes if sum((t.colour, t.kind) == (s.colour, s.kind) for t in self.shapes) == 1]
         for i, a in enumerate(named):
             for b in named[i + 1:]:  # a is left of b
