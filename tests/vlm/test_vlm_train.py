@@ -90,6 +90,10 @@ def test_item_groups_are_question_types_and_tasks():
     got = {item_group(it) for it in data.items}
     assert {"caption", "count"} <= got <= {"caption", "colour", "count", "position"}
     assert all(item_group(it) == it.qtype for it in data.items if it.task == "vqa")
+    from pocketlm.data.scenes import VLItem
+
+    assert item_group(VLItem(0, "<image> q", "a", "vqa")) == "vqa"  # a user's question without a type
+    assert item_group(VLItem(0, "<image> describe", "a cat", "caption", "colour")) == "caption"
 
 
 def test_balanced_stage_reports_its_groups(tmp_path):

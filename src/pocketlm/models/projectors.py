@@ -90,8 +90,12 @@ class LinearProjector(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, params: ProjectorParams = ProjectorParams(),
                  grid: tuple[int, int] | None = None) -> None:
         super().__init__()
-        self.proj = nn.Linear(in_dim, out_dim)
+        self.proj = self._layers(in_dim, out_dim, params)
         self.pos = _positions(params, grid, out_dim)
+
+    @staticmethod
+    def _layers(in_dim: int, out_dim: int, params: ProjectorParams) -> nn.Module:
+        return nn.Linear(in_dim, out_dim)
 
     def num_tokens(self, num_patches: int) -> int:
         return num_patches
@@ -107,12 +111,10 @@ class LinearProjector(nn.Module):
 
 @PROJECTORS.register("mlp")
 class MLPProjector(LinearProjector):
-    def __init__(self, in_dim: int, out_dim: int, params: ProjectorParams = ProjectorParams(),
-                 grid: tuple[int, int] | None = None) -> None:
-        nn.Module.__init__(self)
+    @staticmethod
+    def _layers(in_dim: int, out_dim: int, params: ProjectorParams) -> nn.Module:
         hidden = params.hidden_mult * out_dim
-        self.proj = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
-        self.pos = _positions(params, grid, out_dim)
+        return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
 
 
 class _ResamplerLayer(nn.Module):
