@@ -5,6 +5,8 @@ are applied to the YAML tree before validation, so they are checked the same way
 """
 from __future__ import annotations
 
+import reprlib
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -20,12 +22,35 @@ class _Strict(BaseModel):
     # a NaN or infinite float is refused by name (lr: .inf would train to NaN, and NaN passes every bound check)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v: Any, info) -> Any:
+        """pydantic's lax mode reads true as 1 for an int or float field (`--set train.steps=true` trained one
+        step); a boolean is refused wherever the field does not hold booleans, inside lists too."""
+        if _holds_bool(v) and not _admits_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError("Input should be a number, not a boolean")
+        return v
+
+
+def _holds_bool(v: Any) -> bool:
+    return isinstance(v, bool) or (isinstance(v, (list, tuple)) and any(isinstance(x, bool) for x in v))
+
+
+def _admits_bool(ann: Any) -> bool:
+    """Whether a field annotation takes booleans anywhere (bool, Optional[bool], a Union or Literal with one)."""
+    if ann is bool or ann is Any or isinstance(ann, bool):
+        return True
+    return any(_admits_bool(a) for a in typing.get_args(ann))
+
 
 def _registered(registry, name: str) -> str:
     """`name` if `registry` has it; else a ValueError (pydantic reports it under the field) listing valid names."""
     if name not in registry:
         raise ValueError(f"unknown {registry.kind} {name!r}; valid: {', '.join(registry.names())}")
     return name
+
+
+SEED_MAX = 2**32 - 1  # numpy's seeds stop here (train.seed=1e23 failed after the data and the cache were written)
 
 
 class SyntheticDataConfig(_Strict):
@@ -160,18 +185,25 @@ class TrainConfig(_Strict):
     steps: int = Field(200, ge=1)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
-    lr: float = Field(5e-4, gt=0)
+    lr: float = Field(5e-4, gt=0, le=1)  # AdamW steps above 1 only diverge (lr=1e300 trained to NaN)
     weight_decay: float = Field(0.01, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW's moment decays, each in [0, 1)
     warmup_steps: int = Field(10, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     max_grad_norm: float = Field(1.0, gt=0)
     eval_every: int = Field(50, ge=1)
     save_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast mixed precision, fp32 master weights
     eval_batch_size: int = Field(8, ge=1)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"each of AdamW's betas must be in [0, 1), got {list(v)}")
+        return v
 
 
 class DistillConfig(_Strict):
@@ -196,6 +228,20 @@ class DistillConfig(_Strict):
             parse_bytes(v)  # a ValueError naming the value; pydantic reports it under max_memory
         return v
 
+    def check_teacher(self, teacher_layers: int, vocab_size: int) -> None:
+        """The fields bounded by the teacher, checked as soon as its config is known, before any data block,
+        corpus or cache is written: the layers a student keeps, and the cache's top-k (at most the vocabulary)."""
+        s, bad = self.student, []
+        if s.layers is not None and max(s.layers) >= teacher_layers:
+            bad.append(f"student.layers: the teacher has {teacher_layers} layers (0-{teacher_layers - 1}); "
+                       f"{max(s.layers)} is not one of them")
+        if s.init == "teacher_layers" and s.num_layers is not None and s.num_layers > teacher_layers:
+            bad.append(f"student.num_layers: {s.num_layers} teacher layers asked for, the teacher has {teacher_layers}")
+        if self.distill.mode != "ce" and self.distill.top_k > vocab_size:
+            bad.append(f"distill.top_k: {self.distill.top_k} is more than the teacher's vocabulary ({vocab_size})")
+        if bad:
+            raise ConfigError(f"invalid config for the teacher {self.teacher}:\n  " + "\n  ".join(bad))
+
     def max_memory_bytes(self) -> Optional[int]:
         from pocketlm.memory import parse_bytes
 
@@ -203,16 +249,58 @@ class DistillConfig(_Strict):
 
 
 # ---------------------------------------------------------------------------------------------- loading
+MAX_YAML_VALUES = 100_000  # values a document may hold once its aliases are expanded
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise ValueError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1} (first given at line "
+                                 f"{seen[key]}); give each key once")
+            if isinstance(key, typing.Hashable):
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(tree: Any, limit: int) -> int:
+    """How many values `tree` holds with every alias expanded, counted over shared nodes once each (so a
+    billion-laughs document is measured without expanding it); stops counting past `limit`."""
+    sizes: dict[int, int] = {}
+
+    def size(x: Any) -> int:
+        if id(x) in sizes:
+            return sizes[id(x)]
+        items = list(x.keys()) + list(x.values()) if isinstance(x, dict) else x if isinstance(x, list) else ()
+        n = 1
+        for item in items:
+            n += size(item)
+            if n > limit:
+                break
+        sizes[id(x)] = n
+        return n
+
+    return size(tree)
+
+
 def load_yaml_text(text: str) -> Any:
     """``yaml.safe_load``, every way it fails on bad text a ValueError with the reason: besides its own errors, its
     constructors raise ValueError, IndexError or TypeError (a date 2024-13-45, an empty ``!!int``, an int past
-    Python's digit limit) and its composer RecursionError (text nested thousands deep)."""
+    Python's digit limit) and its composer RecursionError (text nested thousands deep). A key given twice in one
+    mapping, and aliases that expand to more than `MAX_YAML_VALUES` values (billion laughs), are refused too."""
     try:
-        return yaml.safe_load(text)
+        tree = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except RecursionError:
         raise ValueError("it nests too deeply") from None
     except Exception as e:  # noqa: BLE001 - see above; none of them is a config error of ours yet
         raise ValueError(str(e) or type(e).__name__) from None
+    if _expanded_size(tree, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+        raise ValueError(f"its aliases expand to more than {MAX_YAML_VALUES:,} values (a YAML alias bomb)")
+    return tree
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -244,6 +332,10 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return out
 
 
+_SHORT = reprlib.Repr()  # how a bad value is shown: a billion-element list is not written out
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 3, 8, 8, 120, 120, 40
+
+
 def format_validation_error(e: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for err in e.errors():
@@ -251,7 +343,7 @@ def format_validation_error(e: ValidationError, source: str) -> str:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling and level)"
-        lines.append(f"  {where}: {msg}" + (f" (got {err['input']!r})" if err["type"] != "extra_forbidden"
+        lines.append(f"  {where}: {msg}" + (f" (got {_SHORT.repr(err['input'])})" if err["type"] != "extra_forbidden"
                                              and not isinstance(err.get("input"), dict) else ""))
     return "\n".join(lines)
 

@@ -5,6 +5,7 @@ corpus, the token blocks, the teacher cache), so a re-run after an interruption 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -26,6 +27,7 @@ from pocketlm.distill.trainer import Trainer, TrainResult
 from pocketlm.models.load import (
     check_vocab_compatible, fingerprint_model, fingerprint_tokenizer, load_model, parse_dtype,
 )
+from pocketlm.outdir import MIN_FREE, check_space, output_folder
 from pocketlm.paths import check_outputs
 
 
@@ -90,6 +92,7 @@ def prepare(cfg: DistillConfig, *, progress: bool = True, teacher=None, tokenize
     if teacher is None:
         teacher, tokenizer = load_model(cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code or None)
         teacher.to(dist.device())  # this process's accelerator (cuda:local_rank under a launcher), else the CPU
+    check_teacher_fields(cfg, teacher)  # before any corpus, block or cache is written
     t_fp, k_fp = fingerprint_model(teacher), fingerprint_tokenizer(tokenizer)
     if docs is None:
         docs = load_documents(cfg, teacher, tokenizer, t_fp, out, progress)
@@ -100,6 +103,12 @@ def prepare(cfg: DistillConfig, *, progress: bool = True, teacher=None, tokenize
     return Prepared(teacher, tokenizer, t_fp, k_fp, blocks)
 
 
+def check_teacher_fields(cfg: DistillConfig, teacher) -> None:
+    """`DistillConfig.check_teacher` against the loaded teacher's depth and output vocabulary."""
+    conf = teacher.config.get_text_config(decoder=True)
+    cfg.check_teacher(int(conf.num_hidden_layers), int(teacher.get_output_embeddings().weight.shape[0]))
+
+
 def build_student(cfg: DistillConfig, teacher):
     from pocketlm.models.init import init_student_from_teacher, student_config_from_teacher
     from pocketlm.models.student import PocketLMForCausalLM
@@ -107,6 +116,7 @@ def build_student(cfg: DistillConfig, teacher):
     from pocketlm.models.upcycle import upcycle
 
     s = cfg.student
+    check_teacher_fields(cfg, teacher)
     torch.manual_seed(cfg.train.seed)
     if s.init == "teacher_layers":  # an MoE student is the teacher-layer student, upcycled
         conf = student_config_from_teacher(teacher.config, num_layers=s.num_layers, layers=s.layers,
@@ -164,7 +174,10 @@ def run_distill(
     progress: bool = True,
     prepared: Prepared | None = None,
     desc: str = "distill",
+    overwrite: bool = False,
 ) -> DistillResult:
+    """Distill as `cfg` says into `cfg.output_dir`, a folder this run holds (`pocketlm.outdir.output_folder`: new
+    or a distill folder of ours, locked for the run; `overwrite` lets a foreign folder receive the run)."""
     dist.init()  # under torchrun / accelerate launch: join the process group (no-op for one process)
     out = Path(cfg.output_dir)
     check_outputs(out, OUTPUTS)
@@ -172,27 +185,42 @@ def run_distill(
         raise FileExistsError(
             f"{out} already holds checkpoints of a run; pass --resume to continue it, or choose another output_dir"
         )
-    dist.barrier()  # every rank has checked for old checkpoints before anyone can write a new one
-    with dist.main_first():  # rank 0 writes the teacher corpus and the token blocks; the others then read them
-        prep = prepared or prepare(cfg, progress=progress and dist.is_main())
-    out.mkdir(parents=True, exist_ok=True)  # only now: a bad teacher or data leaves no empty run folder behind
-    cache = get_cache(cfg, prep, progress and dist.is_main()) if cfg.distill.mode == "cache" else None
-    student = build_student(cfg, prep.teacher)
-    trainer = Trainer(
-        student, train_blocks=prep.blocks.train, val_blocks=prep.blocks.val, train_cfg=cfg.train,
-        loss_cfg=cfg.distill, out_dir=out, teacher=prep.teacher if cfg.distill.mode == "online" else None,
-        cache=cache, tokenizer=prep.tokenizer, progress=progress, desc=desc,
-        run_info={"config": {k: v for k, v in cfg.model_dump(mode="json").items() if k != "output_dir"},
-                  "teacher_fingerprint": prep.teacher_fingerprint, "data_hash": prep.blocks.data_hash},
-    )
-    if resume:
-        trainer.resume()  # refuses a checkpoint written by a different config, teacher or data
-    if dist.is_main():
-        (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
-    result = trainer.train()
-    model = trainer.accelerator.unwrap_model(trainer.student)
-    dest = out / "student"
-    if dist.is_main():
-        save_student(model, prep.tokenizer, dest)
-    dist.barrier()
+    # rank 0 holds the folder (checked, marked, locked); a failure before anything is written leaves no folder
+    held = output_folder(out, kind="distill", what="output_dir", overwrite=overwrite) if dist.is_main() else None
+    with held or contextlib.nullcontext():
+        dist.barrier()  # every rank has checked for old checkpoints before anyone can write a new one
+        with dist.main_first():  # rank 0 writes the teacher corpus and the token blocks; the others then read them
+            prep = prepared or prepare(cfg, progress=progress and dist.is_main())
+        student = build_student(cfg, prep.teacher)
+        if dist.is_main():
+            check_space(out, run_bytes(cfg, student, prep, out), f"output_dir {out}")
+        cache = get_cache(cfg, prep, progress and dist.is_main()) if cfg.distill.mode == "cache" else None
+        trainer = Trainer(
+            student, train_blocks=prep.blocks.train, val_blocks=prep.blocks.val, train_cfg=cfg.train,
+            loss_cfg=cfg.distill, out_dir=out, teacher=prep.teacher if cfg.distill.mode == "online" else None,
+            cache=cache, tokenizer=prep.tokenizer, progress=progress, desc=desc,
+            run_info={"config": {k: v for k, v in cfg.model_dump(mode="json").items() if k != "output_dir"},
+                      "teacher_fingerprint": prep.teacher_fingerprint, "data_hash": prep.blocks.data_hash},
+        )
+        if resume:
+            trainer.resume()  # refuses a checkpoint written by a different config, teacher or data
+        if dist.is_main():
+            (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        result = trainer.train()
+        model = trainer.accelerator.unwrap_model(trainer.student)
+        dest = out / "student"
+        if dist.is_main():
+            save_student(model, prep.tokenizer, dest)
+        dist.barrier()
     return DistillResult(str(dest), result, prep.teacher_fingerprint, prep.blocks.data_hash, prep.blocks.n_tokens)
+
+
+def run_bytes(cfg: DistillConfig, student, prep: Prepared, out: Path) -> int:
+    """Disk a run still needs: its checkpoints (fp32 weights and two AdamW moments each, `keep_checkpoints` + 1
+    while the next is written), the final student, and the teacher cache unless it is already complete."""
+    weights = sum(p.numel() for p in student.parameters()) * 4
+    need = MIN_FREE + weights * 3 * (cfg.train.keep_checkpoints + 1) + weights
+    if cfg.distill.mode == "cache" and not (out / "teacher_cache" / "manifest.json").is_file():
+        n, L = prep.blocks.train.shape
+        need += n * L * (cfg.distill.top_k * (2 + 4) + 4)  # float16 log-probs, int32 indices, float32 tail
+    return need

@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,8 +154,14 @@ def load_model(
     dtype: str | torch.dtype | None = "float32",
     trust_remote_code: bool | None = None,
     attn_implementation: str | None = None,
+    max_memory: int | None = None,
 ):
-    """Load (model, tokenizer) for any causal LM spec; the model is in eval mode."""
+    """Load (model, tokenizer) for any causal LM spec; the model is in eval mode.
+
+    A folder's config.json is checked before anything is built (`config_check`: its numbers, and its estimated
+    weights against `max_memory` bytes and the machine's memory), and so is the depth its weight files hold;
+    after loading, a weight the model expects and the files lack (or the reverse) is refused by name: transformers
+    would fill it with random numbers and the model would be scored as if trained."""
     from transformers import AutoModelForCausalLM
 
     import pocketlm  # noqa: F401 - registers the student with the Auto classes
@@ -166,10 +173,13 @@ def load_model(
         kwargs["gguf_file"] = ms.gguf_file
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if ms.kind == "folder":
+        _check_folder(Path(ms.path), kwargs["dtype"].itemsize, max_memory)
     try:
-        model = AutoModelForCausalLM.from_pretrained(ms.path, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(ms.path, output_loading_info=True, **kwargs)
     except Exception as e:  # noqa: BLE001 - re-raised with what to do
         raise _explain(ms, e) from e
+    _check_loading_info(ms, info)
     tokenizer = load_tokenizer(ms, trust_remote_code=trust_remote_code)
     _check_tokenizer_fits(ms, model, tokenizer)
     model.eval()
@@ -177,6 +187,75 @@ def load_model(
         # keep the user's name in the config so fingerprints and reports say where the model came from
         model.config._name_or_path = ms.name or ms.path
     return model, tokenizer
+
+
+def read_model_config(folder: Path) -> dict[str, Any]:
+    """A model folder's config.json as a dict, checked by `config_check.check_model_config` (file and field named)."""
+    from pocketlm.models.config_check import check_model_config
+
+    path = folder / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path} cannot be read as JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{path} is not a model config (a JSON object)")
+    check_model_config(raw, str(path))
+    return raw
+
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+
+
+def _weight_names(folder: Path) -> list[str] | None:
+    """The tensor names a folder's safetensors weights hold (read from the headers), or None without them."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            return list(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # transformers names what is wrong with it
+    if not (folder / "model.safetensors").is_file():
+        return None
+    try:
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+            return list(f.keys())
+    except Exception:  # noqa: BLE001 - a damaged file: transformers names what is wrong with it
+        return None
+
+
+def _check_folder(folder: Path, bytes_per_value: int, max_memory: int | None) -> None:
+    """Before a folder's model is built: its config's numbers, its size against the memory, and its depth
+    against the layers its weight files hold."""
+    from pocketlm.models.config_check import check_fits
+
+    raw = read_model_config(folder)
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
+    check_fits(raw, str(folder / "config.json"), bytes_per_value, max_memory)
+    names = _weight_names(folder)
+    depth = text.get("num_hidden_layers", text.get("n_layer"))
+    if names is None or not isinstance(depth, int):
+        return
+    held = {int(m.group(1)) for n in names for m in [_LAYER.search(n)] if m}
+    if not names:
+        raise ModelLoadError(f"{folder}: its weight files hold no tensors; the model would be all random weights")
+    if held and len(held) < depth:
+        raise ModelLoadError(
+            f"{folder / 'config.json'}: num_hidden_layers is {depth} but the weights hold {len(held)} layers "
+            f"({min(held)}-{max(held)}); the missing layers would be random")
+
+
+def _check_loading_info(ms: ModelSpec, info: dict[str, Any]) -> None:
+    """Refuse weights the model expects and the files lack (transformers initialises them at random) and weights
+    the files hold and the model has no place for. Tied output weights are not reported missing by transformers."""
+    for what, key in (("lack", "missing_keys"), ("hold unexpected", "unexpected_keys")):
+        names = sorted(info.get(key) or ())
+        if names:
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            raise ModelLoadError(f"{ms.describe()}: its weight files {what} weights ({len(names)}: {shown}); "
+                                 "they do not match its config.json")
 
 
 def _check_tokenizer_fits(ms: ModelSpec, model, tokenizer) -> None:
