@@ -13,12 +13,16 @@ import json
 import os
 import random
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pocketlm.integrity import sha256_tensors
 
 
 class DataError(ValueError):
@@ -242,14 +246,41 @@ def build_blocks(
     ).hexdigest()[:16]
     path = Path(cache_dir) / f"blocks-{key}.safetensors" if cache_dir else None
     train_docs, val_docs = split_documents(docs, val_fraction, seed)
-    if path is not None and path.is_file():
-        t = load_file(str(path))
-        return TokenBlocks(t["train"], t["val"], key, block_size, val_docs)
+    cached = _read_blocks(path, block_size) if path is not None and path.is_file() else None
+    if cached is not None:
+        return TokenBlocks(cached["train"], cached["val"], key, block_size, val_docs)
     train = pack(train_docs, tokenizer, block_size)
     val = pack(val_docs, tokenizer, block_size) if val_docs else torch.empty(0, block_size, dtype=torch.long)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"train": train.contiguous(), "val": val.contiguous()}, str(tmp))
-        os.replace(tmp, path)
+        tensors = {"train": train.contiguous(), "val": val.contiguous()}
+        save_file(tensors, str(tmp), metadata={"sha256": sha256_tensors(tensors)})
+        os.replace(tmp, path)  # a symlink in its place is replaced, never followed
     return TokenBlocks(train, val, key, block_size, val_docs)
+
+
+def _read_blocks(path: Path, block_size: int) -> dict[str, torch.Tensor] | None:
+    """The cached blocks at `path` if they verify against the SHA-256 recorded in the file when it was written;
+    else None (with a warning naming the file): they are our own derived data, rebuilt from the documents."""
+    why = None
+    if path.is_symlink():
+        why = "is a symlink, which pocketlm never writes"
+    else:
+        try:
+            with safe_open(str(path), "pt") as f:
+                recorded = (f.metadata() or {}).get("sha256")
+                t = {name: f.get_tensor(name) for name in f.keys()}
+        except Exception as e:  # noqa: BLE001 - a damaged header: safetensors raises its own error types
+            why = f"cannot be read ({first_line(e)})"
+        else:
+            if recorded is None:
+                why = "records no checksum (an older pocketlm wrote it)"
+            elif set(t) != {"train", "val"} or sha256_tensors(t) != recorded:
+                why = "is damaged (checksum mismatch)"
+            elif any(x.dtype != torch.long or x.ndim != 2 or x.shape[1] != block_size for x in t.values()):
+                why = f"does not hold [n, {block_size}] int64 blocks"
+    if why is None:
+        return t
+    warnings.warn(f"packed data blocks {path} {why}; rebuilding them from the documents", stacklevel=3)
+    return None

@@ -8,13 +8,16 @@ Layout of a cache folder::
 
 Position t of a block holds the teacher's distribution over the token at t+1, as the student's logits do.
 Shards are written to a temporary file and renamed, so an interrupted build resumes from the shards that exist;
-a cache whose manifest does not match the run, or whose shard checksum fails, is refused with the reason.
+a cache whose manifest does not match the run, or whose shard checksum fails, is refused with the reason. The
+manifest is read back as a record of ours, not trusted (`pocketlm.integrity`): shard i must be named exactly
+``shard-{i:05d}.safetensors`` (a name, never a path) and be a file in the folder, not a symlink; anything else
+refuses the cache naming the manifest and the field, before any shard is read or removed.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from pocketlm import distributed as dist
+from pocketlm.integrity import is_sha256, plain_name, read_json, sha256_file
 
 CACHE_VERSION = 2
 
@@ -58,18 +62,45 @@ class CacheManifest:
         }
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
+
+
+_SHARD = re.compile(r"shard-\d{5,}\.safetensors")
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def read_manifest(root: Path) -> CacheManifest:
+    """The manifest of the cache at `root`, checked as a record read back (see the module docstring)."""
+    mpath = root / "manifest.json"
+    tree = read_json(mpath, "cache manifest", CacheMismatchError)
+    try:
+        manifest = CacheManifest(**tree)
+    except TypeError as e:  # a list, or missing / unknown fields
+        raise CacheMismatchError(f"{mpath} is not a valid cache manifest: {e}") from None
+    ints = ("k", "block_size", "n_blocks", "shard_blocks", "version")
+    for name in ints:
+        value = getattr(manifest, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CacheMismatchError(f"{mpath} field {name}: {value!r} is not a non-negative integer")
+    if not isinstance(manifest.shards, list):
+        raise CacheMismatchError(f"{mpath} field shards: {manifest.shards!r} is not a list of shard records")
+    for i, shard in enumerate(manifest.shards):
+        where = f"{mpath} field shards[{i}]"
+        if not isinstance(shard, dict):
+            raise CacheMismatchError(f"{where}: {shard!r} is not a shard record")
+        name = shard.get("file")
+        plain_name(root, name, _SHARD, f"{where}.file", CacheMismatchError)
+        if name != shard_name(i):
+            raise CacheMismatchError(f"{where}.file: {name!r}, but shard {i} is named {shard_name(i)!r}")
+        if not is_sha256(shard.get("sha256")):
+            raise CacheMismatchError(f"{where}.sha256: {shard.get('sha256')!r} is not a SHA-256")
+    return manifest
 
 
 @torch.inference_mode()
@@ -145,7 +176,7 @@ def build_teacher_cache(
     for s_idx in mine:
         start = starts[s_idx]
         end = min(start + shard_blocks, n)
-        name = f"shard-{s_idx:05d}.safetensors"
+        name = shard_name(s_idx)
         path = out / name
         if not path.is_file():
             vals, idxs, tails = [], [], []
@@ -165,9 +196,9 @@ def build_teacher_cache(
     dist.barrier()  # every shard is on disk
     if dist.is_main():  # one manifest, with every shard's checksum
         for s_idx, start in enumerate(starts):
-            name = f"shard-{s_idx:05d}.safetensors"
+            name = shard_name(s_idx)
             manifest.shards.append({"file": name, "start": start, "end": min(start + shard_blocks, n),
-                                    "sha256": _sha256(out / name)})
+                                    "sha256": sha256_file(out / name)})
         _write_json_atomic(mpath, asdict(manifest))
     dist.barrier()
     return TeacherCache.open(out, expect=manifest.key())
@@ -177,9 +208,9 @@ def _prepare_folder(out: Path, mpath: Path, manifest: CacheManifest) -> str:
     """Check an existing cache folder against the run: "complete", "build" (after cleaning), or "error:<why>"."""
     if mpath.is_file():
         try:
-            old = CacheManifest(**json.loads(mpath.read_text()))
-        except (json.JSONDecodeError, TypeError) as e:
-            return f"error:{mpath} is not a valid cache manifest ({e}); delete the folder"
+            old = read_manifest(out)
+        except CacheMismatchError as e:
+            return f"error:{e}; delete the cache folder {out} to rebuild it"
         if old.key() != manifest.key():
             return (f"error:{out} holds a teacher cache for different inputs ({_diff(old.key(), manifest.key())}); "
                     f"use another cache folder or delete this one")
@@ -187,9 +218,9 @@ def _prepare_folder(out: Path, mpath: Path, manifest: CacheManifest) -> str:
             TeacherCache.open(out, expect=manifest.key())
             return "complete"
         except CacheMismatchError:  # unfinished or damaged: drop the shards that fail their recorded checksum
-            for shard in old.shards:
+            for shard in old.shards:  # names checked by read_manifest: shard-NNNNN.safetensors in this folder
                 spath = out / shard["file"]
-                if spath.is_file() and _sha256(spath) != shard["sha256"]:
+                if spath.is_file() and sha256_file(spath) != shard["sha256"]:
                     warnings.warn(f"teacher cache shard {spath} is damaged (checksum mismatch); rebuilding it",
                                   stacklevel=3)
                     spath.unlink()
@@ -225,10 +256,7 @@ class TeacherCache:
         mpath = root / "manifest.json"
         if not mpath.is_file():
             raise CacheMismatchError(f"{root} is not a teacher cache (no manifest.json)")
-        try:
-            manifest = CacheManifest(**json.loads(mpath.read_text()))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise CacheMismatchError(f"{mpath} is not a valid cache manifest: {e}") from None
+        manifest = read_manifest(root)
         if expect is not None and manifest.key() != expect:
             raise CacheMismatchError(f"teacher cache {root} does not match this run: {_diff(manifest.key(), expect)}")
         vals, idxs, tails = [], [], []
@@ -236,7 +264,7 @@ class TeacherCache:
             spath = root / shard["file"]
             if not spath.is_file():
                 raise CacheMismatchError(f"teacher cache shard {spath} is missing")
-            if verify and _sha256(spath) != shard["sha256"]:
+            if verify and sha256_file(spath) != shard["sha256"]:
                 raise CacheMismatchError(f"teacher cache shard {spath} is damaged (checksum mismatch); rebuild the cache")
             try:
                 t = load_file(str(spath))

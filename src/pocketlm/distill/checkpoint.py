@@ -3,12 +3,17 @@
     step-000100/
       config.json, model.safetensors, tokenizer files     the student, loadable by `from_pretrained`
       optimizer.safetensors                               AdamW moments, flattened "state.{param}.{key}"
-      trainer_state.json                                  step, optimizer param groups, scheduler, RNG, metrics
+      trainer_state.json                                  step, optimizer param groups, scheduler, RNG, metrics,
+                                                          and the SHA-256 of every other file ("checksums")
 
 Nothing is pickled: tensors go to safetensors, the rest to JSON. A checkpoint is built in a hidden temporary
 folder and renamed into place, so a crash mid-write leaves the previous checkpoint as the latest. A write that
 fails (a full disk) removes its temporary folder and raises `CheckpointWriteError` naming the intact checkpoint;
 the temporary folders of a killed process are never read and are removed by the next save.
+
+trainer_state.json is written last (its presence marks the folder complete) and records a checksum of each other
+file. A resume (`read_checkpoint`) checks its fields and every checksum first: a damaged or edited checkpoint is a
+`CheckpointError` naming the file, and the previous checkpoint that verifies is offered in its place.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +30,19 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from pocketlm.integrity import is_sha256, plain_name, read_json, sha256_file
+
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 _LEFTOVER = re.compile(r"^\.(?:tmp-step-\d{6,}|old-step-\d{6,})-(\d+)$")  # written by process <pid>
+_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # the flat file names save_pretrained and we write
 
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (e.g. the disk is full); the previous checkpoint is untouched."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from (damaged, or edited by hand); the message names the file."""
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -44,7 +57,7 @@ def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
     found = []
     for p in root.iterdir():
         m = _STEP_DIR.match(p.name)
-        if m and (p / "trainer_state.json").is_file():
+        if m and not p.is_symlink() and (p / "trainer_state.json").is_file():
             found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -127,12 +140,14 @@ def save_checkpoint(
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         rng_tensors, rng_meta = capture_rng()
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        checksums = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         trainer_state = {
             "step": step,
             "optimizer_param_groups": groups,
             "scheduler": scheduler.state_dict(),
             "rng": rng_meta,
             **state,
+            "checksums": checksums,
         }
         # written last: its presence marks the folder complete
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1, default=_json_default))
@@ -212,10 +227,90 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def load_training_state(ckpt: str | os.PathLike, optimizer, scheduler) -> dict[str, Any]:
-    """Restore optimizer, scheduler and RNG from a checkpoint folder; returns trainer_state.json's content."""
+# ---------------------------------------------------------------------------------------------- reading back
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+_FIELDS = {  # field: (required, check, what it must be)
+    "step": (True, _is_count, "a non-negative integer"),
+    "optimizer_param_groups": (True, lambda v: isinstance(v, list) and all(isinstance(g, dict) for g in v),
+                               "a list of parameter-group records"),
+    "scheduler": (True, lambda v: isinstance(v, dict), "a scheduler record"),
+    "rng": (True, lambda v: isinstance(v, dict) and isinstance(v.get("python"), list)
+            and isinstance(v.get("numpy"), list), "a record with python and numpy RNG states"),
+    "tokens_seen": (False, _is_count, "a non-negative integer"),
+    "history": (False, lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v), "a list of records"),
+    "run": (False, lambda v: isinstance(v, dict), "a record"),
+    "checksums": (False, lambda v: isinstance(v, dict) and all(is_sha256(x) for x in v.values()),
+                  "a record of file name: SHA-256"),
+}
+
+
+def _verified_state(ckpt: Path) -> dict[str, Any]:
+    """trainer_state.json of `ckpt` with its fields checked and every recorded checksum verified."""
+    path = ckpt / "trainer_state.json"
+    state = read_json(path, "trainer state", CheckpointError)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a valid trainer state: a JSON {type(state).__name__}, not an object")
+    for name, (required, ok, what) in _FIELDS.items():
+        if name not in state:
+            if required:
+                raise CheckpointError(f"{path} field {name} is missing")
+        elif not ok(state[name]):
+            raise CheckpointError(f"{path} field {name}: {state[name]!r:.80} is not {what}")
+    m = _STEP_DIR.match(ckpt.name)
+    if m and int(m.group(1)) != state["step"]:
+        raise CheckpointError(f"{path} field step: {state['step']} in the folder of step {int(m.group(1))}")
+    if "checksums" not in state:  # written before checksums were recorded
+        warnings.warn(f"checkpoint {ckpt} records no checksums (an older pocketlm wrote it); resuming unverified",
+                      stacklevel=3)
+        return state
+    for name, digest in state["checksums"].items():
+        f = plain_name(ckpt, name, _FILE, f"{path} field checksums", CheckpointError)
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing (trainer_state.json records it)")
+        if sha256_file(f) != digest:
+            raise CheckpointError(f"{f} is damaged (checksum mismatch)")
+    return state
+
+
+def read_checkpoint(ckpt: str | os.PathLike) -> dict[str, Any]:
+    """The verified trainer_state.json of checkpoint `ckpt`; a damaged one is a `CheckpointError` that names the
+    damaged file and the newest earlier checkpoint that verifies (or says there is none)."""
     ckpt = Path(ckpt)
-    state = json.loads((ckpt / "trainer_state.json").read_text())
+    try:
+        return _verified_state(ckpt)
+    except CheckpointError as e:
+        earlier = [p for _, p in list_checkpoints(ckpt.parent) if p.name < ckpt.name]
+        good = next((p for p in reversed(earlier) if _verifies(p)), None)
+        if good is None:
+            advice = f"there is no earlier good checkpoint under {ckpt.parent}; start again in a new output_dir"
+        else:
+            advice = (f"the previous good checkpoint is {good}: move the damaged folder {ckpt} away (or delete it) "
+                      f"and resume again with --resume to continue from it")
+        raise CheckpointError(f"cannot resume: {e}; {advice}") from None
+
+
+def _verifies(ckpt: Path) -> bool:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _verified_state(ckpt)
+        return True
+    except CheckpointError:
+        return False
+
+
+def load_training_state(ckpt: str | os.PathLike, optimizer, scheduler,
+                        state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Restore optimizer, scheduler and RNG from a checkpoint folder; returns trainer_state.json's content
+    (`state`, when the caller has already read it with `read_checkpoint`)."""
+    ckpt = Path(ckpt)
+    state = read_checkpoint(ckpt) if state is None else state
+    if set(state["scheduler"]) != set(scheduler.state_dict()):
+        raise CheckpointError(f"{ckpt / 'trainer_state.json'} field scheduler: keys {sorted(state['scheduler'])}, "
+                              f"this scheduler has {sorted(scheduler.state_dict())}")
     opt = optimizer_from_flat(load_file(str(ckpt / "optimizer.safetensors")), state["optimizer_param_groups"])
     optimizer.load_state_dict(opt)
     scheduler.load_state_dict(state["scheduler"])

@@ -28,7 +28,9 @@ from tqdm.auto import tqdm
 from pocketlm import distributed as dist
 from pocketlm.config import LossConfig, TrainConfig
 from pocketlm.distill.cache import TeacherCache
-from pocketlm.distill.checkpoint import latest_checkpoint, load_training_state, save_checkpoint, step_dir
+from pocketlm.distill.checkpoint import (
+    latest_checkpoint, load_training_state, read_checkpoint, save_checkpoint, step_dir,
+)
 from pocketlm.distill.losses import kd_loss
 from pocketlm.distill.moe_telemetry import StepTelemetry, plot_expert_load
 from pocketlm.models.moe import apply_router_updates
@@ -272,7 +274,8 @@ class Trainer:
         path = Path(ckpt) if ckpt else latest_checkpoint(self.ckpt_dir)
         if path is None:
             return False
-        saved_run = json.loads((path / "trainer_state.json").read_text()).get("run", {})
+        state = read_checkpoint(path)  # fields checked, every file's checksum verified
+        saved_run = state.get("run", {})
         changed = _differences(saved_run, self.run_info)
         if changed:
             raise ValueError(
@@ -289,7 +292,7 @@ class Trainer:
             raise ValueError(f"checkpoint {path} does not fit this student (missing {missing}, unexpected {unexpected})")
         if tied:
             model.tie_weights()
-        state = load_training_state(path, self.optimizer, self.scheduler)
+        load_training_state(path, self.optimizer, self.scheduler, state)
         self.step = state["step"]
         self.tokens_seen = state.get("tokens_seen", 0)
         self.history = state.get("history", [])
