@@ -141,9 +141,14 @@ def _stored(path: Path, key: str, out: Path) -> dict[str, Any] | None:
         rec = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None  # a damaged record is redone, not trusted
-    if rec.get("schema") != STAGE_SCHEMA or rec.get("key") != key:
+    if not isinstance(rec, dict) or rec.get("schema") != STAGE_SCHEMA or rec.get("key") != key:
         return None
-    for name, value in rec.get("facts", {}).items():
+    facts = rec.get("facts", {})
+    if not isinstance(facts, dict):
+        return None  # not the shape we write: redone, like a damaged record
+    for name, value in facts.items():
+        if name.endswith(("_dir", "_file")) and not isinstance(value, str):
+            return None
         if name.endswith(("_dir", "_file")) and value:
             # a record is a file in the output folder, not to be trusted with paths that lead out of it
             if not confined(out, value, f"{path} facts.{name}").exists():

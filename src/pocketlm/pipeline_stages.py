@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pocketlm.config_pipeline import PipelineConfig
+from pocketlm.integrity import RecordError
 from pocketlm.provenance import provenance
 from pocketlm.registry import Registry
 from pocketlm.report.results import Metric, Results
@@ -205,6 +206,11 @@ def parameter_results(model, info: dict[str, Any]) -> Results:
         provenance=provenance())
 
 
+def stamp_matches(stamp: Path, key: str) -> bool:
+    """Whether the stage folder's key stamp records `key` (a missing or damaged stamp matches nothing)."""
+    return stamp.is_file() and stamp.read_bytes().strip() == key.encode()
+
+
 def _train(ctx: Context, role: str) -> StageOutput:
     from pocketlm.distill.checkpoint import latest_checkpoint
     from pocketlm.distill.run import run_distill
@@ -216,8 +222,7 @@ def _train(ctx: Context, role: str) -> StageOutput:
     stamp = run_dir / "pipeline_key.txt"
     stage_name = "ce_baseline" if role == "ce_baseline" else "distill"
     resume = latest_checkpoint(run_dir / "checkpoints") is not None
-    if resume and (stage_name in ctx.forced or not stamp.is_file()
-                   or stamp.read_text().strip() != ctx.keys[stage_name]):
+    if resume and (stage_name in ctx.forced or not stamp_matches(stamp, ctx.keys[stage_name])):
         # checkpoints of other inputs (or a forced redo): start over; the teacher cache checks itself
         for sub in ("checkpoints", "student"):
             shutil.rmtree(run_dir / sub, ignore_errors=True)
@@ -310,7 +315,11 @@ def perplexity_deltas(model: Results, baseline: Results, *, seed: int = 0, n_res
 
 def _heldout(ctx: Context) -> tuple[list[str], str]:
     path = ctx.out / ctx.fact("heldout_file")
-    docs = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        docs = [json.loads(line)["text"] for line in path.read_bytes().decode("utf-8").splitlines() if line.strip()]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise RecordError(f"{path}, the held-out documents this run recorded, is damaged "
+                          f"({type(e).__name__}: {str(e)[:80]}); rerun with --force distill to write it again") from None
     return docs, "held-out documents of the distillation data"
 
 

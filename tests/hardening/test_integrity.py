@@ -274,3 +274,73 @@ def test_damaged_block_cache_is_named_and_rebuilt(tmp_path, tokenizer, corpus_fi
         again = build_blocks(docs, tokenizer, block_size=16, cache_dir=tmp_path)
     assert torch.equal(first.train, again.train) and torch.equal(first.val, again.val)
     assert path.read_bytes() == good
+
+
+# ---------------------------------------------------------------------------------------------- pipeline records
+STAGE_RECORDS = {
+    "a list": [1, 2],
+    "facts a list": {"facts": ["student_dir"]},
+    "a folder fact that is a number": {"facts": {"student_dir": 7}},
+    "a file fact that is a list": {"facts": {"heldout_file": ["a", "b"]}},
+}
+
+
+@pytest.mark.parametrize("record", STAGE_RECORDS)
+def test_stage_record_of_the_wrong_shape_is_redone(tmp_path, record):
+    """4 cases: a stored stage record (stages/<name>.json) that is JSON but not of the shape pocketlm writes. The
+    old code raised AttributeError / TypeError tracebacks; such a record is now redone, like a damaged one."""
+    from pocketlm.pipeline import STAGE_SCHEMA, _stored
+
+    rec = STAGE_RECORDS[record]
+    if isinstance(rec, dict):
+        rec = {"schema": STAGE_SCHEMA, "key": "k", **rec}
+    path = tmp_path / "stages" / "distill.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(rec))
+    assert _stored(path, "k", tmp_path) is None
+
+
+def test_damaged_pipeline_key_stamp_restarts_the_stage(tmp_path):
+    """1 case: distill/pipeline_key.txt (the key of the inputs a stage's checkpoints belong to) holding bytes that
+    are not UTF-8. The old code failed with "'utf-8' codec can't decode" naming no file; now it reads as a key
+    that does not match, so the stage starts over in its own folder."""
+    from pocketlm.pipeline_stages import stamp_matches
+
+    stamp = tmp_path / "pipeline_key.txt"
+    stamp.write_bytes(b"\xff\xfe")
+    assert not stamp_matches(stamp, "abc")
+    stamp.write_text("abc\n")
+    assert stamp_matches(stamp, "abc")
+
+
+def test_damaged_heldout_record_is_named(tmp_path):
+    """1 case: the held-out documents a pipeline recorded (distill/heldout.jsonl) damaged on disk: the error
+    names the file instead of "'utf-8' codec can't decode" or a bare JSON error."""
+    from types import SimpleNamespace
+
+    from pocketlm.integrity import RecordError
+    from pocketlm.pipeline_stages import _heldout
+
+    (tmp_path / "heldout.jsonl").write_bytes(b'{"text": "a"}\n{"text": \xff}\n')
+    ctx = SimpleNamespace(out=tmp_path, fact=lambda name: "heldout.jsonl")
+    with pytest.raises(RecordError, match=r"heldout\.jsonl"):
+        _heldout(ctx)
+
+
+# ---------------------------------------------------------------------------------------------- VLM folders
+@pytest.mark.parametrize("content", [b"\xff{", b"[1]", b'{"format": "pocketlm-vlm/1"'])
+@pytest.mark.parametrize("which", ["vlm_config.json", "encoder/config.json"])
+def test_damaged_vlm_config_is_named(tmp_path, content, which):
+    """2 × 3 cases: a VLM folder's vlm_config.json, or its ViT encoder's config.json, that is not UTF-8, not an
+    object or cut short: the error names the file (the old code: "'utf-8' codec can't decode", an
+    AttributeError traceback, or a bare JSON error)."""
+    from pocketlm.models.vision import VisionLanguageModel
+    from pocketlm.models.vit import ViT
+
+    (tmp_path / "encoder").mkdir()
+    (tmp_path / which).write_bytes(content)
+    with pytest.raises(ValueError, match=which.replace(".", r"\.")):
+        if which == "vlm_config.json":
+            VisionLanguageModel.load(tmp_path)
+        else:
+            ViT.load(tmp_path / "encoder")

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pocketlm.integrity import RecordError, read_json
 from pocketlm.models.projectors import ProjectorParams, build_projector
 from pocketlm.models.student import IGNORE_INDEX, causal_lm_loss
 from pocketlm.models.vit import VIT_KIND, HFVisionEncoder, ViT
@@ -286,9 +287,10 @@ class VisionLanguageModel(nn.Module):
         cfg_path = folder / "vlm_config.json"
         if not cfg_path.is_file():
             raise FileNotFoundError(f"{folder} is not a pocketlm VLM folder (no vlm_config.json)")
-        cfg = json.loads(cfg_path.read_text())
-        if cfg.get("format") != FORMAT:
-            raise ValueError(f"{cfg_path}: format {cfg.get('format')!r}, expected {FORMAT!r}")
+        cfg = read_json(cfg_path, "pocketlm VLM config")
+        if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+            found = cfg.get("format") if isinstance(cfg, dict) else f"a JSON {type(cfg).__name__}"
+            raise RecordError(f"{cfg_path}: format {found!r}, expected {FORMAT!r}")
         for part in ("encoder", "lm", "projector.safetensors"):
             if not (folder / part).exists():
                 raise FileNotFoundError(f"{folder} is missing {part}")

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pocketlm.integrity import RecordError, read_json
+
 VIT_KIND = "pocketlm_vit"
 
 
@@ -140,9 +142,16 @@ class ViT(nn.Module):
         from safetensors.torch import load_file
 
         folder = Path(folder)
-        cfg = json.loads((folder / "config.json").read_text())
+        path = folder / "config.json"
+        cfg = read_json(path, "ViT config")
+        if not isinstance(cfg, dict):
+            raise RecordError(f"{path} is not a valid ViT config: a JSON {type(cfg).__name__}, not an object")
         cfg.pop("kind", None)
-        model = cls(ViTConfig(**cfg))
+        try:
+            conf = ViTConfig(**cfg)
+        except TypeError as e:
+            raise RecordError(f"{path} is not a valid ViT config: {e}") from None
+        model = cls(conf)
         model.load_state_dict(load_file(str(folder / "model.safetensors")))
         return model
 
