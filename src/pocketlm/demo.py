@@ -98,7 +98,8 @@ def perplexity_table(doc: dict[str, Any]) -> str:
     return cap.get()
 
 
-def run_demo(out: str | os.PathLike = "outputs/demo", *, progress: bool = True, overrides: list[str] | None = None):
+def run_demo(out: str | os.PathLike = "outputs/demo", *, progress: bool = True, overrides: list[str] | None = None,
+             overwrite: bool = False):
     """Run the demo pipeline into ``out``; returns the pipeline's outcome (results doc, paths, exit code)."""
     from pydantic import ValidationError
 
@@ -111,7 +112,7 @@ def run_demo(out: str | os.PathLike = "outputs/demo", *, progress: bool = True, 
         cfg = PipelineConfig.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, "the demo config")) from None
-    outcome = run_pipeline(cfg, progress=progress)
+    outcome = run_pipeline(cfg, progress=progress, overwrite=overwrite)
     print(perplexity_table(outcome.doc), end="")
     for g in outcome.gates:
         print(f"[demo] gate {g['status'].upper():10s} {g['name']}")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from pocketlm.config_pipeline import PipelineConfig
+from pocketlm.outdir import output_folder
 from pocketlm.paths import check_outputs, confined
 from pocketlm.pipeline_stages import ORDER, STAGES, Context, StageUnavailable, unavailable
 from pocketlm.provenance import provenance
@@ -76,10 +77,13 @@ def check_inputs(ctx: Context) -> None:
     from pocketlm.audit.toxicity import build_scorer
     from pocketlm.data.suites import load_suite, sample_items
     from pocketlm.data.text import DataError, hash_documents, read_documents
-    from pocketlm.models.load import resolve
+    from pocketlm.models.load import folder_shape, resolve
 
     cfg = ctx.cfg
     resolve(cfg.teacher)  # a missing folder/file or an uninstalled embedded teacher fails here
+    shape = folder_shape(cfg.teacher)  # a teacher folder's config: the fields it bounds are checked now
+    if shape is not None:
+        cfg.check_teacher(*shape)
     src = cfg.data.source
     if src and src.startswith((".", "/", "~")) and not Path(src).expanduser().exists():
         raise DataError(f"data.source: data not found: {src}")
@@ -156,7 +160,8 @@ def _stored(path: Path, key: str, out: Path) -> dict[str, Any] | None:
     return rec
 
 
-def run_pipeline(cfg: PipelineConfig, *, force: Iterable[str] = (), progress: bool = True) -> PipelineOutcome:
+def run_pipeline(cfg: PipelineConfig, *, force: Iterable[str] = (), progress: bool = True,
+                 overwrite: bool = False) -> PipelineOutcome:
     from pocketlm.report.gates import GateNameError
 
     t0 = time.perf_counter()
@@ -169,55 +174,56 @@ def run_pipeline(cfg: PipelineConfig, *, force: Iterable[str] = (), progress: bo
     ctx = Context(cfg, out, progress=progress)
     ctx.forced = force
     check_inputs(ctx)
-    out.mkdir(parents=True, exist_ok=True)  # after the checks: bad input leaves no empty output folder behind
-    status: dict[str, dict[str, Any]] = {}
-    ran, reused = [], []
-    for name in ORDER:
-        st = STAGES.get(name)
-        if not st.enabled(cfg):
-            status[name] = {"status": "off"}
-            continue
-        wanted = st.measures(cfg) if st.measures else None
-        if wanted and all(w in ctx.skipped for w in wanted):
-            status[name] = {"status": "skipped", "reason": "; ".join(f"{w}: {ctx.skipped[w]}" for w in wanted)}
-            continue
-        inputs = st.inputs(ctx)
-        key = ctx.keys[name] = stage_key(name, inputs)
-        rec_path = out / "stages" / f"{name}.json"
-        rec = None if name in force else _stored(rec_path, key, out)
-        if rec is not None:
-            _say(f"{name}: reusing the stored results (same inputs, key {key})")
-            reused.append(name)
-        else:
-            _say(f"{name}: running" + (" (forced)" if name in force else ""))
-            t = time.perf_counter()
-            output = st.run(ctx)
-            rec = {"schema": STAGE_SCHEMA, "stage": name, "phase": st.phase, "key": key, "inputs": inputs,
-                   "entries": [e.to_dict() for e in output.entries], "facts": output.facts,
-                   "wall_time_s": time.perf_counter() - t, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            _write_json(rec_path, rec)
-            ran.append(name)
-            _say(f"{name}: done in {rec['wall_time_s']:.0f} s")
-        ctx.records[name] = rec
-        status[name] = {"status": "reused" if name in reused else "ran", "key": key,
-                        "wall_time_s": rec["wall_time_s"]}
-    doc = assemble(ctx, status, time.perf_counter() - t0)
-    try:
-        gates = check_gates(doc)
-        code = 0 if all(g["passed"] for g in gates) else 1
-    except GateNameError as e:
-        gates, code = [{"name": "config error", "rule": "", "status": "error", "passed": False, "values": {},
-                        "comparisons": [], "message": str(e)}], 2
-    doc["gates"] = gates
-    doc["verdict"] = {0: "pass" if gates else "no gates", 1: "fail", 2: "error"}[code]
-    results_path = _write_json(out / "results.json", doc)
-    from pocketlm.report.card import write_card
-    from pocketlm.report.html import write_report
+    # held for the run: new or a pipeline folder of ours, locked; bad input leaves no empty output folder behind
+    with output_folder(out, kind="pipeline", what="output_dir", overwrite=overwrite):
+        status: dict[str, dict[str, Any]] = {}
+        ran, reused = [], []
+        for name in ORDER:
+            st = STAGES.get(name)
+            if not st.enabled(cfg):
+                status[name] = {"status": "off"}
+                continue
+            wanted = st.measures(cfg) if st.measures else None
+            if wanted and all(w in ctx.skipped for w in wanted):
+                status[name] = {"status": "skipped", "reason": "; ".join(f"{w}: {ctx.skipped[w]}" for w in wanted)}
+                continue
+            inputs = st.inputs(ctx)
+            key = ctx.keys[name] = stage_key(name, inputs)
+            rec_path = out / "stages" / f"{name}.json"
+            rec = None if name in force else _stored(rec_path, key, out)
+            if rec is not None:
+                _say(f"{name}: reusing the stored results (same inputs, key {key})")
+                reused.append(name)
+            else:
+                _say(f"{name}: running" + (" (forced)" if name in force else ""))
+                t = time.perf_counter()
+                output = st.run(ctx)
+                rec = {"schema": STAGE_SCHEMA, "stage": name, "phase": st.phase, "key": key, "inputs": inputs,
+                       "entries": [e.to_dict() for e in output.entries], "facts": output.facts,
+                       "wall_time_s": time.perf_counter() - t, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                _write_json(rec_path, rec)
+                ran.append(name)
+                _say(f"{name}: done in {rec['wall_time_s']:.0f} s")
+            ctx.records[name] = rec
+            status[name] = {"status": "reused" if name in reused else "ran", "key": key,
+                            "wall_time_s": rec["wall_time_s"]}
+        doc = assemble(ctx, status, time.perf_counter() - t0)
+        try:
+            gates = check_gates(doc)
+            code = 0 if all(g["passed"] for g in gates) else 1
+        except GateNameError as e:
+            gates, code = [{"name": "config error", "rule": "", "status": "error", "passed": False, "values": {},
+                            "comparisons": [], "message": str(e)}], 2
+        doc["gates"] = gates
+        doc["verdict"] = {0: "pass" if gates else "no gates", 1: "fail", 2: "error"}[code]
+        results_path = _write_json(out / "results.json", doc)
+        from pocketlm.report.card import write_card
+        from pocketlm.report.html import write_report
 
-    report = write_report(doc, out / "report.html")
-    card = None
-    if "student_dir" in doc["facts"]:
-        card = write_card(doc, confined(out, doc["facts"]["student_dir"], "facts.student_dir") / "README.md")
+        report = write_report(doc, out / "report.html")
+        card = None
+        if "student_dir" in doc["facts"]:
+            card = write_card(doc, confined(out, doc["facts"]["student_dir"], "facts.student_dir") / "README.md")
     return PipelineOutcome(doc, results_path, report, card, gates, code, ran, reused)
 
 

@@ -215,6 +215,7 @@ def _train(ctx: Context, role: str) -> StageOutput:
     from pocketlm.distill.checkpoint import latest_checkpoint
     from pocketlm.distill.run import run_distill
     from pocketlm.models.load import fingerprint_model, load_model
+    from pocketlm.outdir import subfolder
 
     t0 = time.perf_counter()
     run_dir = ctx.out / ("ce_baseline" if role == "ce_baseline" else "distill")
@@ -227,7 +228,7 @@ def _train(ctx: Context, role: str) -> StageOutput:
         for sub in ("checkpoints", "student"):
             shutil.rmtree(run_dir / sub, ignore_errors=True)
         resume = False
-    run_dir.mkdir(parents=True, exist_ok=True)
+    subfolder(run_dir, kind="distill")  # ours, so the distill run may use it
     stamp.write_text(ctx.keys[stage_name])
     prep = ctx.prepared()
     result = run_distill(dcfg, resume=resume, progress=ctx.progress, prepared=prep, desc=role)

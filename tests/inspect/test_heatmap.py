@@ -81,7 +81,7 @@ def test_attention_command_student_beside_teacher(tmp_path, tokenizer, teacher_d
     assert result.exit_code == 0, result.output
     assert "attention_entropy" in result.output
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(["attention.html", "results.json"] + [f"model_layer{i}.png" for i in range(2)]
+    assert names == sorted([".pocketlm.json", ".pocketlm.lock", "attention.html", "results.json"] + [f"model_layer{i}.png" for i in range(2)]
                            + [f"baseline_layer{i}.png" for i in range(4)])
     res = json.loads((out / "results.json").read_text())
     assert res["kind"] == "attention" and res["baseline"]["spec"] == str(teacher_dir)
@@ -102,5 +102,6 @@ def test_attention_command_errors_are_one_line(tmp_path, tokenizer):
     bad = CliRunner().invoke(app, ["attention", "--model", str(student), "--text", "The cat", "--out",
                                    str(tmp_path / "o"), "--layer", "5"])
     assert bad.exit_code == 2 and "has layers 0..1; --layer 5" in bad.output
-    empty = CliRunner().invoke(app, ["attention", "--model", str(student), "--text", " ", "--out", str(tmp_path)])
+    empty = CliRunner().invoke(app, ["attention", "--model", str(student), "--text", " ", "--out",
+                                     str(tmp_path / "o")])
     assert empty.exit_code == 2 and "--text is empty" in empty.output

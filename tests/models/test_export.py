@@ -149,14 +149,16 @@ def test_export_casts_dtype_and_drops_the_tied_head(tmp_path):
 def test_export_replaces_a_previous_export_atomically(tmp_path):
     out = tmp_path / "model"
     export_llama(tiny_student(tied=True, seed=1), out)
-    (out / "stale.txt").write_text("from the old export")
     second = tiny_student(tied=True, seed=2)
-    export_llama(second, out)
-    assert not (out / "stale.txt").exists()
+    export_llama(second, out)  # its own earlier export: replaced whole
     torch.testing.assert_close(
         load_file(out / "model.safetensors")["model.norm.weight"], second.model.norm.weight, rtol=0, atol=0
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folders left behind
+    (out / "stale.txt").write_text("a file pocketlm did not write")
+    with pytest.raises(ValueError, match=r"holds files pocketlm did not write \(stale\.txt\)"):
+        export_llama(second, out)
+    assert (out / "stale.txt").exists()
 
 
 def test_export_refuses_a_student_that_is_not_a_plain_llama(tmp_path):

@@ -13,7 +13,7 @@ from typing import List, Optional
 import typer
 
 from pocketlm import __version__
-from pocketlm.cli._common import _EXPECTED, _fail, app
+from pocketlm.cli._common import _EXPECTED, OVERWRITE, _fail, app
 
 
 def _version(value: bool) -> None:
@@ -48,6 +48,7 @@ def distill(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget for the teacher cache "
                                              "build (weights + one batch), e.g. 2GiB (the config's max_memory)."),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Distill a teacher into a student as the config says; writes checkpoints and the final student folder."""
     from pocketlm.config import DistillConfig, load_config
@@ -55,7 +56,7 @@ def distill(
 
     try:
         cfg = load_config(DistillConfig, config, [*set_, *([f"max_memory={max_memory}"] if max_memory else [])])
-        result = run_distill(cfg, resume=resume, progress=not quiet)
+        result = run_distill(cfg, resume=resume, progress=not quiet, overwrite=overwrite)
     except _EXPECTED as e:
         _fail(e)
     typer.echo(json.dumps(result.to_dict(), indent=2))
@@ -66,12 +67,13 @@ def demo(
     out: Path = typer.Option(Path("outputs/demo"), help="Where results.json and the students go."),
     set_: List[str] = typer.Option([], "--set", help="Override a demo config field, e.g. --set train.steps=30."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Distill the embedded SmolLM2-135M teacher into a student a quarter its size, against a CE-only twin."""
     from pocketlm.demo import run_demo
 
     try:
-        run_demo(out, progress=not quiet, overrides=set_)
+        run_demo(out, progress=not quiet, overrides=set_, overwrite=overwrite)
     except _EXPECTED as e:
         _fail(e)
 
@@ -82,16 +84,19 @@ def export(
     out: Path = typer.Option(..., "--out", help="Folder to write."),
     format: str = typer.Option("llama", "--format", help="Export format: llama."),
     dtype: Optional[str] = typer.Option(None, help="Cast weights: float32, bfloat16, float16."),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Export a student to a plain transformers architecture that loads without pocketlm installed."""
     from pocketlm.models.hf_export import export_llama
     from pocketlm.models.load import load_model, parse_dtype
+    from pocketlm.outdir import check_folder
 
     if format != "llama":
         _fail(ValueError(f"unknown export format {format!r}; valid: llama"))
     try:
+        check_folder(out, kind="export", overwrite=overwrite)  # before the model loads
         m, tok = load_model(model)
-        path = export_llama(m, out, tokenizer=tok, dtype=parse_dtype(dtype) if dtype else None)
+        path = export_llama(m, out, tokenizer=tok, dtype=parse_dtype(dtype) if dtype else None, overwrite=overwrite)
     except _EXPECTED as e:
         _fail(e)
     typer.echo(f"wrote {path}")

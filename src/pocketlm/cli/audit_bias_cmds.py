@@ -6,7 +6,8 @@ from typing import Optional
 
 import typer
 
-from pocketlm.cli._common import _EXPECTED, _fail, audit_app
+from pocketlm.cli._common import _EXPECTED, OVERWRITE, _fail, audit_app
+from pocketlm.outdir import check_result_file
 
 
 @audit_app.command("bias")
@@ -17,19 +18,20 @@ def audit_bias_cmd(
                                                                      "report model − baseline deltas."),
     data: Optional[str] = typer.Option(None, "--data", help="The suite's file or folder (e.g. ../shared/data/bbq), "
                                                             "or a hub dataset name; default: its hub copy (online)."),
-    limit: Optional[int] = typer.Option(None, help="Score a seeded random subset of N items."),
-    seed: int = typer.Option(0, help="Seed of the subset and of the bootstrap."),
-    batch_size: int = typer.Option(16, help="Requests per forward pass."),
-    max_length: Optional[int] = typer.Option(None, help="Cap on input tokens (default: the model's context)."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Score a seeded random subset of N items."),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed of the subset and of the bootstrap."),
+    batch_size: int = typer.Option(16, min=1, help="Requests per forward pass."),
+    max_length: Optional[int] = typer.Option(None, min=1, help="Cap on input tokens (default: the model's context)."),
     dtype: str = typer.Option("float32", help="Weights: float32 or bfloat16."),
     precision: str = typer.Option("fp32", help="Scoring: fp32, bf16 (model body in bf16 autocast, output layer and "
                                                "log-softmax in fp32) or auto (bf16 where the hardware runs it)."),
-    n_resamples: int = typer.Option(1000, help="Bootstrap resamples per interval."),
+    n_resamples: int = typer.Option(1000, min=1, help="Bootstrap resamples per interval."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where to write results.json "
                                                            "(default results/bias-<suite>.json)."),
-    show_examples: int = typer.Option(0, "--show-examples", help="Print the first K items' text with their scores "
+    show_examples: int = typer.Option(0, "--show-examples", min=0, help="Print the first K items' text with their scores "
                                                                  "(suites hold offensive text; off by default)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """CrowS-Pairs, StereoSet, BBQ or WinoBias as lm-evaluation-harness scores causal LMs, every figure with a
     95 % bootstrap interval; with --baseline, paired deltas flagged where the interval excludes zero."""
@@ -39,6 +41,8 @@ def audit_bias_cmd(
     from pocketlm.models.load import load_model
 
     try:
+        out = out or Path("results") / f"bias-{suite}.json"
+        check_result_file(out, overwrite=overwrite)  # before any work
         BIAS_SUITES.get(suite)
         if precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
@@ -53,7 +57,7 @@ def audit_bias_cmd(
                       "subset": f"{len(subset.items)} of {full.n_total} items, seeded random (seed {seed})"
                                 if len(subset.items) < full.n_total else "all items"},
         )
-        path = res.write(out or Path("results") / f"bias-{suite}.json")
+        path = res.write(out)
     except _EXPECTED as e:
         _fail(e)
     typer.echo(f"{suite}: {len(subset.items)} of {full.n_total} items"

@@ -6,7 +6,8 @@ from typing import Optional
 
 import typer
 
-from pocketlm.cli._common import _EXPECTED, _fail, eval_app
+from pocketlm.cli._common import _EXPECTED, OVERWRITE, _fail, eval_app
+from pocketlm.outdir import check_result_file
 
 
 @eval_app.command("perplexity")
@@ -18,12 +19,12 @@ def eval_perplexity(
     split: str = typer.Option("test", help="Dataset split (Hugging Face datasets only)."),
     txt_split: str = typer.Option("blank_lines", help="How one .txt file is cut into documents: blank_lines, "
                                                       "wikitext_headings (at each ' = Title = ' line) or lines."),
-    max_length: Optional[int] = typer.Option(None, help="Window length (default: the model's context, as lm-eval)."),
-    stride: Optional[int] = typer.Option(None, help="Overlapping windows moving by this many tokens."),
+    max_length: Optional[int] = typer.Option(None, min=1, help="Window length (default: the model's context, as lm-eval)."),
+    stride: Optional[int] = typer.Option(None, min=1, help="Overlapping windows moving by this many tokens."),
     detokenize: Optional[str] = typer.Option(None, help="Detokenise before scoring: wikitext (lm-eval's task)."),
-    batch_size: int = typer.Option(8, help="Most windows per forward pass."),
-    max_batch_tokens: int = typer.Option(16384, help="Most padded tokens per forward pass (bounds memory)."),
-    max_documents: Optional[int] = typer.Option(None, help="Score only the first N documents."),
+    batch_size: int = typer.Option(8, min=1, help="Most windows per forward pass."),
+    max_batch_tokens: int = typer.Option(16384, min=1, help="Most padded tokens per forward pass (bounds memory)."),
+    max_documents: Optional[int] = typer.Option(None, min=1, help="Score only the first N documents."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget for the weights and one "
                                              "batch, e.g. 2GiB: batches shrink to fit; refused if one window "
                                              "does not."),
@@ -33,6 +34,7 @@ def eval_perplexity(
                                                "as measured); auto = bf16 where the hardware runs it natively."),
     out: Path = typer.Option(Path("results/perplexity.json"), "--out", help="Where to write results.json."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Perplexity as lm-evaluation-harness defines it: rolling windows per document; token, word and byte level."""
     from pocketlm.data.text import read_documents
@@ -42,11 +44,12 @@ def eval_perplexity(
     from pocketlm.memory import parse_bytes
 
     try:
+        check_result_file(out, overwrite=overwrite)  # before any work
         budget = None if max_memory is None else parse_bytes(max_memory)
         if detokenize is not None and detokenize not in DETOKENIZERS:
             raise ValueError(f"unknown --detokenize {detokenize!r}; valid: {', '.join(DETOKENIZERS)}")
         docs = read_documents(data, field=field, split=split, max_documents=max_documents, txt_split=txt_split)
-        m, tok = load_model(model, dtype=dtype)
+        m, tok = load_model(model, dtype=dtype, max_memory=budget)
         if max_length is not None:
             check_max_length(m, tok, max_length)
         res = perplexity_results(

@@ -6,7 +6,8 @@ from typing import List, Optional
 
 import typer
 
-from pocketlm.cli._common import _EXPECTED, _fail, eval_app
+from pocketlm.cli._common import _EXPECTED, OVERWRITE, _fail, eval_app
+from pocketlm.outdir import check_result_file
 
 
 def _unescape(text: str) -> str:
@@ -30,19 +31,20 @@ def eval_rouge(
         None, help="Prompt template with {document} (summarisation) or {prompt} (fidelity; default '{prompt}')."),
     chat: bool = typer.Option(False, "--chat", help="Wrap prompts in the tokenizer's chat template."),
     max_prompt_tokens: Optional[int] = typer.Option(
-        None, help="Cut documents so the prompt fits in this many tokens (default: context - max_new_tokens)."),
-    max_new_tokens: int = typer.Option(64, help="Tokens to generate per item."),
+        None, min=1, help="Cut documents so the prompt fits in this many tokens (default: context - max_new_tokens)."),
+    max_new_tokens: int = typer.Option(64, min=1, help="Tokens to generate per item."),
     stop: List[str] = typer.Option(["\n\n"], "--stop", help="Cut generations at this text (repeatable; default a "
                                                             "blank line)."),
     no_stop: bool = typer.Option(False, "--no-stop", help="Do not cut generations at any stop text."),
-    batch_size: int = typer.Option(8, help="Prompts per generation batch."),
-    limit: Optional[int] = typer.Option(None, help="Score a seeded random subset of N items."),
-    seed: int = typer.Option(0, help="Seed of the subset, the bootstrap and generation."),
+    batch_size: int = typer.Option(8, min=1, help="Prompts per generation batch."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Score a seeded random subset of N items."),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed of the subset, the bootstrap and generation."),
     stem: bool = typer.Option(False, "--stem", help="Porter-stem words before matching (rouge-score's use_stemmer)."),
     dtype: str = typer.Option("float32", help="float32 or bfloat16."),
     out: Path = typer.Option(Path("outputs/rouge/results.json"), "--out", help="Where to write results.json."),
-    show_examples: int = typer.Option(0, help="Print the first K (prediction, reference) pairs."),
+    show_examples: int = typer.Option(0, min=0, help="Print the first K (prediction, reference) pairs."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """ROUGE (rouge1/2/L/Lsum, 95 % bootstrap CIs) of greedy summaries against references, or of a student's
     continuations against a teacher's (--reference-model)."""
@@ -50,6 +52,7 @@ def eval_rouge(
     from pocketlm.eval.rouge import RougeSettings, format_examples, run_rouge
 
     try:
+        check_result_file(out, overwrite=overwrite)  # before any work
         settings = RougeSettings(
             template=template, chat=chat, max_prompt_tokens=max_prompt_tokens, stem=stem, limit=limit, seed=seed,
             generation=GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,

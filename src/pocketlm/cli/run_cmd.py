@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from pocketlm.cli._common import _EXPECTED, _fail, app
+from pocketlm.cli._common import _EXPECTED, OVERWRITE, _fail, app
 
 
 @app.command("run")
@@ -23,6 +23,7 @@ def run_cmd(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget per model for its weights "
                                              "and one batch, e.g. 2GiB (the config's max_memory)."),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Distill → evaluate → audit → inspect, then results.json, an HTML report, a model card and the gates."""
     from pocketlm.config_pipeline import load_pipeline_config
@@ -30,7 +31,7 @@ def run_cmd(
 
     try:
         cfg = load_pipeline_config(config, [*set_, *([f"max_memory={max_memory}"] if max_memory else [])])
-        outcome = run_pipeline(cfg, force=force, progress=not quiet)
+        outcome = run_pipeline(cfg, force=force, progress=not quiet, overwrite=overwrite)
     except _EXPECTED as e:
         _fail(e)
     typer.echo(summary(outcome.doc))

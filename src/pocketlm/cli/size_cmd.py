@@ -7,7 +7,8 @@ from typing import Any, Optional
 
 import typer
 
-from pocketlm.cli._common import _EXPECTED, _fail, app
+from pocketlm.cli._common import _EXPECTED, OVERWRITE, _fail, app
+from pocketlm.outdir import check_result_file
 
 # (label, metric name) rows of the table; rows whose value is 0 for both models are left out
 ROWS: list[tuple[str, str]] = [
@@ -101,23 +102,23 @@ def size(
                                           "alone: a config.json or a pocketlm distillation YAML (its student)."),
     model2: Optional[str] = typer.Argument(None, help="A model to compare with, e.g. the teacher: its figures and "
                                                       "the ratios MODEL / MODEL2."),
-    context: int = typer.Option(2048, "--context", help="Context length T for KV cache, attention FLOPs and "
+    context: int = typer.Option(2048, "--context", min=1, help="Context length T for KV cache, attention FLOPs and "
                                                         "activations."),
-    batch: int = typer.Option(1, "--batch", help="Batch size for KV cache and activations."),
+    batch: int = typer.Option(1, "--batch", min=1, help="Batch size for KV cache and activations."),
     measure: bool = typer.Option(False, "--measure", help="Also measure the real model (its weights, or a random "
                                                           "instance of a config): parameters, storage, KV cache, "
                                                           "FlopCounterMode FLOPs, at --measure-context."),
-    measure_context: int = typer.Option(128, "--measure-context", help="Context length of the measurement."),
+    measure_context: int = typer.Option(128, "--measure-context", min=1, help="Context length of the measurement."),
     json_: bool = typer.Option(False, "--json", help="Print results.json to stdout instead of tables."),
     out: Path = typer.Option(Path("outputs/size/results.json"), "--out", help="Where to write results.json."),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Parameters, bytes at fp32/bf16/int8/int4, KV cache, AdamW training memory, FLOPs per token and
     Chinchilla-optimal tokens of MODEL, from its config alone; ratios against MODEL2 when given."""
     from pocketlm.inspect.size import size_results
 
-    if context < 1 or batch < 1 or measure_context < 1:
-        _fail(ValueError("--context, --batch and --measure-context must be positive"))
     try:
+        check_result_file(out, overwrite=overwrite)  # before any work
         res = size_results(model, model2, context=context, batch=batch,
                            measure_context=measure_context if measure else None)
         path = res.write(out)

@@ -8,7 +8,8 @@ from typing import List, Optional
 
 import typer
 
-from pocketlm.cli._common import _EXPECTED, _fail, app
+from pocketlm.cli._common import _EXPECTED, OVERWRITE, _fail, app
+from pocketlm.outdir import check_result_file
 
 vlm_app = typer.Typer(help="Vision-language students: train (LLaVA's two stages), evaluate, caption.",
                       no_args_is_help=True)
@@ -25,6 +26,7 @@ def vlm_train(
     config: Path = typer.Argument(..., help="YAML VLM config (see configs/vlm_shapes.yaml)."),
     set_: List[str] = typer.Option([], "--set", help="Override a config field: --set stage2.steps=100."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Build a VLM and train it in LLaVA's two stages (projector; then projector + LM); writes output_dir/model."""
     from pocketlm.config import load_config
@@ -34,7 +36,7 @@ def vlm_train(
     _show_conversions()
     try:
         cfg = load_config(VLMConfig, config, set_)
-        res = run_train(cfg, progress=not quiet)
+        res = run_train(cfg, progress=not quiet, overwrite=overwrite)
     except _EXPECTED as e:
         _fail(e)
     typer.echo(res.table())
@@ -46,17 +48,18 @@ def vlm_eval(
     model: Path = typer.Option(..., "--model", help="A VLM folder (output_dir/model of `pocketlm vlm train`)."),
     images: Optional[Path] = typer.Option(None, help="Your data: a folder of images (with --captions)."),
     captions: Optional[Path] = typer.Option(None, help="Your data: COCO-style .json or .jsonl captions/questions."),
-    n: int = typer.Option(300, help="Built-in shape scenes: how many test images."),
-    seed: int = typer.Option(0, help="Built-in shape scenes: the data seed (and the subset and bootstrap seed)."),
-    image_size: int = typer.Option(48, help="Built-in shape scenes: rendered size."),
-    max_shapes: int = typer.Option(3, help="Built-in shape scenes: at most this many shapes."),
+    n: int = typer.Option(300, min=1, help="Built-in shape scenes: how many test images."),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Built-in shape scenes: the data seed (and the subset and bootstrap seed)."),
+    image_size: int = typer.Option(48, min=16, help="Built-in shape scenes: rendered size."),
+    max_shapes: int = typer.Option(3, min=1, max=4, help="Built-in shape scenes: at most this many shapes."),
     blind_lm: Optional[str] = typer.Option(None, help="Blind baseline LM (default: the VLM's own LM, no image)."),
     no_blind: bool = typer.Option(False, "--no-blind", help="Skip the blind baseline."),
-    limit: Optional[int] = typer.Option(None, help="Score a seeded subset of N items per task."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Score a seeded subset of N items per task."),
     max_new_tokens: int = typer.Option(24),
     batch_size: int = typer.Option(64),
     out: Path = typer.Option(Path("outputs/vlm_eval/results.json"), "--out", help="Where to write results.json."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Caption ROUGE and VQA exact match per question type, against the LM answering without the image."""
     from pocketlm.data.scenes import SceneSpec, load_caption_folder, scenes_data
@@ -65,6 +68,7 @@ def vlm_eval(
 
     _show_conversions()
     try:
+        check_result_file(out, overwrite=overwrite)  # before any work
         if (images is None) != (captions is None):
             raise ValueError("give both --images and --captions (your data), or neither (built-in shape scenes)")
         settings = EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, blind=not no_blind)
@@ -85,8 +89,9 @@ def vlm_caption(
     prompt: Optional[str] = typer.Option(None, help="Prompt with one <image> marker (default: the caption "
                                                     "prompt the model was trained with)."),
     attention: Optional[Path] = typer.Option(None, help="Also draw attention over patches per token to this PNG."),
-    max_new_tokens: int = typer.Option(32),
+    max_new_tokens: int = typer.Option(32, min=1),
     out: Path = typer.Option(Path("outputs/vlm_caption/results.json"), "--out", help="Where to write results.json."),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Caption one image (or answer --prompt about it); optionally draw which patches each word attended to."""
     from pocketlm.data.scenes import CAPTION_PROMPT
@@ -99,6 +104,7 @@ def vlm_caption(
     _show_conversions()
     start = time.perf_counter()
     try:
+        check_result_file(out, overwrite=overwrite)  # before any work
         img = load_image(image)  # bad images and prompts are refused before the model is loaded
         text = prompt or CAPTION_PROMPT
         if text.count("<image>") != 1:

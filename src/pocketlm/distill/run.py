@@ -25,7 +25,7 @@ from pocketlm.distill.checkpoint import latest_checkpoint, replace_dir
 from pocketlm.distill.cache import TeacherCache, build_teacher_cache
 from pocketlm.distill.trainer import Trainer, TrainResult
 from pocketlm.models.load import (
-    check_vocab_compatible, fingerprint_model, fingerprint_tokenizer, load_model, parse_dtype,
+    check_vocab_compatible, fingerprint_model, fingerprint_tokenizer, folder_shape, load_model, parse_dtype,
 )
 from pocketlm.outdir import MIN_FREE, check_space, output_folder
 from pocketlm.paths import check_outputs
@@ -90,6 +90,9 @@ def prepare(cfg: DistillConfig, *, progress: bool = True, teacher=None, tokenize
     out = Path(cfg.output_dir)
     docs = source_documents(cfg)  # bad data fails before the teacher is loaded
     if teacher is None:
+        shape = folder_shape(cfg.teacher)  # the teacher-bound fields, before its weights are read
+        if shape is not None:
+            cfg.check_teacher(*shape)
         teacher, tokenizer = load_model(cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code or None)
         teacher.to(dist.device())  # this process's accelerator (cuda:local_rank under a launcher), else the CPU
     check_teacher_fields(cfg, teacher)  # before any corpus, block or cache is written
@@ -181,13 +184,12 @@ def run_distill(
     dist.init()  # under torchrun / accelerate launch: join the process group (no-op for one process)
     out = Path(cfg.output_dir)
     check_outputs(out, OUTPUTS)
-    if not resume and latest_checkpoint(out / "checkpoints") is not None:
-        raise FileExistsError(
-            f"{out} already holds checkpoints of a run; pass --resume to continue it, or choose another output_dir"
-        )
     # rank 0 holds the folder (checked, marked, locked); a failure before anything is written leaves no folder
     held = output_folder(out, kind="distill", what="output_dir", overwrite=overwrite) if dist.is_main() else None
     with held or contextlib.nullcontext():
+        if not resume and latest_checkpoint(out / "checkpoints") is not None:
+            raise FileExistsError(f"{out} already holds checkpoints of a run; pass --resume to continue it, or "
+                                  f"choose another output_dir")
         dist.barrier()  # every rank has checked for old checkpoints before anyone can write a new one
         with dist.main_first():  # rank 0 writes the teacher corpus and the token blocks; the others then read them
             prep = prepared or prepare(cfg, progress=progress and dist.is_main())

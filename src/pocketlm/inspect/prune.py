@@ -119,12 +119,12 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def save_student(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path:
-    """save_pretrained (and the tokenizer) into a temporary folder next to `out_dir`, then swapped into place."""
-    from pocketlm.models.hf_export import _write_folder
+    """save_pretrained (and the tokenizer) into a temporary folder next to `out_dir`, then swapped into place
+    (a folder there that pocketlm did not write is refused: `pocketlm.outdir.write_folder`)."""
+    from pocketlm.models.hf_export import write_model_folder
 
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return _write_folder(out, lambda tmp: model.save_pretrained(tmp), model, tokenizer)
+    return write_model_folder(Path(out_dir), lambda tmp: model.save_pretrained(tmp), model, tokenizer,
+                              kind="student")
 
 
 def _exp_ratio(nll: np.ndarray, tokens: np.ndarray, axis: int = -1) -> np.ndarray:

@@ -15,8 +15,6 @@ The folder is written next to its destination and renamed into place, so a reade
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +23,7 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from pocketlm.models.student import PocketLMConfig, PocketLMForCausalLM
+from pocketlm.outdir import MIN_FREE, write_folder
 
 
 def _attention_problems(config: PocketLMConfig) -> list[str]:
@@ -148,19 +147,27 @@ def _mixtral_problems(config: PocketLMConfig) -> list[str]:
     return problems
 
 
+def _require_student(model: Any, target: str) -> None:
+    """Refuse (a ValueError naming the model's type) a model that is not a pocketlm student: a teacher folder is
+    already in a layout transformers loads without pocketlm."""
+    if not isinstance(model.config, PocketLMConfig):
+        raise ValueError(f"export converts a pocketlm student into a plain {target} folder; this model is a "
+                         f"{type(model).__name__} (model_type {model.config.model_type!r}), which transformers "
+                         "loads as it is: use its folder directly")
+
+
 def export_mixtral(
     model: PocketLMForCausalLM,
     out_dir: str | os.PathLike,
     tokenizer: Any = None,
     dtype: torch.dtype | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a top-k softmax MoE student as a `MixtralForCausalLM` folder (config.json with model_type mixtral,
     generation_config.json, safetensors in transformers' Mixtral format, the tokenizer's files if given).
     `dtype` converts the weights (default: as they are). Returns the folder's path."""
-    if not isinstance(model.config, PocketLMConfig):
-        raise TypeError(f"export_mixtral takes a pocketlm student, got a {type(model).__name__}")
+    _require_student(model, "Mixtral")
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     config = mixtral_config_from_student(model.config)
     dtype = dtype or next(model.parameters()).dtype
     config.dtype = dtype
@@ -172,36 +179,23 @@ def export_mixtral(
     mixtral.load_state_dict({k: t.detach().to("cpu", dtype) for k, t in tensors.items()}, strict=False)
     if config.tie_word_embeddings:
         mixtral.tie_weights()
-    return _write_folder(out_dir, lambda tmp: mixtral.save_pretrained(tmp, safe_serialization=True), model, tokenizer)
+    return write_model_folder(out_dir, lambda tmp: mixtral.save_pretrained(tmp, safe_serialization=True), model,
+                              tokenizer, overwrite=overwrite)
 
 
-def _write_folder(out_dir: Path, write_model: Callable[[Path], Any], model: PocketLMForCausalLM, tokenizer: Any) -> Path:
-    """Write the model (`write_model(folder)`), the student's generation config and the tokenizer into a
-    temporary folder next to `out_dir`, then rename it into place; nothing is left behind on failure."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary folder
+def write_model_folder(out_dir: Path, write_model: Callable[[Path], Any], model: PocketLMForCausalLM,
+                       tokenizer: Any, *, kind: str = "export", overwrite: bool = False) -> Path:
+    """Write the model (`write_model(folder)`), the student's generation config and the tokenizer as one folder,
+    by the output-folder rules of `pocketlm.outdir.write_folder` (made whole, never over a user's folder)."""
+    def write(tmp: Path) -> None:
         write_model(tmp)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
 
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished `tmp` to `out_dir`; an existing `out_dir` is moved aside first and removed after."""
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    os.replace(out_dir, old / out_dir.name)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    need = MIN_FREE + sum(p.numel() * p.element_size() for p in model.parameters())
+    return write_folder(out_dir, write, kind=kind, overwrite=overwrite, need=need)
 
 
 def export_llama(
@@ -209,14 +203,13 @@ def export_llama(
     out_dir: str | os.PathLike,
     tokenizer: Any = None,
     dtype: torch.dtype | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write `model` as a `LlamaForCausalLM` folder: config.json (model_type llama), generation_config.json,
     model.safetensors and, if given, the tokenizer's files. `dtype` converts the weights (default: as they are).
     Returns the folder's path."""
-    if not isinstance(model.config, PocketLMConfig):
-        raise TypeError(f"export_llama takes a pocketlm student, got a {type(model).__name__}")
+    _require_student(model, "Llama")
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     llama_config = llama_config_from_student(model.config)
     tensors = _llama_tensors(model, llama_config, dtype)
     if dtype is not None:
@@ -228,4 +221,4 @@ def export_llama(
         llama_config.save_pretrained(tmp)
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
 
-    return _write_folder(out_dir, write_model, model, tokenizer)
+    return write_model_folder(out_dir, write_model, model, tokenizer, overwrite=overwrite)

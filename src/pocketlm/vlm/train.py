@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from pocketlm.data.scenes import SceneSpec, VLData, VLItem, load_caption_folder, scenes_data
 from pocketlm.models.student import IGNORE_INDEX, causal_lm_loss
 from pocketlm.models.vision import IMAGE_TOKEN, VisionLanguageModel
+from pocketlm.outdir import output_folder
 from pocketlm.paths import check_outputs
 from pocketlm.vlm.config import DataConfig, StageConfig, VLMConfig
 
@@ -319,7 +320,7 @@ def run_stage(vlm: VisionLanguageModel, name: str, stage: StageConfig, train: VL
     return result
 
 
-def run_train(cfg: VLMConfig, *, progress: bool = False) -> "Results":
+def run_train(cfg: VLMConfig, *, progress: bool = False, overwrite: bool = False) -> "Results":
     """Build, train (stage 0 when asked, stages 1 and 2) and save; returns the training results."""
     from pocketlm.data.text import hash_documents
     from pocketlm.provenance import provenance
@@ -333,47 +334,48 @@ def run_train(cfg: VLMConfig, *, progress: bool = False) -> "Results":
     check_outputs(out, ("text_lm", "stage1", "model", "metrics.jsonl", "results.json"))
     data = load_splits(cfg.data, ("train", "val"))
     train, val = data["train"], data.get("val")
-    vlm = build_vlm(cfg, train.texts()).to(cfg.device)
-    out.mkdir(parents=True, exist_ok=True)  # after data and models load: bad input leaves no empty folder behind
-    pixels = {k: vlm.processor.to_uint8(v.images) for k, v in data.items()}
-    log_path = out / "metrics.jsonl"
-    log_path.write_text("")
+    # held for the run (new or a VLM folder of ours, locked); bad input leaves no empty folder behind
+    with output_folder(out, kind="vlm", what="output_dir", overwrite=overwrite):
+        vlm = build_vlm(cfg, train.texts()).to(cfg.device)
+        pixels = {k: vlm.processor.to_uint8(v.images) for k, v in data.items()}
+        log_path = out / "metrics.jsonl"
+        log_path.write_text("")
 
-    def log(row: dict) -> None:
-        with open(log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        def log(row: dict) -> None:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
 
-    stages: dict[str, dict] = {}
-    if cfg.encoder.pretrain_steps:
-        from pocketlm.vlm.pretrain_vit import pretrain_encoder
+        stages: dict[str, dict] = {}
+        if cfg.encoder.pretrain_steps:
+            from pocketlm.vlm.pretrain_vit import pretrain_encoder
 
-        e = cfg.encoder
-        stages["encoder"] = pretrain_encoder(
-            vlm.encoder, vlm.processor, train.scenes, steps=e.pretrain_steps, lr=e.pretrain_lr,
-            batch_size=e.pretrain_batch_size, seed=cfg.seed, log=log, log_every=cfg.log_every, progress=progress,
-            held_out=(val.scenes or [])[:200] if val is not None else ())
-    if cfg.lm.pretrain_steps:
-        texts = stage0_texts(train, cfg.lm.pretrain_with_captions)
-        stages["stage0"] = pretrain_lm(vlm, texts, cfg, log=log, progress=progress)
-        vlm.lm.save_pretrained(out / "text_lm")
-        vlm.tokenizer.save_pretrained(out / "text_lm")
-    if cfg.stage1.steps:
-        stages["stage1"] = run_stage(vlm, "stage1", cfg.stage1, train, val, pixels, cfg, log=log, progress=progress)
-        vlm.save(out / "stage1")
-    if cfg.stage2.steps:
-        stages["stage2"] = run_stage(vlm, "stage2", cfg.stage2, train, val, pixels, cfg, log=log, progress=progress)
-    final = vlm.save(out / "model")
-    metrics = []
-    for name, r in stages.items():
-        metrics.append(Metric("train_loss", r["final_loss"], r["steps"], higher_is_better=False, group=name))
-        if "val_loss" in r:
-            metrics.append(Metric("val_loss", r["val_loss"], r.get("n_items", 0), higher_is_better=False, group=name))
-        metrics.append(Metric("wall_time", r["wall_s"], r["steps"], higher_is_better=False, group=name, unit="s"))
-    res = Results(
-        kind="vlm_train", model=model_info(str(final), vlm.lm, vlm.tokenizer),
-        data={**train.source, "hash": hash_documents(train.texts()), "n": len(train.items)},
-        settings=cfg.model_dump(), metrics=metrics,
-        details={"stages": stages, "num_image_tokens": vlm.num_image_tokens, "output": str(final)},
-        provenance=provenance(), wall_time_s=time.perf_counter() - start)
-    res.write(out / "results.json")
+            e = cfg.encoder
+            stages["encoder"] = pretrain_encoder(
+                vlm.encoder, vlm.processor, train.scenes, steps=e.pretrain_steps, lr=e.pretrain_lr,
+                batch_size=e.pretrain_batch_size, seed=cfg.seed, log=log, log_every=cfg.log_every, progress=progress,
+                held_out=(val.scenes or [])[:200] if val is not None else ())
+        if cfg.lm.pretrain_steps:
+            texts = stage0_texts(train, cfg.lm.pretrain_with_captions)
+            stages["stage0"] = pretrain_lm(vlm, texts, cfg, log=log, progress=progress)
+            vlm.lm.save_pretrained(out / "text_lm")
+            vlm.tokenizer.save_pretrained(out / "text_lm")
+        if cfg.stage1.steps:
+            stages["stage1"] = run_stage(vlm, "stage1", cfg.stage1, train, val, pixels, cfg, log=log, progress=progress)
+            vlm.save(out / "stage1")
+        if cfg.stage2.steps:
+            stages["stage2"] = run_stage(vlm, "stage2", cfg.stage2, train, val, pixels, cfg, log=log, progress=progress)
+        final = vlm.save(out / "model")
+        metrics = []
+        for name, r in stages.items():
+            metrics.append(Metric("train_loss", r["final_loss"], r["steps"], higher_is_better=False, group=name))
+            if "val_loss" in r:
+                metrics.append(Metric("val_loss", r["val_loss"], r.get("n_items", 0), higher_is_better=False, group=name))
+            metrics.append(Metric("wall_time", r["wall_s"], r["steps"], higher_is_better=False, group=name, unit="s"))
+        res = Results(
+            kind="vlm_train", model=model_info(str(final), vlm.lm, vlm.tokenizer),
+            data={**train.source, "hash": hash_documents(train.texts()), "n": len(train.items)},
+            settings=cfg.model_dump(), metrics=metrics,
+            details={"stages": stages, "num_image_tokens": vlm.num_image_tokens, "output": str(final)},
+            provenance=provenance(), wall_time_s=time.perf_counter() - start)
+        res.write(out / "results.json")
     return res
