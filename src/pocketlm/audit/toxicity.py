@@ -100,7 +100,8 @@ class HFClassifierScorer(ToxicityScorer):
         self.label, self.index, self.activation = label, labels.index(label), activation
         self.batch_size, self.max_length, self.device = batch_size, max_length, torch.device(device)
 
-        model, info = AutoModelForSequenceClassification.from_pretrained(self.path, output_loading_info=True)
+        model, info = AutoModelForSequenceClassification.from_pretrained(self.path, output_loading_info=True,
+                                                                         use_safetensors=True)
         missing = sorted(info.get("missing_keys", ()))
         if missing:
             raise ValueError(f"{self.path}: the classification head is not in the checkpoint (these weights would be "
@@ -134,10 +135,18 @@ def _classifier_config(path: Path):
     """The folder's config, refused unless it describes a sequence classifier (checked before loading weights)."""
     from transformers import AutoConfig
 
+    from pocketlm.models.load import read_model_config
+
     if not path.is_dir():
         raise FileNotFoundError(f"scorer folder {path} does not exist")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json; a scorer is a Hugging Face classifier folder")
+    if not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+        raise ValueError(f"{path} has no .safetensors weights" + (
+            f" (only {', '.join(pickles)}: pickle files, which can run code when loaded; pocketlm never unpickles)"
+            if pickles else "") + "; convert the classifier to safetensors (save_pretrained(safe_serialization=True))")
+    read_model_config(path)  # its numbers, before anything is built
     config = AutoConfig.from_pretrained(path)
     archs = config.architectures or []
     if archs and not any(a.endswith("ForSequenceClassification") for a in archs):

@@ -256,6 +256,9 @@ def _crows_rows(ds, where: str, first_line: int = 2) -> list[CrowsPair]:
     items = []
     for i, row in enumerate(ds):
         _require(row, _CROWS_FIELDS, f"{where} line {i + first_line}")
+        if row["stereo_antistereo"] not in ("stereo", "antistereo"):
+            raise SuiteError(f"{where} line {i + first_line}: stereo_antistereo is {row['stereo_antistereo']!r}; "
+                             "it must be 'stereo' or 'antistereo'")
         rid = row[index_col] if index_col is not None and row[index_col] is not None else i
         items.append(CrowsPair(id=str(rid), sent_more=row["sent_more"], sent_less=row["sent_less"],
                                stereo_antistereo=row["stereo_antistereo"], bias_type=row["bias_type"]))

@@ -44,11 +44,22 @@ def read_utf8(path: str | os.PathLike) -> str:
         raise _not_utf8(path, raw.count(b"\n", 0, e.start) + 1, e.start, e.reason) from None
 
 
+MAX_LINE_BYTES = 8 * 2**20  # one JSONL/CSV row or one document: a 50 MB one-line JSONL took 11 GB to parse
+
+
+def _too_long(path: Path, where: str, size: int) -> DataError:
+    return DataError(f"{path} {where} is {size:,} bytes long; pocketlm reads documents and rows of at most "
+                     f"{MAX_LINE_BYTES:,} bytes: split it into smaller documents")
+
+
 def count_utf8_lines(path: str | os.PathLike) -> int:
-    """Non-blank lines of a text file, read line by line (any size); not UTF-8 is a `DataError` naming the line."""
+    """Non-blank lines of a text file, read line by line (any size); not UTF-8 is a `DataError` naming the line,
+    and so is a line longer than `MAX_LINE_BYTES`."""
     path, n, offset = Path(path), 0, 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):  # a newline byte is never part of a multi-byte UTF-8 character
+            if len(raw) > MAX_LINE_BYTES:
+                raise _too_long(path, f"line {lineno}", len(raw))
             try:
                 n += bool(raw.decode("utf-8").strip())
             except UnicodeDecodeError as e:
@@ -124,10 +135,30 @@ TXT_SPLITS = {"blank_lines": _split_blank_lines, "wikitext_headings": _split_wik
               "lines": lambda text: text.splitlines()}
 
 
-def _from_dataset(ds, field: str, where: str) -> list[str]:
+_KINDS = {int: "a number", float: "a number", bool: "a boolean", list: "a list", dict: "an object"}
+
+
+def _row_where(path: Path | None, builder: str | None, i: int) -> str:
+    """Where the i-th row (0-based) of a table is: a file's line for JSONL (blank lines skipped) and CSV."""
+    if path is None or builder not in ("json", "csv"):
+        return f"row {i + 1}"
+    if builder == "csv":
+        return f"line {i + 2}"
+    with open(path, "rb") as f:
+        lines = (n for n, raw in enumerate(f, 1) if raw.strip())
+        return f"line {next(n for k, n in enumerate(lines) if k == i)}"
+
+
+def _from_dataset(ds, field: str, where: str, path: Path | None = None, builder: str | None = None) -> list[str]:
+    """The field's texts; a row whose field is not text (a number, null, a list) is refused naming its line."""
     if field not in ds.column_names:
         raise DataError(f"{where} has no field {field!r}; its fields are: {', '.join(ds.column_names)}")
-    return [t for t in ds[field] if isinstance(t, str)]
+    texts = ds[field]
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            what = "null" if t is None else f"{_KINDS.get(type(t), 'a ' + type(t).__name__)} ({str(t)[:40]})"
+            raise DataError(f"{where} {_row_where(path, builder, i)}: field {field!r} is {what}, not text")
+    return list(texts)
 
 
 def read_documents(
@@ -150,12 +181,16 @@ def read_documents(
     text = str(source)
     path = Path(text).expanduser()
     if path.is_dir() and any(path.glob("*.txt")):
+        other = sorted(p.name for p in path.iterdir() if not p.is_file())
+        if other:  # a document folder holds its documents, one file each; a sub-folder's would be skipped
+            raise DataError(f"{path} holds .txt documents and the sub-folder {other[0]!r}; a folder of documents "
+                            "holds only files (one .txt document each): move the sub-folder out or name it instead")
         docs = [read_utf8(p) for p in sorted(path.glob("*.txt"))]
     elif path.is_file() and path.suffix in (".txt", ".raw", ".md"):
         docs = TXT_SPLITS[txt_split](read_utf8(path))
     elif path.is_file() and path.suffix in (".jsonl", ".json", ".parquet", ".csv"):
         builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}[path.suffix]
-        docs = _from_dataset(read_table(path, builder), field, str(path))
+        docs = _from_dataset(read_table(path, builder), field, str(path), path, builder)
     elif path.exists() and path.is_file():
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .txt, .jsonl, .parquet or .csv")
     elif not path.exists() and text.startswith((".", "/", "~")):
@@ -172,6 +207,9 @@ def read_documents(
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise DataError(f"{text} holds no non-empty documents")
+    longest = max(range(len(docs)), key=lambda i: len(docs[i]))
+    if len(docs[longest]) > MAX_LINE_BYTES:  # characters: at least as many bytes
+        raise _too_long(Path(text), f"document {longest + 1}", len(docs[longest].encode("utf-8")))
     return docs[:max_documents] if max_documents else docs
 
 

@@ -422,21 +422,27 @@ def load_size_config(spec: str | Path) -> tuple[Any, Mapping[str, Any] | None]:
     import pocketlm  # noqa: F401 - registers model_type "pocketlm"
     from transformers import AutoConfig
 
-    from pocketlm.models.load import ModelLoadError, resolve
+    from pocketlm.models.config_check import check_model_config
+    from pocketlm.models.load import explain_load_error, resolve
 
     path = Path(str(spec)).expanduser()
     if path.suffix in (".yaml", ".yml"):
         return student_config_from_yaml(path), None
     if path.suffix == ".json" and path.is_file():
         raw = _read_json(path)
+        check_model_config(raw, str(path))
         return config_from_dict(raw), raw
     ms = resolve(spec)
     raw = _read_json(Path(ms.path) / "config.json") if ms.kind == "folder" else None
+    if raw is not None:
+        check_model_config(raw, str(Path(ms.path) / "config.json"))
     try:
         config = AutoConfig.from_pretrained(ms.path, gguf_file=ms.gguf_file) if ms.gguf_file else (
             config_from_dict(raw) if raw is not None else AutoConfig.from_pretrained(ms.path))
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelLoadError(f"could not read the config of {ms.describe()}: {str(e).splitlines()[0]}") from e
+    except Exception as e:  # noqa: BLE001 - a cut GGUF fails in struct or numpy: named as damaged
+        raise explain_load_error(ms, e, "could not read the config of") from e
+    if raw is None:
+        check_model_config(config.to_dict(), ms.describe())
     return config, raw
 
 

@@ -51,7 +51,7 @@ def check_model_config(raw: Mapping[str, Any], source: str) -> None:
         check_model_config(sub, f"{source} (text_config)")
     d, h = raw.get("hidden_size", raw.get("n_embd")), raw.get("num_attention_heads", raw.get("n_head"))
     kv = raw.get("num_key_value_heads")
-    if _is_int(d) and _is_int(h) and raw.get("head_dim") is None and d % h:
+    if _is_int(d) and _is_int(h) and d % h:  # transformers requires it even where head_dim is given
         raise ModelConfigError(f"{source}: hidden_size {d} is not divisible by num_attention_heads {h}")
     if _is_int(h) and _is_int(kv) and h % kv:
         raise ModelConfigError(f"{source}: num_attention_heads {h} is not divisible by num_key_value_heads {kv}")

@@ -142,7 +142,7 @@ def load_tokenizer(spec: str | os.PathLike | ModelSpec, *, trust_remote_code: bo
     try:
         tok = AutoTokenizer.from_pretrained(ms.path, **kwargs)
     except Exception as e:  # noqa: BLE001 - re-raised with what to do
-        raise _explain(ms, e) from e
+        raise explain_load_error(ms, e) from e
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token
     return tok
@@ -178,7 +178,7 @@ def load_model(
     try:
         model, info = AutoModelForCausalLM.from_pretrained(ms.path, output_loading_info=True, **kwargs)
     except Exception as e:  # noqa: BLE001 - re-raised with what to do
-        raise _explain(ms, e) from e
+        raise explain_load_error(ms, e) from e
     _check_loading_info(ms, info)
     tokenizer = load_tokenizer(ms, trust_remote_code=trust_remote_code)
     _check_tokenizer_fits(ms, model, tokenizer)
@@ -202,6 +202,18 @@ def read_model_config(folder: Path) -> dict[str, Any]:
         raise ModelLoadError(f"{path} is not a model config (a JSON object)")
     check_model_config(raw, str(path))
     return raw
+
+
+def folder_shape(spec: str | os.PathLike) -> tuple[int, int] | None:
+    """(layers, vocabulary) from a model folder's config.json, read without the weights; None for other specs
+    (a .gguf, a hub id) or a config without them."""
+    ms = resolve(spec)
+    if ms.kind != "folder":
+        return None
+    raw = read_model_config(Path(ms.path))
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
+    layers, vocab = text.get("num_hidden_layers"), text.get("vocab_size")
+    return (layers, vocab) if isinstance(layers, int) and isinstance(vocab, int) else None
 
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
@@ -286,7 +298,8 @@ def _gguf_damage(path: Path) -> str | None:
     return f"its tensors need {need} bytes but the file has {size}" if need > size else None
 
 
-def _explain(ms: ModelSpec, e: Exception) -> ModelLoadError:
+def explain_load_error(ms: ModelSpec, e: Exception, doing: str = "could not load") -> ModelLoadError:
+    """A `ModelLoadError` saying why `ms` could not be read (damaged GGUF, offline hub id, remote code, ...)."""
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     if isinstance(e, KeyError):
         msg = f"missing entry {msg}"
@@ -310,7 +323,7 @@ def _explain(ms: ModelSpec, e: Exception) -> ModelLoadError:
         )
     if ms.kind in ("gguf", "embedded") and ("architecture" in msg.lower() or "not supported" in msg.lower()):
         return ModelLoadError(f"{ms.describe()}: transformers cannot read this GGUF ({msg})")
-    return ModelLoadError(f"could not load {ms.describe()}: {msg}")
+    return ModelLoadError(f"{doing} {ms.describe()}: {msg}")
 
 
 def fingerprint_model(model) -> str:

@@ -52,6 +52,18 @@ class Metric:
         )
 
 
+def _first_non_finite(doc: Any, where: str = "") -> str | None:
+    """The dotted path and value of the first NaN or infinite float in a JSON-like document, or None."""
+    if isinstance(doc, float) and not math.isfinite(doc):
+        return f"{where or '(top)'} = {doc}"
+    items = doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, (list, tuple)) else ()
+    for k, v in items:
+        found = _first_non_finite(v, f"{where}.{k}" if where else str(k))
+        if found:
+            return found
+    return None
+
+
 def _finite_or_none(x: float | None) -> float | None:
     if x is None:
         return None
@@ -100,9 +112,16 @@ class Results:
     def write(self, path: str | os.PathLike) -> Path:
         """Write atomically (temporary file, then rename), so a crash never leaves half a results.json."""
         path = Path(path)
+        doc = self.to_dict()
+        try:
+            text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
+        except ValueError:  # NaN or inf outside the metrics' values (which read as null): say where, write nothing
+            raise ValueError(f"{path}: not written, the {self.kind} results of {self.model.get('spec', 'the model')} "
+                             f"are not finite ({_first_non_finite(doc)}); the model's outputs are NaN or infinite "
+                             "(check its weights)") from None
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
         return path
 

@@ -21,6 +21,9 @@ from PIL import Image, UnidentifiedImageError
 log = logging.getLogger("pocketlm.vlm")
 
 
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's bomb limit (it only warns below twice it)
+
+
 class ImageError(ValueError):
     """An image that cannot be used; the message says which and why."""
 
@@ -32,8 +35,13 @@ def load_image(path: str | Path) -> Image.Image:
         raise ImageError(f"image file not found: {path}")
     try:
         with Image.open(path) as img:
+            if img.width * img.height > MAX_PIXELS:  # before its pixels are decoded
+                raise Image.DecompressionBombError(f"{img.width}×{img.height} pixels")
             img.load()
             return to_rgb(img, where=str(path))
+    except Image.DecompressionBombError as e:  # PIL's own check, at open, for twice its limit
+        raise ImageError(f"{path} is too large to read ({e}; at most {MAX_PIXELS:,} pixels): a decompression bomb, "
+                         "or an image to shrink first") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ImageError(f"cannot read {path} as an image ({type(e).__name__}: {e})") from None
 
