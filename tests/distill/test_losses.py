@@ -84,17 +84,23 @@ def ref_dense_buckets(s_row, t_row, tau):
     return ref_softmax(t_row, tau), ref_softmax(s_row, tau)
 
 
-def ref_sparse_buckets(s_row, topk_lp, topk_idx, tau):
-    """Teacher: k cached probs + tail = 1 - their sum, tempered as k+1 pseudo-tokens (p_i^(1/tau), normalised).
-    Student: its tempered softmax at the indices + the sum of its tempered probs over every other token."""
-    probs = [math.exp(x) for x in topk_lp]
-    probs.append(max(0.0, 1.0 - sum(probs)))
-    powered = [x ** (1.0 / tau) for x in probs]
-    p = [x / sum(powered) for x in powered]
-    q_full = ref_softmax(s_row, tau)
+def ref_sparse_buckets(s_row, topk_lp, topk_idx, tau, tail_lp=None):
+    """The sparse definition, in float64 from the module contract: both sides as k + 1 buckets at T=1 (teacher: the
+    k cached probs + tail = 1 - their sum clamped at 0, or the cached tail; student: its softmax at the indices + the
+    sum of its probs over every other token), then each (k + 1)-way distribution tempered alike: x^(1/tau),
+    normalised."""
+    p = [math.exp(x) for x in topk_lp]
+    p.append(math.exp(tail_lp) if tail_lp is not None else max(0.0, 1.0 - sum(p)))
+    q_full = ref_softmax(s_row)
+    inside = set(topk_idx)
     q = [q_full[i] for i in topk_idx]
-    q.append(sum(v for i, v in enumerate(q_full) if i not in set(topk_idx)))
-    return p, q
+    q.append(sum(v for i, v in enumerate(q_full) if i not in inside))
+
+    def temper(buckets):
+        powered = [x ** (1.0 / tau) for x in buckets]
+        return [x / sum(powered) for x in powered]
+
+    return temper(p), temper(q)
 
 
 def ref_kd(student, targets, mask, name, tau, ce_weight, params, teacher=None, topk=None):
@@ -110,7 +116,8 @@ def ref_kd(student, targets, mask, name, tau, ce_weight, params, teacher=None, t
             if teacher is not None:
                 p, q = ref_dense_buckets(s_row, teacher[i, j].double().tolist(), tau)
             else:
-                p, q = ref_sparse_buckets(s_row, topk[0][i, j].double().tolist(), topk[1][i, j].tolist(), tau)
+                tail = topk[2][i, j].item() if len(topk) > 2 else None
+                p, q = ref_sparse_buckets(s_row, topk[0][i, j].double().tolist(), topk[1][i, j].tolist(), tau, tail)
             div_sum += ref_divergence(name, p, q, **params)
             ce_sum += -math.log(ref_softmax(s_row)[int(targets[i, j])])
             n += 1
@@ -254,11 +261,12 @@ def test_sparse_equals_dense_when_k_is_vocab(name, params, tau):
     torch.testing.assert_close(sparse.kd, dense.kd, **TOL)
 
 
-@pytest.mark.parametrize("tau", [1.0, 2.0])
+@pytest.mark.parametrize("k", [1, 4, 10])
+@pytest.mark.parametrize("tau", [0.5, 1.0, 2.0, 3.0])
 @pytest.mark.parametrize("name,params", VARIANTS, ids=VARIANT_IDS)
-def test_sparse_matches_brute_force_buckets(name, params, tau):
+def test_sparse_matches_brute_force_buckets(name, params, tau, k):
     student, teacher, targets, mask = make_batch(seed=11)
-    topk = cache_topk(teacher, 4)
+    topk = cache_topk(teacher, k)
     topk = (topk[0].half(), topk[1].int())  # the cache's storage dtypes
     out = kd_loss(student, targets, mask, teacher_topk=topk, loss=name, temperature=tau, ce_weight=0.25, **params)
     loss, kd, ce, n = ref_kd(student, targets, mask, name, tau, 0.25, params, topk=topk)
@@ -277,6 +285,65 @@ def test_sparse_logprobs_buckets_are_normalised_log_probs():
     p, q = ref_sparse_buckets(student[1, 2].double().tolist(), lp[1, 2].double().tolist(), idx[1, 2].tolist(), 1.5)
     torch.testing.assert_close(t_logp[1, 2], torch.tensor(p).log().float(), **TOL)
     torch.testing.assert_close(s_logp[1, 2], torch.tensor(q).log().float(), **TOL)
+
+
+def exact_cache(teacher_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """The cache's three tensors (top-k log-probs, indices, exact log tail mass), computed here in float64."""
+    logp = F.log_softmax(teacher_logits.double(), dim=-1)
+    vals, idx = logp.topk(k, dim=-1)
+    tail = torch.logsumexp(logp.scatter(-1, idx, -math.inf), dim=-1)
+    return vals.float(), idx, tail.float()
+
+
+SMOOTH = [v for v in VARIANTS if v[0] != "tv"]
+SMOOTH_IDS = [i for i, v in zip(VARIANT_IDS, VARIANTS) if v[0] != "tv"]
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, 2.0, 3.0])
+@pytest.mark.parametrize("k", [1, 5, 39, 40])
+@pytest.mark.parametrize("name,params", VARIANTS, ids=VARIANT_IDS)
+def test_sparse_student_equal_to_teacher_is_a_minimum_of_zero(name, params, k, tau):
+    """Issue #17 item 1: a student whose logits are the teacher's has loss 0 for every divergence, tau and k (the
+    old code tempered the teacher's tail as one token and the student's token by token: forward KL 3.4 at V 2000,
+    k 32, tau 2). Smooth divergences have a zero gradient there; TV, |x| at 0, is not differentiable at its
+    minimum, so for it (and for all) nearby students must score higher."""
+    logits = torch.randn(3, 4, 40, generator=torch.Generator().manual_seed(50)) * 3
+    targets, mask = torch.zeros(3, 4, dtype=torch.long), torch.ones(3, 4, dtype=torch.bool)
+    cache = exact_cache(logits, k)
+    student = logits.clone().requires_grad_()
+    out = kd_loss(student, targets, mask, teacher_topk=cache, loss=name, temperature=tau, **params)
+    (grad,) = torch.autograd.grad(out.loss, student)
+    assert abs(out.loss.item()) < 1e-6
+    if name != "tv":
+        assert grad.abs().max().item() < 1e-6
+    g = torch.Generator().manual_seed(51)
+    for _ in range(3):
+        nearby = logits + 0.05 * torch.randn(logits.shape, generator=g)
+        assert kd_loss(nearby, targets, mask, teacher_topk=cache, loss=name, temperature=tau,
+                       **params).loss.item() > 1e-6
+
+
+@pytest.mark.parametrize("name,params", VARIANTS, ids=VARIANT_IDS)
+def test_sparse_issue_case_vocab_2000_k_32_tau_2(name, params):
+    """The issue's measured case: V 2000, k 32, tau 2 (configs/tiny-local.yaml's temperature), a teacher with about
+    0.2 of its mass outside the top 32. Student = teacher: loss 0 (was forward KL 3.41, JSD 0.87) and, but for TV,
+    gradient 0 (was 0.14 for forward KL). Another student: the float64 reference from the definition."""
+    g = torch.Generator().manual_seed(52)
+    teacher = torch.randn(1, 4, 2000, generator=g) * 3.2
+    targets, mask = torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.bool)
+    cache = exact_cache(teacher, 32)
+    assert 0.1 < cache[2].exp().mean().item() < 0.3
+    student = teacher.clone().requires_grad_()
+    out = kd_loss(student, targets, mask, teacher_topk=cache, loss=name, temperature=2.0, **params)
+    (grad,) = torch.autograd.grad(out.loss, student)
+    assert abs(out.loss.item()) < 1e-6
+    if name != "tv":
+        assert grad.norm().item() < 1e-6
+    other = teacher + torch.randn(teacher.shape, generator=g)
+    got = kd_loss(other, targets, mask, teacher_topk=cache, loss=name, temperature=2.0, ce_weight=0.3, **params)
+    loss, kd, _, _ = ref_kd(other, targets, mask, name, 2.0, 0.3, params, topk=cache)
+    torch.testing.assert_close(got.kd, t32(kd), **TOL)
+    torch.testing.assert_close(got.loss, t32(loss), **TOL)
 
 
 def zero_tail_cache(b=1, s=3, v=7):

@@ -19,13 +19,20 @@ Contract (every variant below, dense or sparse, chunked or not, is tested agains
 - Teacher tensors are treated as data: the trainer passes them without gradient. (Dense teacher gradients do flow
   if the caller lets them; the sparse teacher tail is not meant to be differentiated.)
 
-Sparse form (a teacher cache of top-k log-probs at T=1 and their indices): the teacher's buckets are its k
-log-probs plus one tail bucket log(1 - sum exp(topk)) holding the remaining mass (clamped at 0; an exactly empty
-tail is log 0 = -inf; if k == V the tail is empty by construction). At temperature tau the buckets are
-log_softmax(buckets / tau): exact at tau = 1 (and when k == V); for tau != 1 the tail is treated as one
-pseudo-token, an approximation, since the tempered tail mass depends on how the mass is spread inside it. The
-student's buckets are its tempered log-probs at the same indices plus its exact tail
-logsumexp(z/tau over the non-top-k tokens) - logsumexp(z/tau).
+Sparse form (a teacher cache of top-k log-probs at T=1 and their indices): both sides are compared on the same
+k + 1 outcomes, the k cached tokens and one tail bucket, and both sides' buckets are made the same way. At T=1 the
+teacher's buckets are its k log-probs plus its tail log(1 - sum exp(topk)) (or the exact tail log-mass cached
+beside them; clamped at 0; an exactly empty tail is log 0 = -inf; if k == V the tail is empty by construction),
+and the student's are its log-probs at the same indices plus its exact tail logsumexp(z over the non-top-k tokens)
+- logsumexp(z). Temperature is then applied to each (k + 1)-way distribution alike: log_softmax(buckets / tau),
+i.e. p_c^(1/tau) / sum_c' p_c'^(1/tau) over the k + 1 buckets. Why: the cache holds only the tail's mass at T=1,
+and the teacher's tempered tail mass depends on how that mass is spread over the tail tokens, which is unknown;
+tempering the student's tail token by token but the teacher's as one bucket compares two different things, and the
+loss is then not 0 at student = teacher (vocabulary 2000, k 32, tau 2: forward KL 3.4, issue #17). Tempering both
+coarse distributions keeps every divergence a true divergence between two distributions on the same k + 1
+outcomes: 0, with zero gradient, exactly when the student's buckets equal the teacher's, for every tau and k. It
+equals the dense loss at tau = 1 and when k == V (tempering a full distribution is log_softmax(z / tau)); for
+tau != 1 and k < V the tail bucket is not the tempered tail of either model, only the same function of both.
 
 Divergences (registry ``DIVERGENCES``, each fn(t_logp [..., C], s_logp [..., C], **params) -> [...]):
 forward_kl KL(p_T || q_S) (Hinton); reverse_kl KL(q_S || p_T) (MiniLLM, Gu et al. 2024); jsd generalised JSD
@@ -301,14 +308,14 @@ def _sparse_buckets(
     tail_logprob: Tensor | None = None,
     targets: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``sparse_logprobs`` plus the student's logsumexp(z / tau) - z[targets] / tau [...] (logsumexp(z / tau)
-    without ``targets``), which at tau = 1 is its per-position CE."""
+    """``sparse_logprobs`` plus the student's logsumexp(z) - z[targets] [...] (logsumexp(z) without ``targets``),
+    its per-position CE at temperature 1."""
     vocab, k = student_logits.shape[-1], topk_indices.shape[-1]
     if k > vocab:
         raise ValueError(f"teacher top-k has k={k} entries but the vocabulary has only {vocab}")
     idx = topk_indices.long()
 
-    # Teacher: buckets at T=1, then tempered as k+1 pseudo-tokens (log_softmax also renormalises a clamped tail).
+    # Teacher: its k + 1 buckets at T=1 (the cached log-probs and the tail's log-mass).
     lp = _upcast(topk_logprobs)  # [..., k]
     if k == vocab:
         t_tail = torch.full_like(lp[..., :1], _NEG_INF)
@@ -317,11 +324,17 @@ def _sparse_buckets(
     else:
         t_tail = _log1mexp(torch.logsumexp(lp, dim=-1, keepdim=True).clamp(max=0.0))  # [..., 1]
     t_buckets = torch.cat([lp, t_tail], dim=-1)  # [..., k+1]
-    t_logp = F.log_softmax(t_buckets if temperature == 1.0 else t_buckets / temperature, dim=-1)
 
-    # Student: exact tempered log-probs at the indices, and the exact log-mass of everything else.
-    s_logp, second = _student_buckets(student_logits, idx, temperature, targets)
-    return t_logp, s_logp, second
+    # Student: its exact k + 1 buckets at T=1 (log-probs at the indices, log-mass of everything else) and its CE.
+    s_buckets, second = _student_buckets(student_logits, idx, 1.0, targets)  # [..., k+1], [...]
+
+    # Both tempered alike, as (k + 1)-way distributions (log_softmax also renormalises a clamped teacher tail).
+    return _temper_buckets(t_buckets, temperature), _temper_buckets(s_buckets, temperature), second
+
+
+def _temper_buckets(buckets: Tensor, temperature: float) -> Tensor:
+    """log_softmax(buckets / tau) over the last dim: the tempered form of a (k + 1)-way distribution [..., k+1]."""
+    return F.log_softmax(buckets if temperature == 1.0 else buckets / temperature, dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------------- the loss
@@ -356,36 +369,24 @@ def _chunk_sums(
 ) -> tuple[Tensor, Tensor]:
     """Sum over the chunk's positions of the divergence and of the CE; a term with weight 0 gets no graph.
 
-    Sparse at tau = 1 the CE comes with the KD buckets (``_SparseStudentLogProbs`` shares their logsumexp and
+    Sparse, the CE comes with the KD buckets (``_SparseStudentLogProbs`` runs at T=1, shares their logsumexp and
     folds the CE gradient into their single backward pass), so it costs only a gather, gradient or not.
     """
-    shared_ce = len(teacher) > 1 and temperature == 1.0
-    with torch.set_grad_enabled(kd_grad or (ce_grad and shared_ce)):
-        if len(teacher) == 1:
-            t_logp, s_logp = dense_logprobs(student, teacher[0], temperature)
+    sparse = len(teacher) > 1
+    with torch.set_grad_enabled(kd_grad or (ce_grad and sparse)):
+        if sparse:
+            t_logp, s_logp, nll = _sparse_buckets(student, *teacher[:2], temperature, *teacher[2:], targets=targets)
         else:
-            t_logp, s_logp, nll = _sparse_buckets(student, *teacher[:2], temperature, *teacher[2:],
-                                                  targets=targets if shared_ce else None)
+            t_logp, s_logp = dense_logprobs(student, teacher[0], temperature)
     with torch.set_grad_enabled(kd_grad):
         kd = divergence(t_logp, s_logp if kd_grad else s_logp.detach(), **params).sum()
-    if shared_ce:
+    if sparse:
         ce = (nll if ce_grad else nll.detach()).sum()
-    elif ce_grad or len(teacher) == 1:
+    else:
         with torch.set_grad_enabled(ce_grad):
             z = _upcast(student)  # CE at temperature 1: logsumexp - target logit (no [N, V] log-softmax kept)
             ce = (torch.logsumexp(z, dim=-1) - z.gather(-1, targets.long()[:, None]).squeeze(-1)).sum()
-    else:  # sparse, tau != 1, CE for logging only: the same value in row blocks, with no [N, V] temporaries
-        with torch.no_grad():
-            ce = (_logsumexp_rows(student) - _upcast(student.gather(-1, targets.long()[:, None]).squeeze(-1))).sum()
     return kd, ce
-
-
-def _logsumexp_rows(x: Tensor, block_elems: int = 1 << 18) -> Tensor:
-    """logsumexp over the last dim of [N, V] in at least fp32, computed a few rows at a time (no gradient)."""
-    rows = max(1, block_elems // max(x.shape[-1], 1))
-    if x.shape[0] <= rows:
-        return torch.logsumexp(_upcast(x), dim=-1)
-    return torch.cat([torch.logsumexp(_upcast(b), dim=-1) for b in x.split(rows)])
 
 
 def kd_loss(
