@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from pocketlm.distill.cache import CacheMismatchError, TeacherCache, build_teacher_cache
+from pocketlm.models.load import fingerprint_model, fingerprint_tokenizer
 
 from conftest import make_teacher
 
@@ -45,6 +46,23 @@ def test_rebuild_reuses_and_mismatch_is_refused(tmp_path, setup):
         build_teacher_cache(teacher, blocks, tmp_path, **{**kw, "k": 6})
     with pytest.raises(CacheMismatchError, match="teacher_fingerprint"):
         TeacherCache.open(tmp_path, expect={**TeacherCache.open(tmp_path).manifest.key(), "teacher_fingerprint": "x"})
+
+
+def test_a_cache_built_by_another_real_teacher_is_refused(tmp_path, tokenizer):
+    """Two real tiny Llama teachers of the same shape and different weights, each keyed by the project's own
+    fingerprint: a cache built by one is reused by that one and refused, naming the teacher, for the other."""
+    first, second = make_teacher(len(tokenizer), seed=0), make_teacher(len(tokenizer), seed=1)
+    assert first.config.to_dict() == second.config.to_dict()  # they differ in weights only
+    blocks = torch.randint(0, len(tokenizer), (4, 12), generator=torch.Generator().manual_seed(0))
+    kw = dict(k=5, tokenizer_fingerprint=fingerprint_tokenizer(tokenizer), data_hash="d1", batch_size=2,
+              shard_blocks=2, progress=False)
+    built = build_teacher_cache(first, blocks, tmp_path, teacher_fingerprint=fingerprint_model(first), **kw)
+    again = build_teacher_cache(first, blocks, tmp_path, teacher_fingerprint=fingerprint_model(first), **kw)
+    assert torch.equal(again.indices, built.indices)  # the right teacher is accepted
+    with pytest.raises(CacheMismatchError, match="teacher_fingerprint"):
+        build_teacher_cache(second, blocks, tmp_path, teacher_fingerprint=fingerprint_model(second), **kw)
+    with pytest.raises(CacheMismatchError, match="teacher_fingerprint"):
+        TeacherCache.open(tmp_path, expect={**built.manifest.key(), "teacher_fingerprint": fingerprint_model(second)})
 
 
 def test_interrupted_build_resumes_from_written_shards(tmp_path, setup):

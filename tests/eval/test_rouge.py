@@ -60,16 +60,36 @@ def test_split_sentences(text, expected):
 
 
 # ---------------------------------------------------------------------------------------------- per-item scores
+# rouge-score's own input format for rougeLsum: one sentence a line, split here by hand (not by our splitter).
+PREDICTIONS_BY_LINE = [
+    "The cat sat on the mat.\nThen the dog came.",
+    "Rivers carry rain to the sea!\nHills stay dry.",
+    "Bread is baked in ovens.",
+    "",
+    "Trains stop at every station.\nThe moon goes around.\nCounting starts at one.",
+]
+REFERENCES_BY_LINE = [
+    "A cat sat on a mat.\nThe dog sat on the log.",
+    "Rain falls on the hills and the rivers carry it to the sea.",
+    "Bread is baked from flour, water, salt and yeast in a hot oven.\nIt is good.",
+    "Nothing was written.",
+    "Trains run on rails between cities.\nThey stop at every small station.",
+]
+
+
 @pytest.mark.parametrize("stem", [False, True])
 def test_scores_equal_direct_rouge_scorer_calls(stem):
+    """rouge1/2/L: rouge-score on the same text. rougeLsum: rouge-score fed its own input format, the texts split
+    into lines by hand, so a splitter bug (a missed or a spurious sentence end) shows."""
     ours = score_items(PREDICTIONS, REFERENCES, stem=stem)
     direct = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=stem, split_summaries=False)
-    for pred, ref, got in zip(PREDICTIONS, REFERENCES, ours):
+    items = zip(PREDICTIONS, REFERENCES, PREDICTIONS_BY_LINE, REFERENCES_BY_LINE, ours)
+    for pred, ref, pred_lines, ref_lines, got in items:
+        assert pred_lines.replace("\n", " ") == pred and ref_lines.replace("\n", " ") == ref  # the same texts
         plain = direct.score(ref, pred)
-        lsum = direct.score("\n".join(split_sentences(ref)), "\n".join(split_sentences(pred)))
         for t in ("rouge1", "rouge2", "rougeL"):
             assert got[t] == plain[t], t  # exact: the same library on the same text
-        assert got["rougeLsum"] == lsum["rougeLsum"]
+        assert got["rougeLsum"] == direct.score(ref_lines, pred_lines)["rougeLsum"]
 
 
 def test_rouge_lsum_equals_rouge_score_on_hand_split_sentences():

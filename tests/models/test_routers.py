@@ -164,6 +164,35 @@ def test_aux_free_bias_moves_load_towards_balance():
     assert r.weights.eq(1).all()
 
 
+@pytest.mark.parametrize("top_k", [2, 3])
+def test_aux_free_bias_picks_experts_but_weights_are_the_unbiased_affinities(top_k):
+    """DeepSeek-V3 (Liu et al., 2024, eq. 16-17): experts are the top-k of sigmoid affinity + bias, and each chosen
+    expert's weight is its *un-biased* affinity, renormalised over the chosen ones. Brute force in float64, with a
+    bias large enough to change the selection of most tokens, so a bias leaking into the weights is seen."""
+    torch.manual_seed(1)
+    router = AuxFreeRouter(16, 6, top_k)
+    with torch.no_grad():
+        router.bias.copy_(torch.tensor([0.0, 0.6, -0.4, 0.3, -0.2, 0.5]))
+    x = torch.randn(2, 20, 16)
+    r = router(x)
+    scores = torch.sigmoid(x.reshape(-1, 16).double() @ router.proj.weight.double().T)  # [n, E]
+    bias = router.bias.double().tolist()
+    changed = 0
+    for t in range(40):
+        row = scores[t].tolist()
+        chosen = sorted(range(6), key=lambda e: -(row[e] + bias[e]))[:top_k]
+        unbiased = sorted(range(6), key=lambda e: -row[e])[:top_k]
+        changed += set(chosen) != set(unbiased)
+        assert sorted(r.experts[t].tolist()) == sorted(chosen)
+        by_expert = dict(zip(r.experts[t].tolist(), r.weights[t].tolist()))
+        total = sum(row[e] for e in chosen)
+        for e in chosen:
+            assert by_expert[e] == pytest.approx(row[e] / total, rel=1e-6, abs=1e-7)
+        # the probabilities reported for telemetry and balance losses are the un-biased affinities, normalised
+        torch.testing.assert_close(r.probs[t].double(), scores[t] / scores[t].sum(), rtol=1e-6, atol=1e-7)
+    assert changed >= 10  # the bias really steers the selection in this fixture
+
+
 def test_build_router_passes_the_config():
     moe = MoEConfig(router="switch", top_k=1, capacity_factor=2.0, balance_coef=0.3, z_loss_coef=0.1).model_dump()
     router = build_router("switch", 16, moe, vocab_size=50, layer_idx=0)

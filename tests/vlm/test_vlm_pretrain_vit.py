@@ -25,7 +25,13 @@ def test_patch_labels_follow_the_mask():
             assert tuple(labels[i]) == (list(COLOURS).index(s.colour) + 1, list(KINDS).index(s.kind) + 1,
                                         list(SIZES).index(s.size) + 1)
     assert tuple(labels[5]) == (1, 1, 2)  # the patch at the circle's centre: red, circle, large
-    assert (labels[0] == 0).all() or labels[0][0] == 1
+    # Independent of the mask: by geometry (pixel centres inside the disc) the circle covers ~9 % of the top-left
+    # patch, under min_cover, so it is background; the small blue square fills most of the bottom-right one.
+    ys, xs = np.mgrid[0:8, 0:8] + 0.5
+    assert (((ys - 12) ** 2 + (xs - 12) ** 2) <= 8**2).mean() < 0.15
+    assert (labels[0] == 0).all()
+    assert tuple(labels[15]) == (list(COLOURS).index("blue") + 1, list(KINDS).index("square") + 1,
+                                 list(SIZES).index("small") + 1)
 
 
 def test_mask_covers_exactly_the_rendered_shapes():
