@@ -240,9 +240,12 @@ def _read_holder(fd: int) -> dict | None:
     return h if isinstance(h, dict) else None
 
 
-def _alive(pid: object) -> bool:
+def pid_alive(pid: object) -> bool:
+    """Whether a process with this pid runs on this host (this process counts)."""
     if not isinstance(pid, int) or pid <= 0:
         return False
+    if pid == os.getpid():
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -277,7 +280,7 @@ def folder_lock(folder: str | os.PathLike, what: str = "output folder") -> Itera
                 raise FolderLockedError(
                     f"{what}: {folder} is locked by pid {old.get('pid')} on host {old.get('host')} (since "
                     f"{old.get('since')}); if that run is over, delete {path}")
-            if _alive(old.get("pid")) and old.get("pid") != os.getpid():
+            if pid_alive(old.get("pid")) and old.get("pid") != os.getpid():
                 raise FolderLockedError(
                     f"{what}: {folder} is locked by pid {old.get('pid')}, which is still running; if it is not a "
                     f"pocketlm run, delete {path}")
@@ -335,6 +338,19 @@ def write_folder(out_dir: str | os.PathLike, write: Callable[[Path], None], *, k
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def save_tensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, with a failed write (a full disk) removed and raised as an OSError naming `path`."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except BaseException as e:
+        Path(path).unlink(missing_ok=True)
+        if isinstance(e, SafetensorError):
+            raise as_write_error(e, path) from e
+        raise
 
 
 def as_write_error(e: BaseException, path: str | os.PathLike) -> OSError:

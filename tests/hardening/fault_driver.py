@@ -30,8 +30,8 @@ def sigkill(path: Path) -> None:
 def write_faults(step: int, target: str, action: Callable[[Path], None]) -> list[tuple[object, str, Callable]]:
     """(object, attribute, replacement) triples: every writer `save_checkpoint` uses, wrapped so that `target` in
     checkpoint `step`'s temporary folder is cut to half its bytes, then `action(path)` runs."""
+    import safetensors.torch
     import transformers.modeling_utils as hf_modeling
-    from pocketlm.distill import checkpoint
 
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}")
@@ -57,7 +57,7 @@ def write_faults(step: int, target: str, action: Callable[[Path], None]) -> list
         strike(self)
         return out
 
-    return [(checkpoint, "save_file", tensors_writer(checkpoint.save_file)),
+    return [(safetensors.torch, "save_file", tensors_writer(safetensors.torch.save_file)),  # via outdir.save_tensors
             (hf_modeling, "safe_save_file", tensors_writer(hf_modeling.safe_save_file)),
             (Path, "write_text", write_text)]
 

@@ -336,3 +336,27 @@ def test_a_real_full_disk_is_refused_before_work(tmp_path, student_dir):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2, res.stderr[-2000:]
     assert "free on the disk holding" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("victim", ["shard-00000.safetensors", "optimizer.safetensors", "blocks-"])
+def test_a_full_disk_in_a_run_is_named_and_leaves_no_temporary_file(tmp_path, teacher_dir, corpus_file, monkeypatch,
+                                                                     victim):
+    """safetensors reports a full disk as its own error, which escaped the OSError handlers (a traceback, `.tmp`
+    files left): while writing a teacher-cache shard, a checkpoint's optimizer moments, the packed data blocks."""
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+
+    def full(tensors, filename, *a, **k):
+        if victim in Path(filename).name:
+            Path(filename).write_bytes(b"half")  # as a real full disk leaves it
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                  '"No space left on device" })')
+        return real(tensors, filename, *a, **k)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = tmp_path / "run"
+    res = cli("distill", distill_config(tmp_path, teacher_dir, corpus_file, out), "--quiet")
+    refused(res, r"No space left on device")
+    left = [p for p in out.rglob("*") if ".tmp" in p.name]
+    assert left == [], left

@@ -20,9 +20,9 @@ from typing import Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from pocketlm.integrity import sha256_tensors
+from pocketlm.outdir import save_tensors
 
 
 class DataError(ValueError):
@@ -293,7 +293,7 @@ def build_blocks(
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tensors = {"train": train.contiguous(), "val": val.contiguous()}
-        save_file(tensors, str(tmp), metadata={"sha256": sha256_tensors(tensors)})
+        save_tensors(tensors, tmp, metadata={"sha256": sha256_tensors(tensors)})
         os.replace(tmp, path)  # a symlink in its place is replaced, never followed
     return TokenBlocks(train, val, key, block_size, val_docs)
 

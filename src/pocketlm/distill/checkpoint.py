@@ -28,9 +28,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from pocketlm.integrity import is_sha256, plain_name, read_json, sha256_file
+from pocketlm.outdir import as_write_error, pid_alive, save_tensors
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 _LEFTOVER = re.compile(r"^\.(?:tmp-step-\d{6,}|old-step-\d{6,})-(\d+)$")  # written by process <pid>
@@ -137,9 +139,9 @@ def save_checkpoint(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         opt_tensors, groups = optimizer_to_flat(optimizer.state_dict())
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        save_tensors(opt_tensors, tmp / "optimizer.safetensors")
         rng_tensors, rng_meta = capture_rng()
-        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        save_tensors(rng_tensors, tmp / "rng.safetensors")
         checksums = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         trainer_state = {
             "step": step,
@@ -153,7 +155,8 @@ def save_checkpoint(
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1, default=_json_default))
         _fsync_dir(tmp)
         replace_dir(tmp, final)
-    except OSError as e:  # a full disk, a quota, an I/O error: say what is intact
+    except (OSError, SafetensorError) as e:  # a full disk, a quota, an I/O error: say what is intact
+        e = as_write_error(e, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         intact = latest_checkpoint(root)
         raise CheckpointWriteError(
@@ -185,22 +188,10 @@ def remove_leftovers(root: Path) -> list[Path]:
     removed = []
     for p in root.iterdir() if root.is_dir() else ():
         m = _LEFTOVER.match(p.name)
-        if m and not _alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
 
 
 def _json_default(o):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from pocketlm import distributed as dist
 from pocketlm.config import DistillConfig
@@ -27,7 +28,7 @@ from pocketlm.distill.trainer import Trainer, TrainResult
 from pocketlm.models.load import (
     check_vocab_compatible, fingerprint_model, fingerprint_tokenizer, folder_shape, load_model, parse_dtype,
 )
-from pocketlm.outdir import MIN_FREE, check_space, output_folder
+from pocketlm.outdir import MIN_FREE, as_write_error, check_space, output_folder
 from pocketlm.paths import check_outputs
 
 
@@ -150,9 +151,15 @@ def save_student(student, tokenizer, dest: Path) -> Path:
     """Write the final student as a Hugging Face folder, atomically."""
     tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    replace_dir(tmp, dest)
+    try:
+        student.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        replace_dir(tmp, dest)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, SafetensorError):
+            raise as_write_error(e, dest) from e
+        raise
     return dest
 
 
