@@ -23,13 +23,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from pocketlm import distributed as dist
 from pocketlm.integrity import is_sha256, plain_name, read_json, sha256_file
+from pocketlm.outdir import save_tensors
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: the teacher fingerprint hashes every weight byte; the key holds its dtype
 
 
 class CacheMismatchError(ValueError):
@@ -54,6 +55,7 @@ class CacheManifest:
         return {
             "version": self.version,
             "teacher_fingerprint": self.teacher_fingerprint,
+            "teacher_dtype": self.teacher_dtype,
             "tokenizer_fingerprint": self.tokenizer_fingerprint,
             "data_hash": self.data_hash,
             "k": self.k,
@@ -188,7 +190,7 @@ def build_teacher_cache(
                 bar.update(min(b + batch_size, end) - b)
             tmp = out / f".{name}.tmp{os.getpid()}"
             tensors = {"logprobs": torch.cat(vals), "indices": torch.cat(idxs), "tail": torch.cat(tails)}
-            save_file({key: t.contiguous() for key, t in tensors.items()}, str(tmp))
+            save_tensors({key: t.contiguous() for key, t in tensors.items()}, tmp)
             os.replace(tmp, path)
         else:
             bar.update(end - start)
