@@ -56,3 +56,54 @@ def test_paired_statistic_delta_equals_paired_mean_delta_for_the_mean():
     assert paired_statistic_delta_ci(mean, (a,), (b,), seed=5) == pytest.approx(paired_delta_ci(a, b, seed=5))
     with pytest.raises(ValueError, match="same number of samples"):
         paired_statistic_delta_ci(mean, (a,), (b, b))
+
+
+# ---------------------------------------------------------------------------------------------- mutation survivors
+# Tests added for mutants that survived (docs/MUTATION.md): each pins a documented default or option.
+
+
+def test_two_items_give_an_interval():
+    assert mean_ci([0.0, 1.0]) is not None
+
+
+def test_skewed_data_use_the_percentile_method_at_the_default_resamples():
+    """The percentile interval (not scipy's BCa default, which shifts it on skewed data), with 1000 resamples."""
+    x = np.random.default_rng(6).exponential(1.0, 40) ** 3
+    assert mean_ci(x) == mean_ci(x, n_resamples=1000, method="percentile")
+    assert mean_ci(x) != mean_ci(x, method="BCa")
+    lo, hi = mean_ci(x, n_resamples=4000)
+    assert np.allclose([lo, hi], manual_percentile(np.mean, (x,)), atol=0.1 * (hi - lo))
+
+
+def test_confidence_level_is_passed_on():
+    x = np.random.default_rng(7).normal(0.0, 1.0, 100)
+    lo, hi = mean_ci(x, n_resamples=4000, confidence=0.5)
+    rng = np.random.default_rng(123)
+    means = x[rng.integers(0, 100, size=(4000, 100))].mean(axis=1)
+    assert np.allclose([lo, hi], np.percentile(means, [25, 75]), atol=0.02)
+
+
+def test_ratio_and_unpaired_options_are_passed_on():
+    rng = np.random.default_rng(8)
+    num, den = rng.gamma(2.0, 1.0, 30), rng.integers(5, 30, 30).astype(float)
+    assert ratio_ci(num, den, seed=3) != ratio_ci(num, den, seed=4)
+    # unpaired: the two samples are resampled independently, so the delta of two unrelated means is much wider
+    # than the paired one when b is a shifted copy of a
+    from pocketlm.stats import bootstrap_ci
+
+    a = rng.normal(0.0, 1.0, 60)
+    b = a + 0.3
+    diff = lambda p, q, axis=-1: np.mean(p, axis=axis) - np.mean(q, axis=axis)  # noqa: E731
+    paired_lo, paired_hi = bootstrap_ci((a, b), diff)
+    lo, hi = bootstrap_ci((a, b), diff, paired=False)
+    assert paired_hi - paired_lo < 1e-9 < 0.2 < hi - lo
+
+
+def test_paired_statistic_delta_passes_the_axis():
+    """The statistic is called with axis=-1, whatever its own default."""
+    from pocketlm.stats import paired_statistic_delta_ci
+
+    rng = np.random.default_rng(9)
+    a, b = rng.random(40), rng.random(40)
+    mean_all = lambda x, axis=None: np.mean(x, axis=axis)  # noqa: E731
+    assert paired_statistic_delta_ci(mean_all, (a,), (b,), seed=5) == pytest.approx(paired_delta_ci(a, b, seed=5))
