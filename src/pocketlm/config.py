@@ -270,11 +270,14 @@ class _Loader(yaml.SafeLoader):
 def _expanded_size(tree: Any, limit: int) -> int:
     """How many values `tree` holds with every alias expanded, counted over shared nodes once each (so a
     billion-laughs document is measured without expanding it); stops counting past `limit`."""
-    sizes: dict[int, int] = {}
+    sizes: dict[int, int | None] = {}
 
     def size(x: Any) -> int:
         if id(x) in sizes:
+            if sizes[id(x)] is None:  # `&a [*a]`: a value that holds itself expands without end
+                raise ValueError("an alias refers to the value that holds it (it expands without end)")
             return sizes[id(x)]
+        sizes[id(x)] = None
         items = list(x.keys()) + list(x.values()) if isinstance(x, dict) else x if isinstance(x, list) else ()
         n = 1
         for item in items:
@@ -298,7 +301,11 @@ def load_yaml_text(text: str) -> Any:
         raise ValueError("it nests too deeply") from None
     except Exception as e:  # noqa: BLE001 - see above; none of them is a config error of ours yet
         raise ValueError(str(e) or type(e).__name__) from None
-    if _expanded_size(tree, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+    try:
+        n = _expanded_size(tree, MAX_YAML_VALUES)
+    except RecursionError:
+        raise ValueError("it nests too deeply") from None
+    if n > MAX_YAML_VALUES:
         raise ValueError(f"its aliases expand to more than {MAX_YAML_VALUES:,} values (a YAML alias bomb)")
     return tree
 

@@ -32,6 +32,7 @@ from pocketlm.config import DistillConfig
 from pocketlm.config_pipeline import PipelineConfig
 from pocketlm.vlm.config import VLMConfig
 
+NO_TEACHER = "teacher: {tmp}/no-teacher\n"  # a case that slipped through on old code must not load SmolLM2
 OK_CFG = {"teacher": "{teacher}", "data": {"source": "{corpus}", "block_size": 16}, "output_dir": "{out}"}
 
 
@@ -115,8 +116,8 @@ def hand_cases() -> list[Case]:
          r"d\.jsonl line 1: field 'text' is a number", "wrong success"),
         ("csv-text-number", files({"d.csv": "text\na doc\n"}), ppl("{tmp}/d.csv", "{teacher}", "--field", "nope"),
          r"d\.csv has no field 'nope'", "wrong success"),
-        ("yaml-duplicate-key", files({"c.yaml": "train:\n  steps: 2\n  steps: 300\n"}), DISTILL,
-         r"c\.yaml is not valid YAML: duplicate key 'steps' at line 3 \(first given at line 2\)", "wrong success"),
+        ("yaml-duplicate-key", files({"c.yaml": NO_TEACHER + "train:\n  steps: 2\n  steps: 300\n"}), DISTILL,
+         r"c\.yaml is not valid YAML: duplicate key 'steps' at line 4 \(first given at line 3\)", "wrong success"),
         ("yaml-duplicate-top-key", files({"c.yaml": "teacher: a\nteacher: b\n"}), RUN,
          r"duplicate key 'teacher' at line 2", "wrong success"),
         ("set-bool-for-int", config(DISTILL_BASE), (*DISTILL, "--set", "train.steps=true"),
@@ -192,9 +193,9 @@ def hand_cases() -> list[Case]:
         # --- item 9: values found wrong only after the data and the cache were written
         ("distill-betas-out-of-range", config(merge(DISTILL_BASE, {"train": {"betas": [2, -1]}})), DISTILL,
          r"train\.betas: .*each of AdamW's betas must be in \[0, 1\)", "late values"),
-        ("distill-seed-huge", files({"c.yaml": "train:\n  seed: 1.0e+23\n"}), DISTILL, r"train\.seed: ",
+        ("distill-seed-huge", files({"c.yaml": NO_TEACHER + "train:\n  seed: 1.0e+23\n"}), DISTILL, r"train\.seed: ",
          "late values"),
-        ("distill-lr-huge", files({"c.yaml": "train:\n  lr: 1.0e+300\n"}), DISTILL,
+        ("distill-lr-huge", files({"c.yaml": NO_TEACHER + "train:\n  lr: 1.0e+300\n"}), DISTILL,
          r"train\.lr: Input should be less than or equal to 1", "late values"),
         ("distill-layer-past-teacher", config(merge(OK_CFG, {"student": {"layers": [0, 99]}})), DISTILL,
          r"student\.layers: the teacher has 4 layers \(0-3\); 99 is not one of them", "late values"),
@@ -217,8 +218,10 @@ def hand_cases() -> list[Case]:
          ppl("{tmp}/d"), r"d holds \.txt documents and the sub-folder 'sub'", "tracebacks"),
         ("ppl-data-folder-txt-named-folder", files({"d/a.txt": "A doc.\n", "d/b.txt/c": "x\n"}),
          ppl("{tmp}/d"), r"d holds \.txt documents and the sub-folder 'b\.txt'", "tracebacks"),
-        ("yaml-billion-laughs", files({"c.yaml": BILLION_LAUGHS}), DISTILL,
+        ("yaml-billion-laughs", files({"c.yaml": NO_TEACHER + BILLION_LAUGHS}), DISTILL,
          r"c\.yaml is not valid YAML: its aliases expand to more than 100,000 values", "tracebacks"),
+        ("yaml-recursive-alias", files({"c.yaml": NO_TEACHER + "train:\n  betas: &a [*a]\n"}), DISTILL,
+         r"c\.yaml is not valid YAML: an alias refers to the value that holds it", "tracebacks"),
         ("caption-png-bomb", files({"x.png": png_header(30000, 30000)}), caption("{tmp}/x.png"),
          r"x\.png is too large to read .*decompression bomb", "tracebacks"),
         ("caption-png-bomb-warning-range", files({"x.png": png_header(10000, 10000)}), caption("{tmp}/x.png"),
