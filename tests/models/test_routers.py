@@ -197,3 +197,49 @@ def test_build_router_passes_the_config():
     moe = MoEConfig(router="switch", top_k=1, capacity_factor=2.0, balance_coef=0.3, z_loss_coef=0.1).model_dump()
     router = build_router("switch", 16, moe, vocab_size=50, layer_idx=0)
     assert (router.capacity_factor, router.balance_coef, router.z_loss_coef) == (2.0, 0.3, 0.1)
+
+
+# ---------------------------------------------------------------------------------------------- mutation survivors
+# Tests added for mutants that survived mutmut (docs/MUTATION.md).
+
+
+def test_load_balancing_loss_with_empty_slots_and_one_token_by_brute_force():
+    """Empty slots (-1) count for no expert; one token divides by 1."""
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]], dtype=torch.float64)
+    experts = torch.tensor([[0, -1], [1, 2]])
+    f = [1 / 2, 1 / 2, 1 / 2]  # slot choices per expert / tokens
+    p = [0.3, 0.45, 0.25]
+    want = 3 * sum(a * b for a, b in zip(f, p))
+    assert load_balancing_loss(probs, experts, 3).item() == pytest.approx(want, rel=1e-12)
+    one = load_balancing_loss(probs[:1], experts[:1], 3)
+    assert one.item() == pytest.approx(3 * 0.5, rel=1e-12)
+
+
+@pytest.mark.parametrize("router", ["topk", "switch"])
+def test_zero_balance_coef_adds_no_loss_and_probs_are_returned(router):
+    r = (TopKSoftmaxRouter(8, 4, 2) if router == "topk" else SwitchRouter(8, 4, 1))(torch.randn(2, 3, 8))
+    assert "balance" not in r.losses and r.losses == {}
+    assert r.probs is not None and r.probs.shape == (6, 4)
+    torch.testing.assert_close(r.probs.sum(-1), torch.ones(6))
+
+
+def test_expert_choice_returns_its_token_probabilities():
+    router = ExpertChoiceRouter(8, 4, 1)
+    x = torch.randn(2, 5, 8)
+    r = router(x)
+    torch.testing.assert_close(r.probs, torch.softmax(x @ router.proj.weight.T, -1).reshape(10, 4))
+
+
+def test_single_expert_routers_refuse_top_k_above_one_by_name():
+    with pytest.raises(ValueError, match="top_k"):
+        SwitchRouter(8, 4, 2)
+    with pytest.raises(ValueError, match="top_k"):
+        HashRouter(8, 4, 2, vocab_size=10)
+
+
+def test_build_router_passes_the_bias_rate_and_the_layer():
+    moe = MoEConfig(router="aux_free", top_k=2, bias_update_rate=0.05).model_dump()
+    assert build_router("aux_free", 16, moe, vocab_size=50, layer_idx=0).bias_update_rate == 0.05
+    hashed = MoEConfig(router="hash", top_k=1).model_dump()
+    tables = [build_router("hash", 16, hashed, vocab_size=50, layer_idx=i).table for i in (0, 3)]
+    assert not torch.equal(*tables)
