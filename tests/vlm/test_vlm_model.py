@@ -238,6 +238,29 @@ def test_hf_clip_vision_tower_from_a_folder(tmp_path):
         torch.testing.assert_close(loaded(**batch, pixel_values=px).logits, before, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("feature_layer", [0, 1, -2])
+def test_reload_keeps_the_hf_encoders_feature_layer(tmp_path, feature_layer):
+    """Save → load reads the same hidden layer of an HF vision tower, layer 0 (the embeddings) included, and the
+    reloaded VLM gives the original's logits on the same images (a wrong layer changes them: #17 item 5)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from pocketlm.models.vit import HFVisionEncoder
+
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(image_size=16, patch_size=4, hidden_size=16, intermediate_size=32,
+                                     num_hidden_layers=2, num_attention_heads=2)).save_pretrained(tmp_path / "tower")
+    enc = HFVisionEncoder.from_folder(tmp_path / "tower", feature_layer=feature_layer)
+    tok = word_tokenizer(TEXTS)
+    vlm = VisionLanguageModel.build(enc, tiny_lm(len(tok)), tok, "mlp").eval()
+    batch = vlm.collate(["<image> describe the image ."] * 2, ["a red circle", "blue"])
+    loaded = VisionLanguageModel.load(vlm.save(tmp_path / "vlm"))
+    assert loaded.encoder.feature_layer == feature_layer
+    with torch.no_grad():
+        before = vlm(**batch, pixel_values=vlm.pixels(images())).logits
+        after = loaded(**batch, pixel_values=loaded.pixels(images())).logits
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def test_prompt_without_marker_with_an_image_is_refused():
     vlm = tiny_vlm()

@@ -298,7 +298,8 @@ class VisionLanguageModel(nn.Module):
         if enc["kind"] == VIT_KIND:
             encoder = ViT.load(folder / "encoder")
         else:
-            encoder = HFVisionEncoder.from_folder(folder / "encoder", enc.get("feature_layer") or -1)
+            layer = enc.get("feature_layer")  # 0 (the embeddings) is a layer, not "unset"
+            encoder = HFVisionEncoder.from_folder(folder / "encoder", -1 if layer is None else layer)
         lm, tokenizer = load_model(folder / "lm", dtype=dtype)
         pcfg = dict(cfg["projector"])
         kind = pcfg.pop("kind")
