@@ -16,6 +16,16 @@ one split, decided by a hash of its full description (kinds, colours, sizes, pix
 split's generator keeps only the scenes that belong to it — so the splits never share a scene, and a split's
 content does not depend on how large the other splits are.
 
+The i.i.d. splits (train, val, test) are disjoint only in pixels: with 6 colours, 3 kinds and 2 sizes the
+captions repeat (153 of the 300 test captions of seed 0 occur verbatim among 3,000 training captions, and every
+test question with its answer occurs in training). The **compositional split** holds out colour × kind pairs
+(``SceneSpec.held_out``, e.g. "red circle"): no train, val or test scene has a shape of a held-out pair, and every
+compositional scene has at least one. Its items are those about a held-out shape, whose text training never holds:
+the caption (it names the shape), the colour question whose answer is the held-out shape's colour ("what colour is
+the circle ?" → "red": the question is a template, but training never gives it that answer), and the position
+questions that name the shape. Count questions are left out: their every question-answer pair also occurs in
+training, and counting is measured on the i.i.d. test split.
+
 **Folders**: images plus a captions file, COCO-style JSON (``images`` + ``annotations``, several captions per
 image) or JSONL (one row per caption or question: ``{"image": "a.png", "caption": "..."}`` or
 ``{"image": "a.png", "question": "...", "answer": "...", "type": "..."}``). Bad rows are errors naming file
@@ -41,7 +51,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 KINDS = ("circle", "square", "triangle")
 SIZES = {"small": 0.09, "large": 0.16}  # radius as a share of the image side
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six")
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test")  # i.i.d.: cut from one scene space by a hash
+COMPOSITIONAL = "compositional"  # scenes with a held-out colour × kind pair (SceneSpec.held_out)
 QUESTION_TYPES = ("colour", "count", "position")
 CAPTION_PROMPT = "<image> describe the image ."
 QUESTION_PROMPT = "<image> question : {question} answer :"
@@ -67,6 +78,7 @@ class QA:
     question: str
     answer: str
     qtype: str  # one of QUESTION_TYPES
+    about: tuple[tuple[str, str], ...] = ()  # the (colour, kind) pairs the question names or answers with
 
 
 @dataclass(frozen=True)
@@ -110,7 +122,7 @@ class Scene:
         kinds = [s.kind for s in self.shapes]
         for s in self.shapes:
             if kinds.count(s.kind) == 1:
-                out.append(QA(f"what colour is the {s.kind} ?", s.colour, "colour"))
+                out.append(QA(f"what colour is the {s.kind} ?", s.colour, "colour", ((s.colour, s.kind),)))
         out.append(QA("how many shapes are there ?", NUMBERS[len(self.shapes)], "count"))
         rng = random.Random(self.key())
         present = sorted({s.colour for s in self.shapes})
@@ -127,10 +139,11 @@ class Scene:
         named = [s for s in self.shapes if sum((t.colour, t.kind) == (s.colour, s.kind) for t in self.shapes) == 1]
         for i, a in enumerate(named):
             for b in named[i + 1:]:  # a is left of b
+                about = ((a.colour, a.kind), (b.colour, b.kind))
                 out.append(QA(f"is the {a.colour} {a.kind} left or right of the {b.colour} {b.kind} ?", "left",
-                              "position"))
+                              "position", about))
                 out.append(QA(f"is the {b.colour} {b.kind} left or right of the {a.colour} {a.kind} ?", "right",
-                              "position"))
+                              "position", about))
         return out
 
 
@@ -144,6 +157,7 @@ class SceneSpec:
     colours: tuple[str, ...] = tuple(COLOURS)
     kinds: tuple[str, ...] = KINDS
     split_weights: tuple[float, float, float] = (0.8, 0.1, 0.1)  # share of the scene space per split
+    held_out: tuple[tuple[str, str], ...] = ()  # (colour, kind) pairs only the compositional split shows
 
     def __post_init__(self) -> None:
         if self.image_size < 16:
@@ -155,6 +169,17 @@ class SceneSpec:
             raise ValueError(f"unknown colours/kinds {unknown}; valid: {list(COLOURS)}, {list(KINDS)}")
         if len(self.split_weights) != 3 or min(self.split_weights) <= 0:
             raise ValueError(f"split_weights must be three positive numbers, got {self.split_weights}")
+        object.__setattr__(self, "held_out", tuple(tuple(p) for p in self.held_out))  # lists from YAML/JSON
+        pairs = {(c, k) for c in self.colours for k in self.kinds}
+        bad = [p for p in self.held_out if p not in pairs]
+        if bad:
+            raise ValueError(f"held_out pairs {bad} are not (colour, kind) pairs of this spec's colours and kinds")
+        if pairs <= set(self.held_out):
+            raise ValueError("held_out holds out every (colour, kind) pair; the i.i.d. splits would be empty")
+
+    def has_held_out(self, scene: Scene) -> bool:
+        """Whether a shape of the scene is of a held-out (colour, kind) pair."""
+        return any((s.colour, s.kind) in self.held_out for s in scene.shapes)
 
 
 def random_scene(rng: random.Random, spec: SceneSpec) -> Scene:
@@ -184,9 +209,13 @@ def split_of(scene: Scene, seed: int, weights: Sequence[float] = (0.8, 0.1, 0.1)
 
 
 def generate_scenes(split: str, n: int, *, seed: int = 0, spec: SceneSpec = SceneSpec()) -> list[Scene]:
-    """``n`` distinct scenes of ``split``, the same for the same (split, n, seed, spec)."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    """``n`` distinct scenes of ``split``, the same for the same (split, n, seed, spec). An i.i.d. split keeps the
+    scenes its hash gives it that show no held-out pair (without ``spec.held_out``: exactly the scenes it always
+    had); the compositional split keeps the scenes that show one."""
+    if split not in (*SPLITS, COMPOSITIONAL):
+        raise ValueError(f"unknown split {split!r}; valid: {', '.join((*SPLITS, COMPOSITIONAL))}")
+    if split == COMPOSITIONAL and not spec.held_out:
+        raise ValueError("the compositional split needs held-out (colour, kind) pairs (SceneSpec.held_out)")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     rng = random.Random(f"pocketlm-scenes/{seed}/{split}")
@@ -199,7 +228,12 @@ def generate_scenes(split: str, n: int, *, seed: int = 0, spec: SceneSpec = Scen
             raise ValueError(f"could not draw {n} distinct {split} scenes; the scene space is too small for this spec")
         scene = random_scene(rng, spec)
         key = scene.key()
-        if key in seen or split_of(scene, seed, spec.split_weights) != split:
+        if key in seen:
+            continue
+        if split == COMPOSITIONAL:
+            if not spec.has_held_out(scene):
+                continue
+        elif split_of(scene, seed, spec.split_weights) != split or (spec.held_out and spec.has_held_out(scene)):
             continue
         seen.add(key)
         scenes.append(scene)
@@ -246,12 +280,16 @@ class VLData:
 
 
 def scenes_data(split: str, n: int, *, seed: int = 0, spec: SceneSpec = SceneSpec()) -> VLData:
-    """``n`` scenes of ``split`` rendered, with one caption item and every question item per scene."""
+    """``n`` scenes of ``split`` rendered, with one caption item and every question item per scene (in the
+    compositional split: the questions about a held-out shape, see the module's docstring)."""
     scenes = generate_scenes(split, n, seed=seed, spec=spec)
+    held = set(spec.held_out)
     items: list[VLItem] = []
     for i, scene in enumerate(scenes):
         items.append(VLItem(i, CAPTION_PROMPT, scene.caption(), "caption"))
         for qa in scene.questions():
+            if split == COMPOSITIONAL and not held & set(qa.about):
+                continue
             items.append(VLItem(i, QUESTION_PROMPT.format(question=qa.question), qa.answer, "vqa", qa.qtype))
     return VLData([s.render() for s in scenes], items,
                   {"kind": "shapes", "split": split, "n_images": n, "seed": seed, "spec": _spec_dict(spec)}, scenes)

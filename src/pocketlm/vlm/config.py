@@ -10,6 +10,7 @@ from typing import Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from pocketlm.config import _registered, _Strict
+from pocketlm.data.scenes import COLOURS, KINDS
 
 Part = Literal["projector", "lm", "encoder"]
 Task = Literal["caption", "vqa"]
@@ -95,12 +96,24 @@ class ShapesConfig(_Strict):
     image_size: int = Field(48, ge=16)
     min_shapes: int = Field(1, ge=1, le=4)
     max_shapes: int = Field(3, ge=1, le=4)
+    held_out: list[str] = []  # "colour kind" pairs no train/val/test scene shows (e.g. "red circle")
+    n_compositional: int = Field(0, ge=0)  # images of the compositional split: scenes with a held-out pair
 
     @model_validator(mode="after")
     def _check(self) -> "ShapesConfig":
         if self.min_shapes > self.max_shapes:
             raise ValueError(f"data.shapes.min_shapes ({self.min_shapes}) exceeds max_shapes ({self.max_shapes})")
+        for pair in self.held_out:
+            words = pair.split()
+            if len(words) != 2 or words[0] not in COLOURS or words[1] not in KINDS:
+                raise ValueError(f"data.shapes.held_out: {pair!r} is not 'colour kind' (colours: "
+                                 f"{', '.join(COLOURS)}; kinds: {', '.join(KINDS)})")
+        if self.n_compositional and not self.held_out:
+            raise ValueError("data.shapes.n_compositional needs data.shapes.held_out (the pairs it holds out)")
         return self
+
+    def held_out_pairs(self) -> tuple[tuple[str, str], ...]:
+        return tuple(tuple(p.split()) for p in self.held_out)  # type: ignore[misc]
 
 
 class FolderSource(_Strict):

@@ -35,14 +35,16 @@ from pocketlm.vlm.config import DataConfig, StageConfig, VLMConfig
 
 # ---------------------------------------------------------------------------------------------- data
 def load_splits(cfg: DataConfig, splits: Sequence[str] = ("train", "val", "test")) -> dict[str, VLData]:
-    """The data of each split asked for (a folder split the config leaves out is skipped)."""
+    """The data of each split asked for (a folder split the config leaves out is skipped); shapes data also has
+    the split "compositional" (scenes with a held-out colour × kind pair, `pocketlm.data.scenes`)."""
     out: dict[str, VLData] = {}
     for split in splits:
         if cfg.kind == "shapes":
             s = cfg.shapes
-            spec = SceneSpec(image_size=s.image_size, min_shapes=s.min_shapes, max_shapes=s.max_shapes)
+            spec = SceneSpec(image_size=s.image_size, min_shapes=s.min_shapes, max_shapes=s.max_shapes,
+                             held_out=s.held_out_pairs())
             out[split] = scenes_data(split, getattr(s, f"n_{split}"), seed=s.seed, spec=spec)
-        elif getattr(cfg, split) is not None:
+        elif getattr(cfg, split, None) is not None:  # a folder config has no compositional split
             src = getattr(cfg, split)
             out[split] = load_caption_folder(src.images, src.captions)
     return out
