@@ -835,3 +835,11 @@ def test_sparse_kd_loss_matches_reference_formulation(tau, ce_weight, chunk_size
         tol = {} if name == "grad" and dtype == torch.bfloat16 else TOL  # bf16 gradients: bf16 tolerance
         torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{name}: {m}")
     assert (results[0][3][~mask] == 0).all()
+
+
+def test_teacher_topk_with_mismatched_indices_is_refused():
+    """Mutation survivor (docs/MUTATION.md): log-probs and indices of different k, leading dims right."""
+    student, teacher, targets, mask = make_batch(seed=60)
+    lp, idx = cache_topk(teacher, 4)
+    with pytest.raises(ValueError, match="teacher_topk"):
+        kd_loss(student, targets, mask, teacher_topk=(lp, idx[..., :3]))
