@@ -116,10 +116,17 @@ class _Forward:
         self.decoder, self.head = self._split(model)
         self.kwargs = _forward_kwargs(self.decoder if self.decoder is not None else model)
         self._mask_kind: object = _UNPROBED
-        # a 4-D mask replaces the model's own, so a sliding window (Mistral-style: key within `window` positions)
-        # is applied in the tree mask too
-        window = getattr(getattr(model, "config", None), "sliding_window", None)
-        self.window = window if isinstance(window, int) and window > 0 else None
+        self._probe_prefix = 0  # the shared prefix of the probe that set `_mask_kind`
+        # a 4-D mask replaces the model's own in every layer, so the tree mask carries each layer type's sliding
+        # window itself (`packing.layer_windows`); layer types it cannot express are never packed
+        config = getattr(model, "config", None)
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config  # a VLM's LM
+        try:
+            self.window = packing.layer_windows(config)
+        except ValueError:
+            self.window, self._mask_kind = None, None
+        # the probe reaches past the config's window whichever layers the mask gives it to, so a wrong layout shows
+        self.probe_window = packing.smallest_window(getattr(config, "sliding_window", None))
         self.rows_per_chunk = _ROWS_PER_CHUNK  # lowered by a memory budget (`_memory_fit`)
 
     def _autocast(self):
@@ -157,28 +164,36 @@ class _Forward:
             return None, None
         return decoder, head
 
-    def mask_kind(self) -> str | None:
+    def mask_kind(self, span: int = 0) -> str | None:
         """How this model takes a prefix-tree mask ("bool" for SDPA-style attention, "additive" for eager), or None
-        where packed rows do not give the same log-probabilities as separate rows (checked once, numerically)."""
-        if self._mask_kind is _UNPROBED:
-            self._mask_kind = None
+        where packed rows do not give the same log-probabilities as separate rows (checked numerically, once).
+
+        ``span``: the longest request to be packed. Where it is longer than a sliding window, the probe's requests
+        are too, so a mask that puts the window on the wrong layers (or on none) is caught; windows no request
+        reaches cannot change an answer, and are not probed (a probe past Gemma-2's 4,096 would cost more than a
+        short suite). A probe that fails is final."""
+        window = self.probe_window
+        reach = window + 1 if window is not None and span > window else 0  # the probe's shared prefix past it
+        if self._mask_kind is _UNPROBED or (self._mask_kind is not None and reach > self._probe_prefix):
+            self._mask_kind, self._probe_prefix = None, max(reach, 6)
             impl = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
             kind = "additive" if impl == "eager" else "bool"
             try:
-                if self._packing_matches(kind):
+                if self._packing_matches(kind, self._probe_prefix):
                     self._mask_kind = kind
             except Exception:  # noqa: BLE001 - a model that cannot take position ids or a 4-D mask runs unpacked
                 pass
         return self._mask_kind
 
-    def _packing_matches(self, kind: str) -> bool:
+    def _packing_matches(self, kind: str, shared: int) -> bool:
         vocab = self.head.out_features if self.head is not None else int(self.model.config.vocab_size)
-        base = torch.arange(3, 9).remainder(vocab).tolist()
-        # share 6 tokens, then part: the second's own tokens sit after the first's in the row, at shifted positions
+        base = torch.arange(3, 3 + shared).remainder(vocab).tolist()
+        # share `shared` tokens, then part: the second's own tokens sit after the first's in the row, at shifted
+        # positions; every position of each request's own part is read
         inputs = [base + [(start + j) % vocab for j in range(k)] for start, k in ((20, 3), (30, 5))]
-        targets = [[(7 + k) % vocab] for k in (3, 5)]
-        rows = [packing.plain_row(i, x, 1, t) for i, (x, t) in enumerate(zip(inputs, targets))]
-        packed = packing.pack_requests(inputs, targets, max_row_tokens=64)
+        targets = [[(7 + k + j) % vocab for j in range(k)] for k in (3, 5)]
+        rows = [packing.plain_row(i, x, len(t), t) for i, (x, t) in enumerate(zip(inputs, targets))]
+        packed = packing.pack_requests(inputs, targets, max_row_tokens=shared + 8)
         if len(packed) != 1:
             return False
         with self._fp32():
@@ -288,7 +303,7 @@ def _memory_fit(forward: _Forward, model: torch.nn.Module, budget: int, packed: 
     room = budget - fp.weights - cast
     forward.rows_per_chunk = min(_ROWS_PER_CHUNK, max(1, room // 4 // (8 * fp.vocab)))
     split = forward.decoder is not None
-    masked = 4 if packed else 0
+    masked = 4 * (len(forward.window) if isinstance(forward.window, dict) else 1) if packed else 0  # per mask
 
     def need(rows: int, width: int) -> int:
         return cast + fp.scoring(rows, width, chunk_rows=forward.rows_per_chunk, split=split) + masked * rows * width**2
@@ -307,8 +322,8 @@ def _rows(reqs: list[Request], max_length: int | None, forward: _Forward, pack: 
     of the tokens."""
     inputs = [model_input(ctx, cont, max_length) for ctx, cont in reqs]
     targets = [cont for _, cont in reqs]
-    if pack and len(reqs) > 1 and forward.mask_kind() is not None:
-        longest = max(len(x) for x in inputs)
+    longest = max((len(x) for x in inputs), default=0)
+    if pack and len(reqs) > 1 and forward.mask_kind(longest) is not None:
         rows = packing.pack_requests(inputs, targets, max_row_tokens=max(longest, 1024))
         if sum(len(r) for r in rows) <= 0.9 * sum(len(x) for x in inputs):
             return rows

@@ -10,7 +10,9 @@ requests with common prefix P is laid out as one row ``P s_1 s_2 … s_m`` (s_i:
 
 so each request sees exactly the tokens at exactly the positions it would see in a row of its own, and gets the
 same log-probabilities (checked on every model by a probe before packing is used, see ``loglik._Forward``), while
-the model runs |P| + Σ|s_i| tokens instead of m·|P| + Σ|s_i|.
+the model runs |P| + Σ|s_i| tokens instead of m·|P| + Σ|s_i|. The mask replaces the model's own in every layer, so
+it carries the model's sliding window itself, and where full-attention and sliding-window layers mix (Gemma-2/3,
+Qwen2 with ``max_window_layers``) it is one mask per layer type (`layer_windows`).
 
 Shape legend: b = rows in a batch, t = padded row length, n = scored tokens in a batch.
 """
@@ -101,7 +103,8 @@ def pack_requests(
         if members:
             p = min(_common_prefix(inputs[members[0]], inputs[i]), shared)
             m = len(members)
-            new_len = row_len + (m * (shared - p)) + len(inputs[i]) - p  # the old suffixes grow by shared - p
+            # the m old suffixes grow by shared - p each, the prefix shrinks by as much once
+            new_len = row_len + (m - 1) * (shared - p) + len(inputs[i]) - p
             if (p >= min_shared and m * p > (m - 1) * shared and m < max_members and new_len <= max_row_tokens):
                 members.append(i)
                 shared, row_len = p, new_len
@@ -112,11 +115,47 @@ def pack_requests(
     return rows
 
 
-def batch_tensors(rows: list[Row], device: torch.device, mask_kind: str | None, window: int | None = None):
+Windows = int | dict[str, int | None] | None  # one sliding window for every layer, or one per layer type
+
+
+def layer_windows(config: object) -> Windows:
+    """The sliding window the tree mask must carry for the model's layers: None (every layer attends fully), an int
+    (every layer slides over that many positions, as Mistral's), or {layer type: window} where full-attention and
+    sliding-window layers mix (Gemma-2/3, Cohere2, gpt-oss, Qwen2 with ``max_window_layers``).
+
+    A 4-D mask replaces the model's own in every layer, so one mask cannot serve both kinds of layer; transformers
+    takes a dict of masks keyed by layer type for these models (each layer reads ``mask[config.layer_types[i]]``).
+    Raises ValueError for layer types a tree mask cannot express (chunked or recurrent attention)."""
+    window = getattr(config, "sliding_window", None)
+    if window is not None and not isinstance(window, int):
+        raise ValueError(f"a sliding_window of {window!r} takes no prefix-tree mask")
+    window = window if window is not None and window > 0 else None
+    types = getattr(config, "layer_types", None)
+    if not types:
+        return window
+    per_type = {"full_attention": None, "sliding_attention": window}
+    unknown = sorted(set(types) - set(per_type))
+    if unknown:
+        raise ValueError(f"layer types {unknown} take no prefix-tree mask")
+    if "sliding_attention" in types and window is None:
+        raise ValueError("sliding-window layers without a sliding_window")
+    if len(set(types)) == 1:
+        return per_type[types[0]]
+    return per_type
+
+
+def smallest_window(windows: object) -> int | None:
+    """The narrowest window in ``windows`` (`Windows`, or a config's raw ``sliding_window``); None: none slides."""
+    found = [w for w in (windows.values() if isinstance(windows, dict) else [windows]) if isinstance(w, int) and w > 0]
+    return min(found, default=None)
+
+
+def batch_tensors(rows: list[Row], device: torch.device, mask_kind: str | None, window: Windows = None):
     """Right-padded ``input_ids`` [b, t]; with ``mask_kind`` ("bool" or "additive") also ``position_ids`` [b, t]
     and the 4-D tree mask [b, 1, t, t] (True / 0.0 where attending is allowed; with a sliding ``window``, only keys
-    fewer than ``window`` positions back, as Mistral's mask); and the reads, flattened: request index, row,
-    position and target per scored token [n] each."""
+    fewer than ``window`` positions back, as Mistral's mask; with a dict of windows (`layer_windows`), a dict of
+    such masks keyed by layer type); and the reads, flattened: request index, row, position and target per scored
+    token [n] each."""
     width = max(len(r) for r in rows)
     input_ids = torch.zeros(len(rows), width, dtype=torch.long)  # [b, t]
     for i, r in enumerate(rows):
@@ -141,10 +180,15 @@ def batch_tensors(rows: list[Row], device: torch.device, mask_kind: str | None, 
     q_seg, k_seg = segments[:, :, None], segments[:, None, :]  # [b, t, 1], [b, 1, t]
     real = (k_seg != PAD_SEGMENT) & (q_seg != PAD_SEGMENT)
     allowed = causal[None] & ((k_seg == 0) | (k_seg == q_seg)) & real  # [b, t, t]
-    if window is not None:  # an ancestor's position difference is its distance in the request's own sequence
-        allowed &= (position_ids[:, :, None] - position_ids[:, None, :]) < window
     allowed |= torch.eye(width, dtype=torch.bool)[None]  # a padding query attends to itself (never read)
-    mask = allowed[:, None]  # [b, 1, t, t]
-    if mask_kind == "additive":
-        mask = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, torch.finfo(torch.float32).min)
-    return input_ids.to(device), position_ids.to(device), mask.to(device), reads
+
+    def mask_for(w: int | None) -> torch.Tensor:
+        # an ancestor's position difference is its distance in the request's own sequence (a query's own key: 0)
+        keep = allowed if w is None else allowed & ((position_ids[:, :, None] - position_ids[:, None, :]) < w)
+        mask = keep[:, None]  # [b, 1, t, t]
+        if mask_kind == "additive":
+            mask = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, torch.finfo(torch.float32).min)
+        return mask.to(device)
+
+    masks = {layer: mask_for(w) for layer, w in window.items()} if isinstance(window, dict) else mask_for(window)
+    return input_ids.to(device), position_ids.to(device), masks, reads
