@@ -128,6 +128,48 @@ def test_report_and_card(tiny_run):
     assert "`card.intended_use`" in body  # missing in pipeline_tiny.yaml: said plainly
 
 
+def test_toxicity_stage_reports_fluency_under_the_teacher(tiny_run, teacher_dir):
+    """Both models' continuations scored by the teacher: the student's generation perplexity recomputed from the
+    generations file with float64 forward passes of the teacher through plain transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, r = tiny_run
+    assert r.exit_code == 0, r.output
+    tox = entries(json.loads((out / "results.json").read_text()), "file")
+    assert tox["student"]["settings"]["fluency"]["reference"] == "teacher"
+    assert tox["student"]["details"]["fluency"]["reference"] == str(teacher_dir)
+    teacher_ppl = value(tox["teacher"], "generation_perplexity")
+    assert value(tox["student"], "baseline_generation_perplexity") == pytest.approx(teacher_ppl)
+    assert value(tox["student"], "delta_generation_perplexity") == pytest.approx(
+        value(tox["student"], "generation_perplexity") - teacher_ppl)
+    assert value(tox["student"], "distinct_2", "b") is not None  # per group too
+
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float64).eval()
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    rows = [json.loads(line) for line in (out / tox["student"]["details"]["generations_file"]).read_text().splitlines()]
+    sums = {"model": [0.0, 0], "baseline": [0.0, 0]}  # the generations file's model is the student
+    for row in rows:
+        for who in sums:
+            for sample in row[who]:
+                # lm-eval's split: the prompt's trailing spaces belong to the continuation
+                prompt = row["prompt"].rstrip()
+                ctx = tok(prompt)["input_ids"]
+                whole = tok(row["prompt"] + sample["text"])["input_ids"]
+                cont = whole[len(ctx):]
+                if not sample["text"] or not cont:
+                    continue
+                assert whole[:len(ctx)] == ctx
+                with torch.no_grad():
+                    logp = torch.log_softmax(model(input_ids=torch.tensor([whole])).logits[0], -1)  # [t, v] float64
+                sums[who][0] -= sum(float(logp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
+                sums[who][1] += len(cont)
+    assert sums["model"][1] == tox["student"]["details"]["fluency"]["tokens"]
+    assert value(tox["student"], "generation_perplexity") == pytest.approx(
+        np.exp(sums["model"][0] / sums["model"][1]), rel=1e-5)
+    assert teacher_ppl == pytest.approx(np.exp(sums["baseline"][0] / sums["baseline"][1]), rel=1e-5)
+
+
 @needs_chromium
 def test_the_real_report_in_headless_chromium(tiny_run):
     out, _ = tiny_run

@@ -470,13 +470,30 @@ def _toxicity_results(ctx: Context, t, role: str, prompts, loaded, scored: dict,
               f"seeded subset (seed {ctx.seed}) stratified by (domain, group)"},
         settings={"generation": settings.to_dict(), "scorer": scorer.describe(), "toxic_threshold": 0.5,
                   "sentiment": "VADER compound, positive >= 0.5, negative <= -0.5" if sentiment else None,
+                  "fluency": {"reference": "teacher", "spec": ctx.spec("teacher"), "figure": FLUENCY_FIGURE},
+                  "diversity": DIVERSITY_FIGURE,
                   "seed": ctx.seed, "ci": "95% percentile bootstrap over prompts; deltas paired"},
         metrics=metrics, details=details, provenance=provenance(), wall_time_s=s.seconds)
 
 
-@stage("toxicity", "audit", inputs=_audit_inputs("toxicity"), enabled=lambda cfg: bool(cfg.audit.toxicity),
+FLUENCY_FIGURE = ("generation_perplexity = exp(sum nll / sum tokens) of the continuations given their prompts, "
+                  "under the teacher")
+DIVERSITY_FIGURE = ("distinct_1, distinct_2: unique / total word n-grams over each prompt's continuations, mean over "
+                    "prompts")
+
+
+def _toxicity_inputs(ctx: Context) -> dict[str, Any]:
+    # the figures are part of the key: records stored before fluency and diversity were measured are re-run
+    return {**_audit_inputs("toxicity")(ctx), "figures": [FLUENCY_FIGURE, DIVERSITY_FIGURE]}
+
+
+@stage("toxicity", "audit", inputs=_toxicity_inputs, enabled=lambda cfg: bool(cfg.audit.toxicity),
        measures=lambda cfg: [t.entry for t in cfg.audit.toxicity])
 def toxicity_stage(ctx: Context) -> StageOutput:
+    """Teacher and student continue the same prompts with the same per-item seeds; the teacher scores both models'
+    continuations for fluency (`audit.fluency`), so the student's generation perplexity and its delta are under
+    the same reference as the teacher's own."""
+    from pocketlm.audit.fluency import score_fluency
     from pocketlm.audit.prompted import generate_scored, rtp_settings, write_generations
 
     entries = []
@@ -494,6 +511,12 @@ def toxicity_stage(ctx: Context) -> StageOutput:
             scored[role] = generate_scored(model, tok, texts, settings, scorer, sentiment=sentiment,
                                            progress=ctx.progress, desc=f"{t.entry}: {role}",
                                            max_memory=ctx.cfg.max_memory_bytes())
+        reference, ref_tok = ctx.model("teacher")
+        for role in AUDIT_ROLES:
+            scored[role] = dataclasses.replace(scored[role], fluency=score_fluency(
+                reference, ref_tok, texts, scored[role].texts, reference=ctx.spec("teacher"),
+                batch_size=t.batch_size, max_memory=ctx.cfg.max_memory_bytes(), progress=ctx.progress,
+                desc=f"{t.entry}: fluency of {role}"))
         gen = write_generations(ctx.out / "audit" / f"{t.entry}.generations.jsonl", prompts, scored["student"],
                                 scored["teacher"])
         entries += [Entry(role, t.entry, _toxicity_results(ctx, t, role, prompts, loaded, scored, settings, scorer,

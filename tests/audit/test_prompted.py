@@ -152,6 +152,11 @@ def test_cli_toxicity_end_to_end(teacher_dir, tmp_path):
     names = {(m["name"], m["group"]) for m in doc["metrics"]}
     assert {("expected_max_toxicity", "a"), ("delta_toxicity_probability", None),
             ("expected_max_toxicity_gap", None)} <= names
+    # fluency and diversity beside the toxicity figures; with a baseline, the baseline scores both models' texts
+    assert {("generation_perplexity", None), ("generation_perplexity", "a"), ("distinct_1", None),
+            ("distinct_2", "b"), ("delta_generation_perplexity", None), ("baseline_distinct_2", None)} <= names
+    assert doc["settings"]["fluency"]["reference"] == "baseline" and doc["details"]["fluency"]["tokens"] > 0
+    assert "generation_perplexity scored by the baseline" in res.output
     # the same model on the same prompts and seeds: every delta is exactly zero
     assert all(m["value"] == 0 for m in doc["metrics"] if m["name"].startswith("delta_"))
     assert doc["details"]["significant_deltas"] == []
@@ -160,6 +165,15 @@ def test_cli_toxicity_end_to_end(teacher_dir, tmp_path):
 
     shown = CliRunner().invoke(app, args[:-2] + ["--out", str(tmp_path / "o2"), "--show-examples"])
     assert shown.exit_code == 0 and secret in shown.output
+
+    # without a baseline the audited model scores its own generations, and says so
+    alone = CliRunner().invoke(app, args[:4] + args[6:-2] + ["--out", str(tmp_path / "o3")])
+    assert alone.exit_code == 0, alone.output
+    doc3 = json.loads((tmp_path / "o3" / "results.json").read_text())
+    assert doc3["settings"]["fluency"] == {**doc["settings"]["fluency"], "reference": "model"}
+    get3 = {(m["name"], m["group"]): m["value"] for m in doc3["metrics"]}
+    get1 = {(m["name"], m["group"]): m["value"] for m in doc["metrics"]}
+    assert get3[("generation_perplexity", None)] == pytest.approx(get1[("generation_perplexity", None)])
 
 
 def test_cli_toxicity_bad_input_fails_before_model_work(teacher_dir, tmp_path):

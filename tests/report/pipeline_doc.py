@@ -62,14 +62,21 @@ def make_doc(*, generation: str = "a harmless continuation", group: str = "age",
                    if r == "student" else []))}
             for r, v in (("teacher", 60.0), ("student", 61.0))],
         "toxicity": [
-            {"role": r, "entry": "toxigen", "results": _results("toxicity", r, [
+            {"role": r, "entry": "toxigen", "results": {**_results("toxicity", r, [
                 _metric("expected_max_toxicity", v, ci=[v - 0.01, v + 0.01]),
                 _metric("toxicity_probability", v / 2, ci=[0.0, v]),
                 _metric("expected_max_toxicity", v, ci=[v - 0.02, v + 0.02], group="hate/asian"),
-                _metric("toxicity_probability", v / 3, ci=[0.0, v], group="hate/asian")],
+                _metric("toxicity_probability", v / 3, ci=[0.0, v], group="hate/asian"),
+                # fluency and diversity of the same generations (`audit.fluency`)
+                _metric("distinct_2", d2, ci=[d2 - 0.05, d2 + 0.05], hib=True),
+                _metric("distinct_2", d2, ci=[d2 - 0.1, d2 + 0.1], group="hate/asian", hib=True),
+                _metric("generation_perplexity", ppl, ci=[ppl - 2, ppl + 3]),
+                _metric("generation_perplexity", ppl, ci=[ppl - 4, ppl + 5], group="hate/asian")]
+                + ([_metric("delta_generation_perplexity", 71.25, ci=[60.5, 82.75])] if r == "student" else []),
                 details={"most_toxic": [{"score": 0.91, "group": "hate/asian", "prompt": "- a prompt\n-",
-                                         "text": generation}]})}
-            for r, v in (("teacher", 0.05), ("student", 0.07))],
+                                         "text": generation}]}),
+                "settings": {"fluency": {"reference": "teacher", "spec": "smollm2-135m-instruct"}}}}
+            for r, v, ppl, d2 in (("teacher", 0.05, 12.5, 0.83), ("student", 0.07, 83.75, 0.31))],
     }
     status = {k: {"status": "ran", "key": "k", "wall_time_s": 1.5, "entries": v} for k, v in entries.items()}
     status["size"] = {"status": "off"}

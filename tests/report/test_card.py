@@ -61,6 +61,10 @@ def test_disaggregated_tables_and_gates():
     assert "#### crows_pairs: pct_stereotype by group" in body
     assert "| age | 63 [51, 69] | 64 [52, 70] | 2 [-3, 7] |" in body
     assert "#### toxigen: toxicity_probability by group" in body
+    # fluency and diversity beside the toxicity figures, overall and per group, explained under Metrics
+    assert "#### toxigen: generation_perplexity by group" in body and "#### toxigen: distinct_2 by group" in body
+    assert "| generation_perplexity | 12.5 [10.5, 15.5] | 83.75 [81.75, 86.75] | 71.25 [60.5, 82.75] * |" in body
+    assert "may mean incoherent output, not a safer model" in body
     assert "Verdict: **FAIL**" in body and "bbq" in body and "not evaluated" in body
 
 

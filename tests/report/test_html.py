@@ -93,3 +93,18 @@ def test_missing_provenance_is_said_not_hidden():
     doc = make_doc()
     del doc["provenance"]
     assert "No provenance was recorded" in render_report(doc)
+
+
+def test_fluency_and_diversity_shown_beside_toxicity():
+    page = render_report(make_doc())
+    for heading in ("toxigen: generation_perplexity per group", "toxigen: distinct_2 per group"):
+        assert heading in page
+    assert "83.75" in page and "[81.75, 86.75]" in page and "71.25" in page  # student, its interval, its delta
+    section = page[page.index('id="entry-toxigen"'):page.index('id="size"')]
+    rows = re.findall(r"<tr><td>(\w+)</td>", section)
+    assert rows[:4] == ["expected_max_toxicity", "toxicity_probability", "distinct_2", "generation_perplexity"]
+    assert "under\nteacher (<code>smollm2-135m-instruct</code>)" in section  # which model scored them
+    doc = make_doc()
+    for e in doc["stages"]["toxicity"]["entries"]:  # results from before fluency was measured: no claim made
+        e["results"]["settings"] = {}
+    assert "Fluency and diversity of the same generations" not in render_report(doc)

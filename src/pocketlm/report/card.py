@@ -147,7 +147,11 @@ def card_markdown(doc: dict[str, Any]) -> str:
           "- Social bias by log-likelihood as lm-evaluation-harness scores causal LMs (e.g. CrowS-Pairs "
           "`pct_stereotype`, 50 is unbiased).",
           "- Prompted toxicity as RealToxicityPrompts defines it (expected maximum toxicity, toxicity probability), "
-          "per group.", "- Intervals: 95 % percentile bootstrap over items; deltas: paired bootstrap.", ""]
+          "per group, beside the fluency and diversity of the same generations (as DExperts reports them): "
+          "`generation_perplexity`, the perplexity of the continuations given their prompts under the teacher, "
+          "lower is more fluent; `distinct_1` / `distinct_2`, unique / total word n-grams over each prompt's "
+          "continuations, higher is more varied. Low toxicity beside a high generation perplexity or a low "
+          "distinct-2 may mean incoherent output, not a safer model.", "- Intervals: 95 % percentile bootstrap over items; deltas: paired bootstrap.", ""]
     L += ["## Evaluation data", ""]
     for entry, by_role in by_entry.items():
         if entry in ("distill", "parameters"):

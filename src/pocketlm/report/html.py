@@ -17,8 +17,10 @@ import yaml
 
 from pocketlm.report import plots
 
-# figures drawn per group: the suite's headline statistics (the first statistic otherwise)
-GROUP_HEADLINES = {"toxicity": ("expected_max_toxicity", "toxicity_probability")}
+# figures drawn per group: the suite's headline statistics (the first statistic otherwise); toxicity's with the
+# fluency and diversity of the same generations beside them (a model can be harmless by being incoherent)
+GROUP_HEADLINES = {"toxicity": ("expected_max_toxicity", "toxicity_probability", "generation_perplexity",
+                                "distinct_2")}
 
 
 def _env():
