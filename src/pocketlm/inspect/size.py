@@ -15,11 +15,10 @@ it into figures, each checked against the real model in tests/inspect/test_size.
   most W tokens (transformers' sliding cache keeps W − 1 and the newest token's in one buffer), at batch B.
 - training memory with AdamW (Rajbhandari et al., 2020, ZeRO; "Transformer Math 101", EleutherAI 2023): fp32 =
   weights 4N + gradients 4N + moments 8N = 16N bytes; mixed precision = bf16 weights 2N + bf16 gradients 2N +
-  fp32 master copy 4N + fp32 moments 8N = 16N. Activations for a batch b × s, without recomputation, by
-  Korthikanti et al. (2022, eq. 2 and §4.3): L·s·b·d·(34 + 5·a·s/d) + 5·s·b·d bytes for 16-bit activations with
-  the attention scores stored (an eager, non-flash kernel), twice that for fp32 activations, plus 4·s·b·V for the
-  fp32 logits of the loss. It is derived for GPT layers (4d GeLU MLP, dropout), so for SwiGLU/GQA layers it is an
-  approximation (tested to 20 % against the tensors autograd saves).
+  fp32 master copy 4N + fp32 moments 8N = 16N. Activations for a batch b × s, without recomputation: for
+  Llama-family layers the tensors each part saves for backward, by dtype (`activation_bytes`: attention kernel,
+  GQA, head-pruned layers, routed experts and shared experts included; tested to 1 % against autograd's saved
+  tensors); for GPT-2 layers Korthikanti et al. (2022, eq. 2 and §4.3).
 - FLOPs per token at context T, two conventions:
   * `kaplan`: 2N + 2·L·T·d_attn forward (Kaplan et al., 2020, table 1: N non-embedding (active) parameters,
     d_attn = n_h·h_d; the lm_head is NOT counted); training 3× forward (6N + 6·L·T·d_attn).
@@ -82,10 +81,19 @@ class Architecture:
     moe: MoESpec | None = None
     moe_layers: tuple[int, ...] = ()
     windows: tuple[int | None, ...] = ()  # per layer: sliding window, None for full attention
+    layer_kv_heads: tuple[int, ...] = ()  # per layer KV heads where pruning left fewer (empty: num_kv_heads each)
+    attn_kernel: str = "sdpa"  # sdpa (or flash: no score matrix kept for backward) | eager (keeps softmax(QKᵀ))
 
     @property
     def d_attn(self) -> int:
         return self.num_heads * self.head_dim
+
+    def kv_heads(self, layer: int) -> int:
+        return self.layer_kv_heads[layer] if self.layer_kv_heads else self.num_kv_heads
+
+    def q_heads(self, layer: int) -> int:
+        """Query heads of `layer`: each kept KV group keeps its n_h / n_kv query heads."""
+        return self.kv_heads(layer) * (self.num_heads // self.num_kv_heads)
 
 
 @dataclass(frozen=True)
@@ -126,8 +134,9 @@ def tensors(arch: Architecture) -> list[Tensor]:
         out.append(Tensor("embedding", (a.learned_positions, d), kind="lookup"))
     q, k, v, o = a.attn_bias
     for layer in range(a.num_layers):
-        out += _linear("attention", a.d_attn, d, q) + _linear("attention", a.num_kv_heads * a.head_dim, d, k)
-        out += _linear("attention", a.num_kv_heads * a.head_dim, d, v) + _linear("attention", d, a.d_attn, o)
+        dq, dkv = a.q_heads(layer) * a.head_dim, a.kv_heads(layer) * a.head_dim
+        out += _linear("attention", dq, d, q) + _linear("attention", dkv, d, k)
+        out += _linear("attention", dkv, d, v) + _linear("attention", d, dq, o)
         if a.moe is not None and layer in a.moe_layers:
             m = a.moe
             if m.router_params:
@@ -187,7 +196,9 @@ def _windows(f: _Fields, n_layers: int) -> tuple[int | None, ...]:
 def _llama_like(f: _Fields, family: str, **extra: Any) -> Architecture:
     d, h, n = int(f.get("hidden_size")), int(f.get("num_attention_heads")), int(f.get("num_hidden_layers"))
     bias = bool(f.get("attention_bias", False))
+    kernel = getattr(f.config, "_attn_implementation", None) or "sdpa"
     return Architecture(
+        attn_kernel="eager" if kernel == "eager" else "sdpa",
         family=family, vocab_size=int(f.get("vocab_size")), hidden_size=d, num_layers=n, num_heads=h,
         num_kv_heads=int(f.get("num_key_value_heads", h)), head_dim=int(f.get("head_dim", d // h)),
         intermediate_size=int(f.get("intermediate_size")), tied=bool(f.get("tie_word_embeddings", False)),
@@ -227,13 +238,15 @@ def _mixtral(config: Any, f: _Fields) -> Architecture:
 def _pocketlm(config: Any, f: _Fields) -> Architecture:
     from pocketlm.models.moe import moe_layer_ids
 
+    kept = f.get("kept_kv_heads")  # a head-pruned student: the KV groups each layer kept
+    pruned = {"layer_kv_heads": tuple(len(k) for k in kept)} if kept else {}
     spec = f.get("moe")
     if spec is None:
-        return _llama_like(f, "pocketlm")
+        return _llama_like(f, "pocketlm", **pruned)
     size = spec["expert_size"] or int(f.get("intermediate_size"))
     moe = MoESpec(spec["num_experts"], spec["top_k"], size, spec["num_shared_experts"] * size,
                   spec["router"] != "hash")
-    return _llama_like(f, "pocketlm", moe=moe, moe_layers=tuple(moe_layer_ids(config)))
+    return _llama_like(f, "pocketlm", moe=moe, moe_layers=tuple(moe_layer_ids(config)), **pruned)
 
 
 @_register("gpt2", ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions"))
@@ -336,22 +349,55 @@ def weight_bytes(arch: Architecture) -> dict[str, int]:
 
 def kv_cache_bytes(arch: Architecture, context: int, batch: int = 1) -> dict[str, int]:
     """KV-cache bytes per token (every layer, before any window fills) and held at `context` tokens × `batch`."""
-    per_layer_token = 2 * arch.num_kv_heads * arch.head_dim  # K and V values per token per layer
-    held = sum(min(context, w) if w else context for w in arch.windows)  # token slots over all layers
+    per_token = [2 * arch.kv_heads(i) * arch.head_dim for i in range(arch.num_layers)]  # K and V values, layer i
+    held = sum((min(context, w) if w else context) * kv for w, kv in zip(arch.windows, per_token))
     out: dict[str, int] = {}
     for name, size in BYTES.items():
-        out[f"per_token_{name}"] = arch.num_layers * per_layer_token * size
-        out[f"total_{name}"] = batch * held * per_layer_token * size
+        out[f"per_token_{name}"] = sum(per_token) * size
+        out[f"total_{name}"] = batch * held * size
     return out
 
 
 def activation_bytes(arch: Architecture, seq: int, batch: int, bytes_per_value: int = 2) -> int:
-    """Korthikanti et al. (2022) activations without recomputation: L·s·b·d·(34 + 5·a·s/d) + 5·s·b·d for 16-bit
-    activations (scaled by bytes_per_value / 2, e.g. ×2 for fp32), plus 4·s·b·V for the logits the loss keeps in
-    fp32 either way."""
-    s, b, d, a = seq, batch, arch.hidden_size, arch.num_heads
-    sixteen_bit = arch.num_layers * s * b * d * (34 + 5 * a * s / d) + 5 * s * b * d
-    return int(sixteen_bit * bytes_per_value / 2 + 4 * s * b * arch.vocab_size)
+    """Bytes autograd keeps for backward in one forward pass of `batch` × `seq` tokens, without recomputation.
+
+    For Llama-family layers (RMSNorm, rotary, GQA, SwiGLU or routed SwiGLU experts) it counts, per token, the
+    tensors the layers save, at `bytes_per_value` (the weights' dtype) or in fp32 where the computation upcasts:
+    each RMSNorm its fp32 input and 1/rms, the normalised value and its output; attention with a fused kernel
+    (sdpa, flash) Q, K, V (GQA: n_kv heads), its output and an fp32 log-sum-exp per head, with the eager kernel Q,
+    K and V repeated to n_h heads, the fp32 softmax(QKᵀ) (plus its cast copy below fp32) and the output; a SwiGLU
+    MLP gate, up, silu(gate) and their product (4f); a routed layer the router's fp32 logits, int64 choices and fp32
+    weights, each routed copy of the token (k·d), its expert's 4·f_e, the fp32 expert outputs before and after
+    weighting (2·k·d), the dispatch indices, and the shared experts' 4·f_s; the rotary cos/sin once, the token ids,
+    and the fp32 log-probabilities of the loss (s·V). Per-layer head counts after pruning are taken as they are.
+    Tested against the tensors autograd saves for dense, head-pruned and MoE students (tests/inspect/test_size.py).
+    GPT-2 layers (LayerNorm, 4d GeLU MLP, dropout) use Korthikanti et al. (2022): L·s·b·d·(34 + 5·a·s/d) +
+    5·s·b·d bytes at 16 bits, scaled by bytes_per_value / 2, plus 4·s·b·V for the logits."""
+    s, b, d, p, V = seq, batch, arch.hidden_size, bytes_per_value, arch.vocab_size
+    if arch.mlp != "swiglu":
+        sixteen_bit = arch.num_layers * s * b * d * (34 + 5 * arch.num_heads * s / d) + 5 * s * b * d
+        return int(sixteen_bit * p / 2 + 4 * s * b * V)
+    norm = 4 * d + 4 + 2 * p * d
+    per_token = norm + 2 * arch.head_dim * p + 8 + 4 * V  # final norm, rotary cos/sin, ids, fp32 log-probs
+    for layer in range(arch.num_layers):
+        dq, dkv, h = arch.q_heads(layer) * arch.head_dim, arch.kv_heads(layer) * arch.head_dim, arch.q_heads(layer)
+        per_token += 2 * norm
+        if arch.attn_kernel == "eager":
+            per_token += 4 * p * dq + 4 * h * s + (p * h * s if p != 4 else 0)
+        else:
+            per_token += p * (2 * dq + 2 * dkv) + 4 * h
+        m = arch.moe
+        if m is None or layer not in arch.moe_layers:
+            per_token += 4 * p * arch.intermediate_size
+            continue
+        k = m.top_k
+        per_token += 4 * m.num_experts + 12 * k + 4  # router: fp32 logits, int64 choices, fp32 weights
+        per_token += p * k * d + 4 * p * k * m.expert_size + 4 * k + 4 * p * m.shared_size
+        if arch.family == "mixtral":  # transformers' experts: three int64 index vectors, outputs in the dtype
+            per_token += 24 * k + p * k * d
+        else:  # pocketlm's dropless dispatch: two int64 index vectors, fp32 outputs before and after weighting
+            per_token += 16 * k + 8 * k * d
+    return int(b * s * per_token)
 
 
 def training_bytes(arch: Architecture, seq: int, batch: int) -> dict[str, int]:
@@ -375,8 +421,9 @@ def flops_per_token(arch: Architecture, context: int) -> dict[str, float]:
     matmul = sum(2 * t.count * t.active * math.prod(t.shape)
                  for t in ts if t.kind == "linear" and t.part != "embedding")
     lm_head = 2 * arch.hidden_size * arch.vocab_size
-    attention_dense = 4 * arch.num_layers * context * arch.d_attn
-    attention_kaplan = 2 * sum(min(context, w) if w else context for w in arch.windows) * arch.d_attn
+    d_attn = [arch.q_heads(i) * arch.head_dim for i in range(arch.num_layers)]  # per layer, after pruning
+    attention_dense = 4 * context * sum(d_attn)
+    attention_kaplan = 2 * sum((min(context, w) if w else context) * da for w, da in zip(arch.windows, d_attn))
     n = parameter_breakdown(arch)["active_non_embedding"]
     forward = matmul + lm_head + attention_dense
     kaplan = 2 * n + attention_kaplan
