@@ -3,7 +3,8 @@
 A 4-D mask replaces the model's own in every layer, so a tree mask that carries the window limits the
 full-attention layers too. Reference: one unpadded forward per request, plain transformers (`test_loglik.reference`).
 Tolerance: 1e-5 relative on the summed log-probability in fp32. Seen failing on the code before the fix: max |Δ log p|
-packed vs alone 1.75 (Gemma-2), 1.80 (Gemma-3), 2.92 (hybrid Qwen2) on these models and requests.
+packed vs alone 2.93 (Gemma-2), 3.30 (Gemma-3), 5.27 (hybrid Qwen2), 0.15 (Cohere2), 2.91 (gpt-oss) on these models
+and requests (after: ≤ 6e-6).
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from transformers import (
-    Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, Qwen2Config, Qwen2ForCausalLM,
+    Cohere2Config, Cohere2ForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig,
+    GptOssConfig, GptOssForCausalLM, Qwen2Config, Qwen2ForCausalLM,
 )
 
 from pocketlm.eval import loglik, packing
@@ -39,9 +41,15 @@ def make_model(name: str, attn: str, layer_types: list[str] | None = None, windo
     elif name == "qwen2":  # layers from max_window_layers on slide
         config = Qwen2Config(**TINY, use_sliding_window=True, sliding_window=window, max_window_layers=2)
         model = Qwen2ForCausalLM(config)
-    else:  # qwen2 with explicit layer types, full first
+    elif name == "qwen2-layer-types":  # explicit layer types, full first
         config = Qwen2Config(**TINY, use_sliding_window=True, sliding_window=window, layer_types=list(reversed(MIXED)))
         model = Qwen2ForCausalLM(config)
+    elif name == "cohere2":
+        model = Cohere2ForCausalLM(Cohere2Config(**TINY, sliding_window=window, layer_types=MIXED))
+    else:  # gpt-oss: mixture of experts, attention sinks
+        config = GptOssConfig(**dict(TINY, max_position_embeddings=4096 * 32), sliding_window=window,  # YaRN's ratio
+                              layer_types=MIXED, num_local_experts=4, num_experts_per_tok=2)
+        model = GptOssForCausalLM(config)
     model.config._attn_implementation = attn
     return model.eval()
 
@@ -58,8 +66,9 @@ def shared_prefix_requests(seed: int) -> list[tuple[list[int], list[int]]]:
     return reqs
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("name", ["gemma2", "gemma3", "qwen2", "qwen2-layer-types"])
+@pytest.mark.parametrize("name, attn", [
+    (name, attn) for name in ("gemma2", "gemma3", "qwen2", "qwen2-layer-types", "cohere2") for attn in ("sdpa", "eager")
+] + [("gpt-oss", "eager")])
 def test_mixed_layer_models_pack_and_score_as_one_request_alone(name, attn):
     model = make_model(name, attn)
     reqs = shared_prefix_requests(seed=len(name))
