@@ -151,7 +151,8 @@ def card_markdown(doc: dict[str, Any]) -> str:
           "`generation_perplexity`, the perplexity of the continuations given their prompts under the teacher, "
           "lower is more fluent; `distinct_1` / `distinct_2`, unique / total word n-grams over each prompt's "
           "continuations, higher is more varied. Low toxicity beside a high generation perplexity or a low "
-          "distinct-2 may mean incoherent output, not a safer model.", "- Intervals: 95 % percentile bootstrap over items; deltas: paired bootstrap.", ""]
+          "distinct-2 may mean incoherent output, not a safer model.",
+          "- Intervals: 95 % percentile bootstrap over items; deltas: paired bootstrap.", ""]
     L += ["## Evaluation data", ""]
     for entry, by_role in by_entry.items():
         if entry in ("distill", "parameters"):
