@@ -89,6 +89,72 @@ def test_bad_spec_and_split_are_named():
         SceneSpec(colours=("mauve",))
 
 
+# ---------------------------------------------------------------------------------------------- compositional split
+HELD_OUT = (("red", "circle"), ("green", "square"), ("blue", "triangle"))  # as configs/vlm_shapes.yaml
+
+
+def _item_texts(data):
+    captions = {it.target for it in data.select("caption")}
+    return captions, {it.prompt for it in data.select("vqa")}, {(it.prompt, it.target) for it in data.select("vqa")}
+
+
+def test_the_iid_test_split_repeats_training_captions():
+    """The reason for the compositional split (#17 item 7): 153 of 300 i.i.d. test captions occur in training,
+    and every test question with its answer does."""
+    train, test = scenes_data("train", 3000, seed=0), scenes_data("test", 300, seed=0)
+    (tc, _, tqa), (c, _, qa) = _item_texts(train), _item_texts(test)
+    assert sum(it.target in tc for it in test.select("caption")) == 153
+    assert qa <= tqa
+
+
+def test_compositional_split_shares_no_caption_or_question_answer_with_training():
+    """No caption, no position question and no question-answer pair of the compositional split occurs among the
+    training items (set intersection over the benchmark's amounts); the colour question's string is a template
+    ("what colour is the circle ?") that training asks too, but never with the held-out colour as its answer."""
+    spec = SceneSpec(held_out=HELD_OUT)
+    train = scenes_data("train", 3000, seed=0, spec=spec)
+    comp = scenes_data("compositional", 300, seed=0, spec=spec)
+    (tc, tq, tqa), (c, q, qa) = _item_texts(train), _item_texts(comp)
+    assert len(c) > 200 and not c & tc
+    assert not qa & tqa
+    position = {it.prompt for it in comp.select("vqa") if it.qtype == "position"}
+    assert len(position) > 50 and not position & tq
+    assert {it.qtype for it in comp.select("vqa")} == {"colour", "position"}
+    assert q - position <= {f"<image> question : what colour is the {k} ? answer :" for k in ("circle", "square",
+                                                                                               "triangle")}
+    held = set(HELD_OUT)
+    assert all(any((s.colour, s.kind) in held for s in sc.shapes) for sc in comp.scenes)
+    for split in ("train", "val", "test"):
+        scenes = generate_scenes(split, 300 if split == "train" else 100, seed=0, spec=spec)
+        assert not any((s.colour, s.kind) in held for sc in scenes for s in sc.shapes)
+
+
+def test_without_held_out_pairs_the_iid_splits_are_the_ones_they_always_were():
+    """Fingerprints of the default spec's scenes taken before the compositional split was added."""
+    import hashlib
+
+    want = {"train": "e49e2da06cb9b1f4", "val": "a848246f0edb69c2", "test": "696878abb6417c83"}
+    for split, n in (("train", 200), ("val", 50), ("test", 50)):
+        keys = "\n".join(sc.key() for sc in generate_scenes(split, n, seed=0))
+        assert hashlib.sha256(keys.encode()).hexdigest()[:16] == want[split], split
+
+
+def test_held_out_pairs_are_checked():
+    with pytest.raises(ValueError, match="compositional split needs held-out"):
+        generate_scenes("compositional", 3)
+    with pytest.raises(ValueError, match="held_out pairs"):
+        SceneSpec(held_out=(("mauve", "circle"),))
+    with pytest.raises(ValueError, match="every"):
+        SceneSpec(colours=("red",), kinds=("circle",), held_out=(("red", "circle"),))
+    from pocketlm.vlm.config import ShapesConfig
+
+    with pytest.raises(ValueError, match="held_out: 'red cube'"):
+        ShapesConfig(held_out=["red cube"])
+    with pytest.raises(ValueError, match="n_compositional needs"):
+        ShapesConfig(n_compositional=10)
+    assert ShapesConfig(held_out=["red circle"]).held_out_pairs() == (("red", "circle"),)
+
+
 # ---------------------------------------------------------------------------------------------- folders
 @pytest.fixture()
 def image_dir(tmp_path):
