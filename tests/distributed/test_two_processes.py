@@ -82,7 +82,9 @@ def test_two_process_distillation_equals_one_process_and_resumes_on_one(tmp_path
     assert [r["step"] for r in r2] == [1, 2, 3, 4] and [r["tokens_seen"] for r in r1] == [r["tokens_seen"] for r in r2]
     for a, b in zip(r1, r2):
         for key in ("loss", "kd", "ce", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+            # abs: the cache-mode KD is ~7e-4 at step 2 (a sum of per-token KLs cancelling to near 0), where the
+            # ranks' summation order moves it by ~3e-8 (measured); a real fault moves it by orders of magnitude more
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
         if a.get("val_perplexity") is not None:
             assert b["val_perplexity"] == pytest.approx(a["val_perplexity"], rel=1e-5)
     assert_same_weights(tmp_path / "one" / "student", tmp_path / "two" / "student")

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -91,6 +92,17 @@ def _differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -
     return out
 
 
+def warn_if_not_sharded(accelerator) -> None:
+    """An accelerate config that asks for FSDP on a machine without an accelerator runs as DDP: accelerate
+    (1.x, `PartialState`) switches to FSDP only from a GPU-like distributed type, never from MULTI_CPU, so each
+    rank holds the whole student. Say so instead of letting the user believe the student is sharded."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and \
+            accelerator.distributed_type.value != "FSDP":
+        warnings.warn(f"FSDP was asked for, but accelerate runs FSDP only on accelerators; this run is "
+                      f"{accelerator.distributed_type.value} (every process holds the whole student, gradients "
+                      f"are all-reduced as under DDP)", stacklevel=3)
+
+
 class Trainer:
     def __init__(
         self,
@@ -127,6 +139,7 @@ class Trainer:
         # with another precision in the same process would be refused), an autocast context is not
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        warn_if_not_sharded(self.accelerator)
         if train_cfg.batch_size % self.world:
             raise ValueError(
                 f"train.batch_size={train_cfg.batch_size} is the global micro-batch and must split evenly over the "
