@@ -109,8 +109,26 @@ def _llama_tensors(model: PocketLMForCausalLM, llama_config: LlamaConfig, dtype:
     }
 
 
+def mixtral_aux_loss_coef(config: PocketLMConfig) -> float:
+    """Mixtral's `router_aux_loss_coef` for a student whose every layer adds α·E·Σ_i f_li·P_li (`balance_coef` α):
+    α·L, the coefficient under which fine-tuning the export feels the student's load-balancing pressure.
+
+    The student sums a loss per layer: S = α·E·Σ_l Σ_i f_li·P_li (f_li: share of layer l's slots that pick expert
+    i, P_li: its mean router probability; `models/routers.load_balancing_loss`). transformers' Mixtral pools the L
+    layers into one loss, E·Σ_i f̄_i·P̄_i over the layer means (`load_balancing_loss_func`). So
+    S − α·L·E·Σ_i f̄_i·P̄_i = α·E·Σ_i Σ_l (f_li − f̄_i)(P_li − P̄_i): with coefficient α·L the two are equal
+    exactly when the layers route alike, and otherwise differ by α·E·L times the across-layer covariance of each
+    expert's load and probability (usually positive, so the export's loss is a little lower: by 0.1-3.7 % on a
+    tiny 2-layer random-router model over 8 seeds; tests/models/test_export_mixtral.py). The gradients differ the
+    same way: the pooled loss pushes every layer's P_li with the mean load f̄_i, the student's with its own f_li.
+    With coefficient α (before #17) fine-tuning the export felt about 1/L of the pressure. Mixtral has no router z-loss and masks padding out of its loss; the
+    student's `z_loss_coef` term is not exported."""
+    return float(config.moe["balance_coef"]) * config.num_hidden_layers
+
+
 def mixtral_config_from_student(config: PocketLMConfig) -> MixtralConfig:
-    """The `MixtralConfig` whose `MixtralForCausalLM` computes what a top-k softmax MoE student of `config` does."""
+    """The `MixtralConfig` whose `MixtralForCausalLM` computes what a top-k softmax MoE student of `config` does
+    (its balance-loss coefficient scaled to Mixtral's pooled loss: `mixtral_aux_loss_coef`)."""
     problems = _mixtral_problems(config)
     if problems:
         raise ValueError("this student cannot be exported as Mixtral:\n  " + "\n  ".join(problems))
@@ -124,7 +142,7 @@ def mixtral_config_from_student(config: PocketLMConfig) -> MixtralConfig:
         intermediate_size=moe["expert_size"] or config.intermediate_size,
         num_local_experts=moe["num_experts"],
         num_experts_per_tok=moe["top_k"],
-        router_aux_loss_coef=moe["balance_coef"],
+        router_aux_loss_coef=mixtral_aux_loss_coef(config),
         router_jitter_noise=0.0,
         output_router_logits=False,
         sliding_window=None,
