@@ -18,16 +18,13 @@ from typing import Any, Callable
 
 import pytest
 import torch
-import yaml
 from config_fields import Leaf, kind, walk
 from safetensors.torch import load_file, save_file
 from test_bad_input import (
-    CROWS_OK, DISTILL, DISTILL_BASE, LABELLED, RUN, VLM_BASE, VLM_TRAIN, Case, Env, _snapshot, bias, both, caption,
-    check, config, files, gguf_file, headless_classifier, merge, ppl, tox,
+    CROWS_OK, DISTILL, DISTILL_BASE, LABELLED, RUN, VLM_BASE, VLM_TRAIN, Case, Env, bias, both, caption,
+    check, config, files, gguf_file, headless_classifier, merge, ppl, refuse_clearly, tox,
 )
-from typer.testing import CliRunner
 
-from pocketlm.cli import app
 from pocketlm.config import DistillConfig
 from pocketlm.config_pipeline import PipelineConfig
 from pocketlm.vlm.config import VLMConfig
@@ -266,22 +263,7 @@ def test_the_table_is_what_it_says():
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_is_refused_clearly(case: Case, tmp_path, teacher_dir, corpus_file, monkeypatch):
-    env = Env(tmp_path / "w", teacher_dir, corpus_file)
-    env.tmp.mkdir()
-    if case.make is not None:
-        case.make(env)
-    monkeypatch.chdir(env.tmp)
-    before = _snapshot(env.tmp)
-    r = CliRunner().invoke(app, [env.fill(a) for a in case.args])
-    out = r.output
-    assert r.exception is None or isinstance(r.exception, SystemExit), (
-        f"unexpected {type(r.exception).__name__}: {r.exception}\n{out}")
-    assert r.exit_code == 2, f"exit code {r.exit_code}:\n{out}"
-    assert "Traceback" not in out
-    flat = re.sub(r"\s*[│╭╰─╮╯]+\s*", " ", out)  # click's usage errors are boxed and wrapped
-    assert re.search(case.pattern, out, re.S) or re.search(case.pattern, flat, re.S), (
-        f"message does not match {case.pattern!r}:\n{out}")
-    assert _snapshot(env.tmp) == before, "the failed command left files behind"
+    refuse_clearly(case, tmp_path, teacher_dir, corpus_file, monkeypatch)
 
 
 # ---------------------------------------------------------------------------------------------------- API tests
