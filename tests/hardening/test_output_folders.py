@@ -265,9 +265,14 @@ def test_an_output_that_cannot_be_written_is_refused_before_work(tmp_path, teach
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     out = blocker / "out" if where == "under-a-file" else Path("/sys/pocketlm-test/out")
-    if where == "not-writable" and os.access("/sys", os.W_OK) and Path("/sys/pocketlm-test").exists():
-        pytest.skip("/sys is writable here")  # never seen; the check would then prove nothing
-    before = snapshot(tmp_path)
+    if where == "not-writable":
+        try:
+            os.mkdir("/sys/pocketlm-test")
+        except OSError:
+            pass  # as expected: not even root may write there
+        else:
+            os.rmdir("/sys/pocketlm-test")
+            pytest.skip(reason="/sys is writable on this machine, so it cannot stand for an unwritable folder")
     for name, args in commands(tmp_path, teacher_dir, corpus_file, student_dir, out).items():
         before = snapshot(tmp_path)
         res = cli(*args)
@@ -329,7 +334,7 @@ def test_a_real_full_disk_is_refused_before_work(tmp_path, student_dir):
     mnt.mkdir()
     probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
     if probe.returncode != 0:
-        pytest.skip(f"mount namespaces are not available here (unshare -m: {probe.stderr.decode().strip()}); "
+        pytest.skip(reason=f"mount namespaces are not available here (unshare -m: {probe.stderr.decode().strip()}); "
                     f"test_too_little_free_space_is_refused_before_work covers the check in-process")
     cmd = ["unshare", "-m", "sh", "-c", TINY_DISK, "sh", str(mnt), sys.executable, "-m", "pocketlm.cli", "export",
            str(student_dir), "--out", str(mnt / "export")]
