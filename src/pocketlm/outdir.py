@@ -23,6 +23,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -162,14 +163,16 @@ def check_result_file(path: str | os.PathLike, *, what: str = "--out", overwrite
 
 
 def is_results_document(path: Path) -> bool:
+    """Whether `path` is a results document pocketlm wrote: `Results.write` puts its schema key first, so the
+    file's opening bytes tell, however large the rest is."""
     from pocketlm.report.results import SCHEMA
 
     try:
         with open(path, "rb") as f:
-            head = f.read(1 << 20)
-        return json.loads(head).get("schema") == SCHEMA
-    except (OSError, ValueError, AttributeError):
+            head = f.read(4096).decode("utf-8", errors="replace")
+    except OSError:
         return False
+    return re.match(r'\{\s*"schema"\s*:\s*' + re.escape(json.dumps(SCHEMA)), head) is not None
 
 
 # ---------------------------------------------------------------------------------------------- claiming a folder

@@ -365,3 +365,17 @@ def test_a_full_disk_in_a_run_is_named_and_leaves_no_temporary_file(tmp_path, te
     refused(res, r"No space left on device")
     left = [p for p in out.rglob("*") if ".tmp" in p.name]
     assert left == [], left
+
+
+def test_a_large_results_file_of_ours_is_still_recognised(tmp_path):
+    """A results document of several MB (per-item details) is ours to replace; a user's JSON is not."""
+    from pocketlm.outdir import check_result_file, is_results_document
+    from pocketlm.report.results import Metric, Results
+
+    big = Results(kind="x", model={}, data={}, settings={}, metrics=[Metric("m", 1.0, 1)],
+                  details={"items": ["y" * 100] * 30000}).write(tmp_path / "r.json")
+    assert big.stat().st_size > 2 << 20 and is_results_document(big)
+    check_result_file(big)  # no refusal
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps({"notes": "x", "schema": "not pocketlm's"}))
+    assert not is_results_document(mine)
