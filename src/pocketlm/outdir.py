@@ -330,7 +330,10 @@ def write_folder(out_dir: str | os.PathLike, write: Callable[[Path], None], *, k
             tmp.rmdir()
             return out_dir
         _write_marker(tmp, kind, files=[p.name for p in tmp.iterdir()])
-        if out_dir.exists():  # ours: every entry is one we wrote
+        if out_dir.exists():  # ours: every entry is one we wrote — checked again now, just before the swap
+            late = _foreign(out_dir, read_marker(out_dir))
+            if late or read_marker(out_dir) is None and any(out_dir.iterdir()):
+                raise _refusal(what, out_dir, f"received files pocketlm did not write while it worked ({late})")
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, old / out_dir.name)
             os.replace(tmp, out_dir)
@@ -344,7 +347,8 @@ def write_folder(out_dir: str | os.PathLike, write: Callable[[Path], None], *, k
 
 
 def save_tensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """safetensors' `save_file`, with a failed write (a full disk) removed and raised as an OSError naming `path`."""
+    """safetensors' `save_file`, with a failed write (a full disk) removed and raised as an OSError naming `path`.
+    `path` is a file this call creates (callers pass a temporary name in a folder of ours, renamed after)."""
     from safetensors.torch import save_file
 
     try:

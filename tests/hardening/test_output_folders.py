@@ -379,3 +379,26 @@ def test_a_large_results_file_of_ours_is_still_recognised(tmp_path):
     mine = tmp_path / "mine.json"
     mine.write_text(json.dumps({"notes": "x", "schema": "not pocketlm's"}))
     assert not is_results_document(mine)
+
+
+def test_a_file_added_to_our_export_while_it_is_rewritten_is_kept(tmp_path, student_dir, monkeypatch):
+    """The check before work passed (our own export); a user's file lands in it before the swap: refused, kept."""
+    import pocketlm.outdir as outdir
+    from pocketlm.models.load import load_model
+
+    out = tmp_path / "export"
+    assert cli("export", student_dir, "--out", out).exit_code == 0
+    real_write_marker = outdir._write_marker
+
+    def meanwhile(folder, kind, files=None):  # runs when the new export is complete, before the swap
+        (out / "added-meanwhile.txt").write_text("the user's")
+        return real_write_marker(folder, kind, files)
+
+    monkeypatch.setattr(outdir, "_write_marker", meanwhile)
+    from pocketlm.models.hf_export import export_llama
+
+    m, tok = load_model(student_dir)
+    with pytest.raises(outdir.OutputError, match=r"received files pocketlm did not write .*added-meanwhile"):
+        export_llama(m, out, tokenizer=tok)
+    assert (out / "added-meanwhile.txt").read_text() == "the user's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temporary folder left
