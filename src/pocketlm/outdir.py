@@ -367,3 +367,13 @@ def as_write_error(e: BaseException, path: str | os.PathLike) -> OSError:
     text = str(e)
     code = errno.ENOSPC if ("StorageFull" in text or "No space" in text) else errno.EIO
     return OSError(code, f"{os.strerror(code)} ({text})", str(path))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write through a temporary file and a rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path

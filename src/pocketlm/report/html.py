@@ -231,18 +231,11 @@ def report_context(doc: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+from pocketlm.outdir import write_text_atomic  # noqa: E402  (re-exported: report.card and pipeline use it)
+
+
 def render_report(doc: dict[str, Any]) -> str:
     return _env().get_template("report.html.j2").render(**report_context(doc))
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write through a temporary file and a rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def write_report(doc: dict[str, Any], path: str | os.PathLike) -> Path:
