@@ -159,7 +159,8 @@ class StudentConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    mode: Literal["cache", "online", "ce"] = "cache"  # ce: cross-entropy only (the baseline; no teacher)
+    # ce: cross-entropy only (the baseline; no teacher); on_policy: GKD (distill/on_policy.py), the teacher online
+    mode: Literal["cache", "online", "ce", "on_policy"] = "cache"
     loss: str = "forward_kl"
     temperature: float = Field(1.0, gt=0)
     ce_weight: float = Field(0.0, ge=0, le=1)
@@ -168,6 +169,13 @@ class LossConfig(_Strict):
     alpha: float = Field(0.1, ge=0, le=1)  # skew_kl / skew_reverse_kl
     # positions per loss chunk (recomputed in backward): caps the loss's [positions, vocab] fp32 working set
     chunk_size: Optional[int] = Field(None, ge=1)
+    # on_policy (GKD): a block's first prompt_tokens tokens are its prompt, the next max_new_tokens its continuation;
+    # with probability lmbda a micro-batch's continuations are sampled by the student, else the data's are used
+    lmbda: float = Field(0.5, ge=0, le=1)
+    prompt_tokens: Optional[int] = Field(None, ge=1)  # null: block_size // 2
+    max_new_tokens: Optional[int] = Field(None, ge=1)  # null: the rest of the block
+    gen_temperature: float = Field(1.0, gt=0)  # the student samples from softmax(logits / gen_temperature)
+    gen_top_p: float = Field(1.0, gt=0, le=1)  # nucleus sampling mass (1: none, as TRL's GKDTrainer)
 
     @field_validator("loss")
     @classmethod
@@ -175,6 +183,23 @@ class LossConfig(_Strict):
         from pocketlm.distill.losses import DIVERGENCES
 
         return _registered(DIVERGENCES, v)
+
+    @model_validator(mode="after")
+    def _check(self) -> "LossConfig":
+        if self.mode == "on_policy" and self.ce_weight > 0:
+            raise ValueError("ce_weight: on_policy has no CE term (GKD has none, and the targets of an on-policy batch "
+                             "are the student's own samples); set ce_weight: 0")
+        return self
+
+    def on_policy_lengths(self, block_size: int) -> tuple[int, int]:
+        """(prompt tokens, continuation tokens) of a `block_size`-token block in mode on_policy: prompt_tokens or
+        block_size // 2, then max_new_tokens or the rest of the block; a ValueError naming both when they do not fit."""
+        p = self.prompt_tokens if self.prompt_tokens is not None else block_size // 2
+        n = self.max_new_tokens if self.max_new_tokens is not None else block_size - p
+        if n < 1 or p + n > block_size:
+            raise ValueError(f"distill.prompt_tokens ({p}) + distill.max_new_tokens ({n}) must fit in one block of "
+                             f"data.block_size = {block_size} tokens, with at least one new token")
+        return p, n
 
     def loss_params(self) -> dict[str, float]:
         return {"jsd": {"beta": self.beta}, "skew_kl": {"alpha": self.alpha},
@@ -227,6 +252,23 @@ class DistillConfig(_Strict):
 
             parse_bytes(v)  # a ValueError naming the value; pydantic reports it under max_memory
         return v
+
+    @model_validator(mode="after")
+    def _on_policy_fits(self) -> "DistillConfig":
+        """on_policy: the prompt and the continuation fit in a block, and the student can decode token by token."""
+        if self.distill.mode == "on_policy":
+            self.distill.on_policy_lengths(self.data.block_size)
+            moe = self.student.moe
+            if moe is not None:
+                from pocketlm.models.routers import ROUTERS
+
+                if not ROUTERS.get(moe.router).causal_safe:  # allow_noncausal_generation or not: token-by-token
+                    # decoding is not the policy being trained, so its samples would not be on-policy
+                    raise ValueError(f"distill.mode: on_policy samples from the student token by token, and "
+                                     f"student.moe.router {moe.router!r} routes over the whole sequence, later tokens "
+                                     f"included (decoding is not the model trained); choose a causal router or "
+                                     f"another mode")
+        return self
 
     def check_teacher(self, teacher_layers: int, vocab_size: int) -> None:
         """The fields bounded by the teacher, checked as soon as its config is known, before any data block,

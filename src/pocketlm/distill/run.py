@@ -206,7 +206,8 @@ def run_distill(
         cache = get_cache(cfg, prep, progress and dist.is_main()) if cfg.distill.mode == "cache" else None
         trainer = Trainer(
             student, train_blocks=prep.blocks.train, val_blocks=prep.blocks.val, train_cfg=cfg.train,
-            loss_cfg=cfg.distill, out_dir=out, teacher=prep.teacher if cfg.distill.mode == "online" else None,
+            loss_cfg=cfg.distill, out_dir=out,
+            teacher=prep.teacher if cfg.distill.mode in ("online", "on_policy") else None,
             cache=cache, tokenizer=prep.tokenizer, progress=progress, desc=desc,
             run_info={"config": {k: v for k, v in cfg.model_dump(mode="json").items() if k != "output_dir"},
                       "teacher_fingerprint": prep.teacher_fingerprint, "data_hash": prep.blocks.data_hash},

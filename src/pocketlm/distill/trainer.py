@@ -1,10 +1,12 @@
 """The distillation trainer: our logic on top of `accelerate`.
 
-One loop serves three modes: `cache` (teacher top-k read from the teacher cache), `online` (the teacher runs every
-step, full-vocabulary loss) and `ce` (cross-entropy on the data alone: the baseline every distilled student is
-compared with). The data order is a pure function of (seed, step), so a checkpoint only needs the step to know the
-data position; with optimizer, scheduler and RNG restored, a resumed run ends with the weights an uninterrupted one
-would have.
+One loop serves four modes: `cache` (teacher top-k read from the teacher cache), `online` (the teacher runs every
+step, full-vocabulary loss), `on_policy` (GKD, distill/on_policy.py: as online, on each block's continuation after
+its prompt, which the student samples itself in a seeded share `lmbda` of the micro-batches) and `ce`
+(cross-entropy on the data alone: the baseline every distilled student is compared with). The data order (and
+which micro-batches are sampled, and how) is a pure function of (seed, step), so a checkpoint only needs the step
+to know the data position; with optimizer, scheduler and RNG restored, a resumed run ends with the weights an
+uninterrupted one would have.
 
 An MoE student's routers add their auxiliary losses (already weighted by their coefficients) to the loss; their
 per-layer telemetry goes into each metrics.jsonl row under "moe", the routers get the step's expert load after
@@ -34,6 +36,7 @@ from pocketlm.distill.checkpoint import (
 )
 from pocketlm.distill.losses import kd_loss
 from pocketlm.distill.moe_telemetry import StepTelemetry, plot_expert_load
+from pocketlm.distill.on_policy import gkd_batch, is_on_policy
 from pocketlm.models.moe import apply_router_updates
 
 
@@ -124,8 +127,13 @@ class Trainer:
 
         if loss_cfg.mode == "cache" and cache is None:
             raise ValueError("distill.mode is 'cache' but no teacher cache was given")
-        if loss_cfg.mode == "online" and teacher is None:
-            raise ValueError("distill.mode is 'online' but no teacher was given")
+        if loss_cfg.mode in ("online", "on_policy") and teacher is None:
+            raise ValueError(f"distill.mode is {loss_cfg.mode!r} but no teacher was given")
+        # positions each block puts in the loss: its continuation in mode on_policy (checked to fit, before any
+        # work), else all L - 1
+        self.loss_positions = train_blocks.shape[1] - 1
+        if loss_cfg.mode == "on_policy":
+            self.loss_positions = loss_cfg.on_policy_lengths(train_blocks.shape[1])[1]
         if cache is not None and len(cache) != len(train_blocks):
             raise ValueError(f"teacher cache has {len(cache)} blocks, training data {len(train_blocks)}")
         self.cfg, self.loss_cfg = train_cfg, loss_cfg
@@ -170,26 +178,33 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ one step
     def _micro_loss(
-        self, ids: torch.Tensor, block_ids: torch.Tensor, telemetry: StepTelemetry
+        self, ids: torch.Tensor, block_ids: torch.Tensor, telemetry: StepTelemetry, micro_step: int
     ) -> tuple[torch.Tensor, dict[str, float]]:
         device = self.accelerator.device
         ids = ids.to(device)
+        mask = None  # every position, except in mode on_policy: the continuation's
+        if self.loss_cfg.mode == "on_policy":  # the prompts, with continuations the student samples or the data's
+            with self._autocast():
+                batch = gkd_batch(self.accelerator.unwrap_model(self.student), ids, block_ids, self.loss_cfg,
+                                  seed=self.cfg.seed, micro_step=micro_step)
+            ids, mask = batch.ids, batch.mask  # [b, P+N], [b, P+N-1]
         inputs, targets = ids[:, :-1], ids[:, 1:]  # [b, L-1] each
         with self._autocast():
             out = self.student(input_ids=inputs, use_cache=False)
         logits = out.logits  # [b, L-1, V]
         aux_loss = telemetry.add(getattr(out, "aux", None))  # MoE routers' weighted auxiliary losses, summed
-        loss, parts = self._task_loss(logits, targets, block_ids, inputs)
+        loss, parts = self._task_loss(logits, targets, block_ids, inputs, mask)
         if aux_loss is not None:
             loss = loss + aux_loss
             parts["aux"] = aux_loss.item()
         return loss, parts
 
     def _task_loss(
-        self, logits: torch.Tensor, targets: torch.Tensor, block_ids: torch.Tensor, inputs: torch.Tensor
+        self, logits: torch.Tensor, targets: torch.Tensor, block_ids: torch.Tensor, inputs: torch.Tensor,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         device = self.accelerator.device
-        mask = torch.ones_like(targets, dtype=torch.bool)
+        mask = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask
         lc = self.loss_cfg
         if lc.mode == "ce":
             ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
@@ -197,7 +212,7 @@ class Trainer:
         if lc.mode == "cache":
             cached = self.cache.get(block_ids)  # [b, L, k], [b, L, k], [b, L]
             teacher_kw = {"teacher_topk": tuple(t[:, :-1].to(device) for t in cached)}
-        else:  # online: the teacher runs in the same precision as the student's forward
+        else:  # online, on_policy: the teacher runs in the same precision as the student's forward
             with torch.no_grad(), self._autocast():
                 teacher_kw = {"teacher_logits": self.teacher(input_ids=inputs, use_cache=False).logits}
         out = kd_loss(
@@ -212,6 +227,7 @@ class Trainer:
         totals: dict[str, float] = {}
         loss_sum = 0.0
         telemetry = StepTelemetry()
+        sampled = 0  # micro-batches whose continuations the student sampled (mode on_policy)
         for micro in range(cfg.grad_accum):
             micro_step = self.step * cfg.grad_accum + micro
             # the global micro-batch is a function of (seed, step); each process takes an equal, interleaved share
@@ -220,8 +236,9 @@ class Trainer:
             local_ids = block_ids[self.rank :: self.world]
             last_micro = micro == cfg.grad_accum - 1
             sync = contextlib.nullcontext() if last_micro or self.world == 1 else self.accelerator.no_sync(self.student)
+            sampled += self.loss_cfg.mode == "on_policy" and is_on_policy(self.loss_cfg.lmbda, cfg.seed, micro_step)
             with sync:
-                loss, parts = self._micro_loss(self.train_blocks[local_ids], local_ids, telemetry)
+                loss, parts = self._micro_loss(self.train_blocks[local_ids], local_ids, telemetry, micro_step)
                 # means over processes (equal shares): what one process would log; a NaN anywhere stops every rank
                 loss_value, *part_values = (v / self.world for v in dist.all_reduce_sum([loss.item(), *parts.values()]))
                 if not math.isfinite(loss_value):
@@ -235,7 +252,7 @@ class Trainer:
             loss_sum += loss_value / cfg.grad_accum
             for k, v in zip(parts, part_values):
                 totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
-            self.tokens_seen += block_ids.numel() * (self.train_blocks.shape[1] - 1)
+            self.tokens_seen += block_ids.numel() * self.loss_positions  # positions in the loss, all processes
         grad_norm = self.accelerator.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
         if not torch.isfinite(torch.as_tensor(grad_norm)):
             raise NonFiniteLossError(
@@ -248,6 +265,9 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         row = {"loss": loss_sum, **totals, "lr": lr, "grad_norm": float(grad_norm)}
+        if self.loss_cfg.mode == "on_policy":  # the share of micro-batches sampled, and the tokens sampled (all ranks)
+            row["on_policy"] = sampled / cfg.grad_accum
+            row["sampled_tokens"] = sampled * cfg.batch_size * self.loss_positions
         if telemetry.load:  # every process applies the same (summed) load, so routers stay identical under DDP
             load = telemetry.reduced_load(lambda t: self.accelerator.reduce(t.to(self.accelerator.device), "sum"))
             apply_router_updates(self.accelerator.unwrap_model(self.student), load)
