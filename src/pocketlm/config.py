@@ -67,13 +67,41 @@ class SyntheticDataConfig(_Strict):
 
 
 class DataConfig(_Strict):
+    """Training text (data/text.py; books: data/books.py) and what of it is held out, budgeted and decontaminated."""
+
     source: Optional[str] = None  # .txt/.jsonl/.parquet file, folder of .txt, or HF dataset; null: teacher-written
+    # auto: by the source's kind (a folder of .txt: one UTF-8 document per file); books: a folder of plain-text books,
+    # one document per book named by its file (UTF-8 or Latin-1, CRLF, DOS EOF, Project Gutenberg matter cut)
+    format: Literal["auto", "books"] = "auto"
     field: str = "text"
     split: str = "train"
     max_documents: Optional[int] = Field(None, ge=1)
     block_size: int = Field(256, ge=8)
     val_fraction: float = Field(0.1, ge=0, lt=1)
+    # documents (book file names) held out whole for evaluation instead of a random val_fraction; the training
+    # documents are also decontaminated against them (as against `decontaminate`)
+    heldout: Optional[list[str]] = None
+    # keep the first ceil(max_train_tokens / block_size) training blocks of a seeded shuffle (seed: train.seed); a run
+    # reads train.steps · grad_accum · batch_size blocks, so more is never read and fewer repeats blocks
+    max_train_tokens: Optional[int] = Field(None, ge=1)
+    # evaluation texts (paths): every training paragraph sharing a 10-word shingle with one is dropped
+    decontaminate: Optional[list[str]] = None
     synthetic: SyntheticDataConfig = SyntheticDataConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if self.format == "books" and self.source is None:
+            raise ValueError("format: books reads a folder of books; set source to that folder")
+        if self.heldout is not None:
+            if not self.heldout or len(set(self.heldout)) != len(self.heldout):
+                raise ValueError("heldout: must be a non-empty list of distinct document (book file) names")
+            if self.format != "books":
+                raise ValueError("heldout: names documents by their file; it needs format: books")
+            if "val_fraction" in self.model_fields_set and self.val_fraction > 0:
+                raise ValueError("heldout and val_fraction both choose the held-out documents; give one of them")
+        if self.decontaminate is not None and not self.decontaminate:
+            raise ValueError("decontaminate: must list at least one evaluation text (or be null)")
+        return self
 
 
 class MoEConfig(_Strict):

@@ -2,9 +2,12 @@
 
 Documents come from a `.txt` file (blank-line separated), a folder of `.txt` files (one document each), a `.jsonl`
 or `.parquet` file (a named field), or any Hugging Face dataset (hub name or local path, through `datasets`).
-They are split into train/validation *by document* (no block straddles the split), tokenized with the teacher's
-tokenizer, joined with EOS between documents and cut into fixed-length blocks. The blocks are cached on disk,
-keyed by tokenizer, data, block size and split, so the second run skips tokenization.
+A folder of plain-text books (Latin-1, CRLF, Project Gutenberg matter) is read by `pocketlm.data.books`.
+They are split into train/validation *by document* (no block straddles the split): a seeded random fraction, or
+documents named as held out whole. They are tokenized with the teacher's tokenizer, joined with EOS between
+documents and cut into fixed-length blocks; a token budget keeps a seeded sample of the training blocks. The
+blocks are cached on disk, keyed by tokenizer, data, block size, split, budget and decontamination, so the second
+run skips tokenization.
 """
 from __future__ import annotations
 
@@ -221,8 +224,34 @@ def hash_documents(docs: Sequence[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- blocks
-def split_documents(docs: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Shuffle documents by seed and hold out `val_fraction` of them (at least one) for validation."""
+def heldout_indices(names: Sequence[str], heldout: Sequence[str], what: str = "heldout") -> list[int]:
+    """Indices of the documents named in `heldout`, in document order; an unknown name is a `DataError` naming
+    `what` (the config field) and the documents there are."""
+    unknown = [h for h in heldout if h not in names]
+    if unknown:
+        raise DataError(f"{what}: no document named {unknown[0]!r}; the documents are: {', '.join(names)}")
+    held = [i for i, name in enumerate(names) if name in heldout]
+    if len(held) == len(names):
+        raise DataError(f"{what} holds out every document ({len(names)}); leave at least one to train on")
+    return held
+
+
+def split_documents(
+    docs: Sequence[str],
+    val_fraction: float,
+    seed: int,
+    *,
+    names: Sequence[str] | None = None,
+    heldout: Sequence[str] | None = None,
+) -> tuple[list[str], list[str]]:
+    """Shuffle documents by seed and hold out `val_fraction` of them (at least one) for validation; or, given
+    `heldout` names (of `names`, one per document), hold out exactly those documents whole (`val_fraction` and
+    `seed` unused). Both lists keep the documents' order."""
+    if heldout:
+        if names is None or len(names) != len(docs):
+            raise ValueError("heldout needs one name per document (names)")
+        held = set(heldout_indices(names, heldout))
+        return [d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held]
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     order = list(range(len(docs)))
@@ -250,6 +279,18 @@ def pack(docs: Sequence[str], tokenizer, block_size: int) -> torch.Tensor:
     return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)  # [n, L]
 
 
+def within_budget(blocks: torch.Tensor, max_tokens: int, seed: int) -> torch.Tensor:
+    """The first ceil(max_tokens / L) blocks of a seeded shuffle (all of them, shuffled, when there are fewer).
+
+    The trainer (`distill.trainer.batch_indices`) draws each epoch as a fresh seeded permutation of whatever blocks
+    it is given and drops the last partial batch, so a run of S steps reads S · grad_accum · batch_size blocks:
+    a budget below that repeats blocks (more epochs), one above it leaves blocks (and their teacher cache) unread.
+    """
+    n, L = blocks.shape  # [n, L]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return blocks[order[: -(-max_tokens // L)]]  # [min(n, ceil(max_tokens / L)), L]
+
+
 @dataclass
 class TokenBlocks:
     """Packed train/validation blocks and where they came from."""
@@ -259,6 +300,7 @@ class TokenBlocks:
     data_hash: str  # hash of the source documents, the split and the block size
     block_size: int
     val_docs: list[str]  # the held-out documents behind `val` (scored whole, e.g. by rolling-window perplexity)
+    decontamination: dict | None = None  # what was dropped from the documents (`books.Decontamination.summary`)
 
     @property
     def n_tokens(self) -> int:
@@ -274,20 +316,30 @@ def build_blocks(
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
     tokenizer_fingerprint: str | None = None,
+    names: Sequence[str] | None = None,
+    heldout: Sequence[str] | None = None,
+    max_train_tokens: int | None = None,
+    decontamination: dict | None = None,
 ) -> TokenBlocks:
-    """Split, tokenize and pack documents, reusing an on-disk cache keyed by tokenizer, data, block size and split."""
+    """Split (`split_documents`), tokenize and pack documents, keep at most `max_train_tokens` of training blocks
+    (`within_budget`), reusing an on-disk cache keyed by tokenizer, data, block size, split, budget and the
+    `decontamination` summary the documents were cleaned with (kept with the blocks, for reports)."""
     from pocketlm.models.load import fingerprint_tokenizer
 
     tok_fp = tokenizer_fingerprint or fingerprint_tokenizer(tokenizer)
-    key = hashlib.sha256(
-        json.dumps([tok_fp, hash_documents(docs), block_size, val_fraction, seed]).encode()
-    ).hexdigest()[:16]
+    parts: list = [tok_fp, hash_documents(docs), block_size, val_fraction, seed]
+    if heldout or max_train_tokens is not None or decontamination is not None:  # older keys stay as they were
+        parts.append({"heldout": sorted(heldout or []), "names": list(names or []) if heldout else None,
+                      "max_train_tokens": max_train_tokens, "decontamination": decontamination})
+    key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"blocks-{key}.safetensors" if cache_dir else None
-    train_docs, val_docs = split_documents(docs, val_fraction, seed)
+    train_docs, val_docs = split_documents(docs, val_fraction, seed, names=names, heldout=heldout)
     cached = _read_blocks(path, block_size) if path is not None and path.is_file() else None
     if cached is not None:
-        return TokenBlocks(cached["train"], cached["val"], key, block_size, val_docs)
+        return TokenBlocks(cached["train"], cached["val"], key, block_size, val_docs, decontamination)
     train = pack(train_docs, tokenizer, block_size)
+    if max_train_tokens is not None:
+        train = within_budget(train, max_train_tokens, seed)
     val = pack(val_docs, tokenizer, block_size) if val_docs else torch.empty(0, block_size, dtype=torch.long)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -295,7 +347,7 @@ def build_blocks(
         tensors = {"train": train.contiguous(), "val": val.contiguous()}
         save_tensors(tensors, tmp, metadata={"sha256": sha256_tensors(tensors)})
         os.replace(tmp, path)  # a symlink in its place is replaced, never followed
-    return TokenBlocks(train, val, key, block_size, val_docs)
+    return TokenBlocks(train, val, key, block_size, val_docs, decontamination)
 
 
 def _read_blocks(path: Path, block_size: int) -> dict[str, torch.Tensor] | None:

@@ -21,7 +21,8 @@ from safetensors import SafetensorError
 from pocketlm import distributed as dist
 from pocketlm.config import DistillConfig
 from pocketlm.data.synthetic import teacher_corpus
-from pocketlm.data.text import TokenBlocks, build_blocks, read_documents
+from pocketlm.data.books import book_paths, decontaminate_training, read_books, read_text
+from pocketlm.data.text import DataError, TokenBlocks, build_blocks, heldout_indices, read_documents
 from pocketlm.distill.checkpoint import latest_checkpoint, replace_dir
 from pocketlm.distill.cache import TeacherCache, build_teacher_cache
 from pocketlm.distill.trainer import Trainer, TrainResult
@@ -53,10 +54,19 @@ def _corpus_path(out: Path, cfg: DistillConfig, teacher_fp: str) -> Path:
 
 def source_documents(cfg: DistillConfig) -> list[str] | None:
     """The documents of `data.source` (None when the teacher writes the corpus); a missing, empty or non-UTF-8
-    source is refused here, before the teacher is loaded."""
+    source (a books folder: any text), a missing `data.decontaminate` file and an unknown `data.heldout` name are
+    refused here, before the teacher is loaded."""
     d = cfg.data
+    for i, p in enumerate(d.decontaminate or ()):
+        if not Path(p).expanduser().is_file():
+            raise DataError(f"data.decontaminate.{i}: evaluation text not found: {p}")
     if d.source is None:
         return None
+    if d.format == "books":
+        books = read_books(d.source)[: d.max_documents]
+        if d.heldout:
+            heldout_indices([b.name for b in books], d.heldout, "data.heldout")
+        return [b.text for b in books]
     return read_documents(d.source, field=d.field, split=d.split, max_documents=d.max_documents)
 
 
@@ -100,9 +110,16 @@ def prepare(cfg: DistillConfig, *, progress: bool = True, teacher=None, tokenize
     t_fp, k_fp = fingerprint_model(teacher), fingerprint_tokenizer(tokenizer)
     if docs is None:
         docs = load_documents(cfg, teacher, tokenizer, t_fp, out, progress)
+    d = cfg.data
+    names = [p.name for p in book_paths(d.source)][: len(docs)] if d.format == "books" else None
+    summary = None
+    if d.decontaminate or d.heldout:  # the training documents only: a held-out book is scored whole
+        against = [(Path(p).name, read_text(p)) for p in d.decontaminate or ()]  # labelled by name, not spelling
+        docs, names, summary = decontaminate_training(docs, names, heldout=d.heldout, against=against)
     blocks = build_blocks(
-        docs, tokenizer, block_size=cfg.data.block_size, val_fraction=cfg.data.val_fraction, seed=cfg.train.seed,
-        cache_dir=out / "data", tokenizer_fingerprint=k_fp,
+        docs, tokenizer, block_size=d.block_size, val_fraction=d.val_fraction, seed=cfg.train.seed,
+        cache_dir=out / "data", tokenizer_fingerprint=k_fp, names=names, heldout=d.heldout,
+        max_train_tokens=d.max_train_tokens, decontamination=summary,
     )
     return Prepared(teacher, tokenizer, t_fp, k_fp, blocks)
 
