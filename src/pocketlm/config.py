@@ -144,23 +144,44 @@ class MoEConfig(_Strict):
         return self
 
 
+class PruningConfig(_Strict):
+    """How `init: pruned` measures importance and meets `target_params` (models/importance.py, models/pruning.py)."""
+
+    axis: Literal["width", "depth"] = "width"  # the rule that meets target_params (models/pruning.py)
+    depth_metric: Literal["block_influence", "perplexity"] = "block_influence"  # how layers are ranked
+    calibration_blocks: int = Field(256, ge=1)  # training blocks (a seeded sample) the importance pass reads
+    removal_blocks: int = Field(16, ge=0)  # blocks for the per-layer removal perplexity (0: not measured)
+    batch_size: int = Field(8, ge=1)
+
+
 class StudentConfig(_Strict):
-    init: Literal["teacher_layers", "random"] = "teacher_layers"
+    """`teacher_layers`: the teacher's layers (evenly spaced, or `layers`); `random`: a fresh model of the given
+    widths; `pruned`: the teacher cut by calibration importance to `target_params` (a fraction of its
+    non-embedding parameters) or to the given `num_layers`, `intermediate_size`, `num_key_value_heads`,
+    `hidden_size` (models/pruning.py)."""
+
+    init: Literal["teacher_layers", "random", "pruned"] = "teacher_layers"
     num_layers: Optional[int] = Field(None, ge=1)  # evenly spaced teacher layers (or depth of a random student)
     layers: Optional[list[int]] = None  # explicit teacher layer indices, in order
-    hidden_size: Optional[int] = Field(None, ge=8)  # width overrides: random init only
+    hidden_size: Optional[int] = Field(None, ge=8)  # width overrides: random init (or pruned targets)
     intermediate_size: Optional[int] = Field(None, ge=8)
     num_attention_heads: Optional[int] = Field(None, ge=1)
     num_key_value_heads: Optional[int] = Field(None, ge=1)
     tie_word_embeddings: Optional[bool] = None
+    target_params: Optional[Union[float, str]] = None  # pruned: e.g. 50% or 0.5 of the teacher's non-embedding params
+    pruning: PruningConfig = PruningConfig()
     position_scheme: str = "rotary"  # models.attention.POSITION_SCHEMES: rotary, alibi, none
     sliding_window: Optional[int] = Field(None, ge=1)  # attend to at most this many most recent tokens
-    # sparse MoE MLPs; with init teacher_layers they are upcycled from the teacher's (Komatsuzaki et al., 2022)
+    # sparse MoE MLPs; with init teacher_layers or pruned they are upcycled from the dense student's
+    # (Komatsuzaki et al., 2022)
     moe: Optional[MoEConfig] = None
 
     @model_validator(mode="after")
     def _check(self) -> "StudentConfig":
         if self.layers is not None:
+            if self.init == "pruned":
+                raise ValueError("layers: a pruned student's layers are chosen by importance; give num_layers, or "
+                                 "use init: teacher_layers to choose them yourself")
             if not self.layers:
                 raise ValueError("layers: must not be empty")
             if any(i < 0 for i in self.layers) or len(set(self.layers)) != len(self.layers):
@@ -171,12 +192,33 @@ class StudentConfig(_Strict):
                   "tie_word_embeddings")
         if self.init == "teacher_layers" and any(getattr(self, w) is not None for w in widths):
             bad = [w for w in widths if getattr(self, w) is not None]
-            raise ValueError(f"{', '.join(bad)}: width overrides need init: random (teacher layers keep their shapes)")
+            raise ValueError(f"{', '.join(bad)}: width overrides need init: random or pruned (teacher layers keep "
+                             "their shapes)")
+        if self.init == "pruned":
+            fixed = [w for w in ("num_attention_heads", "tie_word_embeddings") if getattr(self, w) is not None]
+            if fixed:
+                raise ValueError(f"{', '.join(fixed)}: a pruned student keeps the teacher's (its query heads follow "
+                                 "num_key_value_heads)")
+            targets = [w for w in ("num_layers", "hidden_size", "intermediate_size", "num_key_value_heads")
+                       if getattr(self, w) is not None]
+            if self.target_params is not None and targets:
+                raise ValueError(f"target_params and {', '.join(targets)}: give a fraction or widths, not both")
+            if self.target_params is None and not targets:
+                raise ValueError("init: pruned needs a target: target_params (e.g. 50%) or num_layers, hidden_size, "
+                                 "intermediate_size, num_key_value_heads")
+            if self.sliding_window is not None:
+                raise ValueError("sliding_window: a pruned student attends as its teacher does")
+        if self.target_params is not None:
+            if self.init != "pruned":
+                raise ValueError("target_params: needs init: pruned")
+            from pocketlm.models.pruning import parse_fraction
+
+            parse_fraction(self.target_params)  # a ValueError naming target_params
         from pocketlm.models.attention import POSITION_SCHEMES
 
         if self.position_scheme not in POSITION_SCHEMES:
             raise ValueError(f"position_scheme: unknown {self.position_scheme!r}; valid: {', '.join(POSITION_SCHEMES)}")
-        if self.init == "teacher_layers" and self.position_scheme != "rotary":
+        if self.init in ("teacher_layers", "pruned") and self.position_scheme != "rotary":
             raise ValueError("position_scheme: teacher layers were trained with rotary positions; "
                              "another scheme needs init: random")
         if self.moe is not None and self.moe.layers is not None:
@@ -305,7 +347,7 @@ class DistillConfig(_Strict):
         if s.layers is not None and max(s.layers) >= teacher_layers:
             bad.append(f"student.layers: the teacher has {teacher_layers} layers (0-{teacher_layers - 1}); "
                        f"{max(s.layers)} is not one of them")
-        if s.init == "teacher_layers" and s.num_layers is not None and s.num_layers > teacher_layers:
+        if s.init in ("teacher_layers", "pruned") and s.num_layers is not None and s.num_layers > teacher_layers:
             bad.append(f"student.num_layers: {s.num_layers} teacher layers asked for, the teacher has {teacher_layers}")
         if self.distill.mode != "ce" and self.distill.top_k > vocab_size:
             bad.append(f"distill.top_k: {self.distill.top_k} is more than the teacher's vocabulary ({vocab_size})")

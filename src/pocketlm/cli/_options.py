@@ -26,3 +26,13 @@ def finite(low: float | None = None, high: float | None = None, *, low_open: boo
         return value
 
     return check
+
+
+# the document options of the commands that read a text source (prune, prune-heads)
+FIELD = typer.Option("text", help="Text field of .jsonl/.parquet/dataset rows.")
+SPLIT = typer.Option("train", help="Dataset split (Hugging Face datasets only).")
+TXT_SPLIT = typer.Option("blank_lines", help="How one .txt file is cut into documents.")
+MAX_DOCUMENTS = typer.Option(None, min=1, help="Use only the first N documents.")
+VAL_FRACTION = typer.Option(0.2, callback=finite(0, 1, high_open=True), help="Share of documents held out for "
+                                                                               "perplexity.")
+MAX_LENGTH = typer.Option(None, min=1, help="Perplexity window (default: the model's context).")

@@ -33,7 +33,8 @@ from pocketlm.outdir import MIN_FREE, as_write_error, check_space, output_folder
 from pocketlm.paths import check_outputs
 
 
-OUTPUTS = ("checkpoints", "student", "teacher_cache", "data", "metrics.jsonl", "config.json", "moe_load.png")
+OUTPUTS = ("checkpoints", "student", "teacher_cache", "data", "metrics.jsonl", "config.json", "moe_load.png",
+           "importance.json")
 
 
 @dataclass
@@ -125,12 +126,77 @@ def prepare(cfg: DistillConfig, *, progress: bool = True, teacher=None, tokenize
 
 
 def check_teacher_fields(cfg: DistillConfig, teacher) -> None:
-    """`DistillConfig.check_teacher` against the loaded teacher's depth and output vocabulary."""
+    """`DistillConfig.check_teacher` against the loaded teacher's depth and output vocabulary, and a pruned
+    student's target against the teacher's widths (`models.pruning.check_target`)."""
     conf = teacher.config.get_text_config(decoder=True)
     cfg.check_teacher(int(conf.num_hidden_layers), int(teacher.get_output_embeddings().weight.shape[0]))
+    if cfg.student.init == "pruned":
+        from pocketlm.config import ConfigError
+        from pocketlm.models.pruning import PruneTargetError, check_target, source_config
+
+        try:
+            check_target(source_config(teacher), prune_target(cfg))
+        except PruneTargetError as e:
+            raise ConfigError(f"invalid config for the teacher {cfg.teacher}:\n  student.{e}") from None
 
 
-def build_student(cfg: DistillConfig, teacher):
+def prune_target(cfg: DistillConfig):
+    from pocketlm.models.pruning import PruneTarget
+
+    s = cfg.student
+    return PruneTarget(num_layers=s.num_layers, intermediate_size=s.intermediate_size,
+                       num_key_value_heads=s.num_key_value_heads, hidden_size=s.hidden_size,
+                       target_params=s.target_params, axis=s.pruning.axis, depth_metric=s.pruning.depth_metric)
+
+
+IMPORTANCE_FILE = "importance.json"
+
+
+def calibration_blocks(train: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """`n` training blocks (all when fewer), a seeded sample in a fixed order: the pruning calibration set."""
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
+    return train[order.sort().values]
+
+
+def pruned_student(cfg: DistillConfig, teacher, prep: Prepared | None, out: Path | None, progress: bool = False):
+    """The teacher pruned to the student's target by importance on calibration blocks of the training data; the
+    scores and the plan go to out/importance.json, and a later run with the same teacher, data and settings reads
+    the scores back instead of measuring them again."""
+    from pocketlm.integrity import RecordError, read_json
+    from pocketlm.models.importance import Importance
+    from pocketlm.models.pruning import prune_model
+    from pocketlm.outdir import write_text_atomic
+
+    if prep is None:
+        raise ValueError("student.init: pruned measures importance on the training data; pass the prepared data")
+    p = cfg.student.pruning
+    key = {"teacher": prep.teacher_fingerprint, "data": prep.blocks.data_hash, "seed": cfg.train.seed,
+           "calibration_blocks": p.calibration_blocks, "removal_blocks": p.removal_blocks,
+           "bf16": cfg.train.precision == "bf16"}
+    path = out / IMPORTANCE_FILE if out is not None else None
+    importance = None
+    if path is not None and path.is_file():
+        try:
+            doc = read_json(path, "importance record")
+            if isinstance(doc, dict) and doc.get("key") == key:
+                importance = Importance.read(path)
+        except RecordError:
+            importance = None  # measured again and rewritten
+    calibration = calibration_blocks(prep.blocks.train, p.calibration_blocks, cfg.train.seed)
+    student, plan, importance = prune_model(
+        teacher, prune_target(cfg), calibration, removal_blocks=p.removal_blocks, batch_size=p.batch_size,
+        bf16=cfg.train.precision == "bf16", importance=importance, progress=progress,
+    )
+    if path is not None and dist.is_main():
+        write_text_atomic(path, json.dumps({"key": key, "importance": importance.to_dict(), "plan": plan.to_dict()},
+                                           indent=1))
+    return student
+
+
+def build_student(cfg: DistillConfig, teacher, *, prep: Prepared | None = None, out: Path | None = None,
+                  progress: bool = False):
+    """The student `cfg.student` describes, from the teacher (its layers, a pruned copy, or a fresh model);
+    MoE students are upcycled from the dense one. `prep` (the training blocks) is needed by init: pruned."""
     from pocketlm.models.init import init_student_from_teacher, student_config_from_teacher
     from pocketlm.models.student import PocketLMForCausalLM
 
@@ -139,10 +205,13 @@ def build_student(cfg: DistillConfig, teacher):
     s = cfg.student
     check_teacher_fields(cfg, teacher)
     torch.manual_seed(cfg.train.seed)
-    if s.init == "teacher_layers":  # an MoE student is the teacher-layer student, upcycled
-        conf = student_config_from_teacher(teacher.config, num_layers=s.num_layers, layers=s.layers,
-                                           sliding_window=s.sliding_window)
-        student = init_student_from_teacher(teacher, conf, layers=s.layers)
+    if s.init in ("teacher_layers", "pruned"):  # an MoE student is the dense student, upcycled
+        if s.init == "pruned":
+            student = pruned_student(cfg, teacher, prep, out, progress)
+        else:
+            conf = student_config_from_teacher(teacher.config, num_layers=s.num_layers, layers=s.layers,
+                                               sliding_window=s.sliding_window)
+            student = init_student_from_teacher(teacher, conf, layers=s.layers)
         if s.moe is not None:
             student = upcycle(student, s.moe, seed=cfg.train.seed)
     else:
@@ -217,7 +286,7 @@ def run_distill(
         dist.barrier()  # every rank has checked for old checkpoints before anyone can write a new one
         with dist.main_first():  # rank 0 writes the teacher corpus and the token blocks; the others then read them
             prep = prepared or prepare(cfg, progress=progress and dist.is_main())
-        student = build_student(cfg, prep.teacher)
+        student = build_student(cfg, prep.teacher, prep=prep, out=out, progress=progress and dist.is_main())
         if dist.is_main():
             check_space(out, run_bytes(cfg, student, prep, out), f"output_dir {out}")
         cache = get_cache(cfg, prep, progress and dist.is_main()) if cfg.distill.mode == "cache" else None

@@ -131,6 +131,23 @@ def _exp_ratio(nll: np.ndarray, tokens: np.ndarray, axis: int = -1) -> np.ndarra
     return np.exp(nll.sum(axis=axis) / tokens.sum(axis=axis))
 
 
+def before_after_metrics(before: Sequence, after: Sequence, seed: int) -> list[Metric]:
+    """Held-out perplexity before and after pruning (one group each) and their paired difference with its
+    bootstrap interval over documents."""
+    from pocketlm.eval.perplexity import perplexity_metrics
+    from pocketlm.stats import paired_statistic_delta_ci
+
+    metrics = []
+    for label, per_doc in (("before", before), ("after", after)):
+        metrics += [Metric(m.name, m.value, m.n, m.ci, m.higher_is_better, group=label)
+                    for m in perplexity_metrics(per_doc, seed=seed)]
+    nll_b, nll_a = [-r.loglikelihood for r in before], [-r.loglikelihood for r in after]
+    toks = [r.tokens for r in before]
+    delta = _exp_ratio(np.array(nll_a), np.array(toks)) - _exp_ratio(np.array(nll_b), np.array(toks))
+    ci = paired_statistic_delta_ci(_exp_ratio, (nll_a, toks), (nll_b, toks), seed=seed)
+    return [*metrics, Metric("token_perplexity_delta", float(delta), len(before), ci, higher_is_better=False)]
+
+
 def prune_heads_results(
     model_spec: str,
     data: str,
@@ -154,11 +171,10 @@ def prune_heads_results(
     (whole KV groups), save the pruned student to `out_dir/student`, and report held-out perplexity before and
     after. Bad arguments and data fail before the model loads."""
     from pocketlm.data.text import hash_documents, pack, read_documents, split_documents
-    from pocketlm.eval.perplexity import document_perplexities, perplexity_metrics
+    from pocketlm.eval.perplexity import document_perplexities
     from pocketlm.models.load import load_model
     from pocketlm.provenance import provenance
     from pocketlm.report.results import model_info
-    from pocketlm.stats import paired_statistic_delta_ci
 
     start = time.perf_counter()
     for name, value, least in (("--heads", n_heads, 1), ("--block-size", block_size, 2),
@@ -187,18 +203,10 @@ def prune_heads_results(
         if not torch.allclose(reloaded(probe).logits, pruned(probe).logits, rtol=1e-4, atol=1e-4):
             raise RuntimeError(f"the pruned student saved to {student_dir} does not reload to the same logits")
 
-    metrics = []
-    for label, per_doc in (("before", before), ("after", after)):
-        metrics += [Metric(m.name, m.value, m.n, m.ci, m.higher_is_better, group=label)
-                    for m in perplexity_metrics(per_doc, seed=seed)]
-    nll_b, nll_a = [-r.loglikelihood for r in before], [-r.loglikelihood for r in after]
-    toks = [r.tokens for r in before]
-    delta = _exp_ratio(np.array(nll_a), np.array(toks)) - _exp_ratio(np.array(nll_b), np.array(toks))
-    ci = paired_statistic_delta_ci(_exp_ratio, (nll_a, toks), (nll_b, toks), seed=seed)
+    metrics = before_after_metrics(before, after, seed)
     heads_before = sum(a.num_heads for a in attention_modules(model))
     heads_after = sum(a.num_heads for a in attention_modules(pruned))
     metrics += [
-        Metric("token_perplexity_delta", float(delta), len(before), ci, higher_is_better=False),
         Metric("attention_heads", heads_before, 1, group="before"),
         Metric("attention_heads", heads_after, 1, group="after"),
         Metric("parameters", count_parameters(model), 1, group="before"),

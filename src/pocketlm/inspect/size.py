@@ -507,14 +507,21 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def student_config_from_yaml(path: Path):
     """The `PocketLMConfig` a distillation YAML would build (`distill.run.build_student`), from the teacher's
-    config alone: teacher layers keep the teacher's widths; random init applies the width overrides; `moe` makes
-    the MLPs sparse."""
+    config alone: teacher layers keep the teacher's widths; random init applies the width overrides; pruned init
+    takes the shape of its target (models/pruning.py); `moe` makes the MLPs sparse."""
     from pocketlm.config import DistillConfig, load_config
     from pocketlm.models.init import student_config_from_teacher
 
     cfg = load_config(DistillConfig, path)
     teacher, _ = load_size_config(cfg.teacher)
     s = cfg.student
+    if s.init == "pruned":
+        from pocketlm.distill.run import prune_target
+        from pocketlm.models.pruning import pruned_config
+
+        n = int(teacher.get_text_config(decoder=True).num_hidden_layers)
+        conf = pruned_config(student_config_from_teacher(teacher, layers=list(range(n))), prune_target(cfg))
+        return conf if s.moe is None else type(conf)(**{**conf.to_dict(), "moe": s.moe.model_dump()})
     names = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "tie_word_embeddings")
     overrides = {k: getattr(s, k) for k in names if s.init == "random" and getattr(s, k) is not None}
     if s.moe is not None:

@@ -40,7 +40,7 @@ from typing import Any, Optional
 
 import torch
 
-from pocketlm.models.importance import Importance
+from pocketlm.models.importance import Importance, compute_importance
 from pocketlm.models.student import PocketLMConfig, PocketLMForCausalLM
 
 AXES = ("width", "depth")
@@ -284,3 +284,53 @@ def prune(model: PocketLMForCausalLM, importance: Importance, target: PruneTarge
     """`apply_plan(model, plan_pruning(model, importance, target))`, with the plan."""
     plan = plan_pruning(model, importance, target)
     return apply_plan(model, plan), plan
+
+
+def as_pocketlm(model: Any) -> PocketLMForCausalLM:
+    """`model` itself if it is a pocketlm model, else a pocketlm copy of a Llama-family model with all its layers
+    (`init_student_from_teacher`: the same function, to float rounding)."""
+    if isinstance(model, PocketLMForCausalLM):
+        return model
+    from pocketlm.models.init import init_student_from_teacher, student_config_from_teacher
+
+    n = int(model.config.get_text_config(decoder=True).num_hidden_layers)
+    conf = student_config_from_teacher(model.config, layers=list(range(n)))
+    return init_student_from_teacher(model, conf, layers=list(range(n)))
+
+
+def source_config(model: Any) -> PocketLMConfig:
+    """The `PocketLMConfig` `as_pocketlm(model)` has, without copying any weight (for checking a target early)."""
+    if isinstance(model, PocketLMForCausalLM):
+        return model.config
+    from pocketlm.models.init import student_config_from_teacher
+
+    n = int(model.config.get_text_config(decoder=True).num_hidden_layers)
+    return student_config_from_teacher(model.config, layers=list(range(n)))
+
+
+def prune_model(
+    model: Any,
+    target: PruneTarget,
+    calibration: torch.Tensor,
+    *,
+    removal_blocks: int = 16,
+    batch_size: int = 8,
+    bf16: bool = False,
+    importance: Importance | None = None,
+    progress: bool = False,
+) -> tuple[PocketLMForCausalLM, PrunePlan, Importance]:
+    """`model` (pocketlm or Llama-family) pruned to `target` by importance on `calibration` blocks [n, L] (or the
+    `importance` given, measured on the same model). The target is checked before anything is measured."""
+    choose_target(source_config(model), target)
+    source = as_pocketlm(model)
+    if importance is None:
+        importance = compute_importance(source, calibration, batch_size=batch_size, removal_blocks=removal_blocks,
+                                        bf16=bf16, progress=progress, desc="importance")
+    pruned, plan = prune(source, importance, target)
+    return pruned, plan, importance
+
+
+def pruned_config(c: PocketLMConfig, target: PruneTarget) -> PocketLMConfig:
+    """The shape a model of `c` has once pruned to `target` (which parts are kept needs the importance; the shape
+    does not)."""
+    return _with(c, **choose_target(c, target))

@@ -1,0 +1,123 @@
+"""`pocketlm prune`: a model cut to a target size by calibration importance (models/pruning.py), saved as a
+student folder with its importance record, and held-out perplexity before and after.
+
+The calibration blocks come from the training part of the data and the perplexity from the held-out documents, so
+what is kept is not chosen on the text that judges it.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+from pocketlm.inspect.prune import before_after_metrics, save_student
+from pocketlm.models.pruning import PruneTarget
+from pocketlm.report.results import Metric, Results
+
+IMPORTANCE_FILE = "importance.json"
+
+
+def prune_results(
+    model_spec: str,
+    data: str,
+    target: PruneTarget,
+    out_dir: str | os.PathLike,
+    *,
+    data_format: str = "auto",
+    field: str = "text",
+    split: str = "train",
+    txt_split: str = "blank_lines",
+    max_documents: int | None = None,
+    val_fraction: float = 0.2,
+    block_size: int = 256,
+    calibration_blocks: int = 256,
+    removal_blocks: int = 16,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    bf16: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> Results:
+    """Prune `model_spec` (a Llama-family model or a dense pocketlm student) to `target` by importance on
+    `calibration_blocks` blocks of the training documents of `data`; save it to out_dir/student with
+    out_dir/importance.json, and score held-out perplexity before and after. The target is checked against the
+    model's shape before anything is measured."""
+    import json
+
+    from pocketlm.data.text import hash_documents, pack, read_documents, split_documents
+    from pocketlm.eval.perplexity import document_perplexities
+    from pocketlm.models.load import load_model
+    from pocketlm.models.pruning import check_target, non_embedding_params, prune_model, source_config
+    from pocketlm.outdir import write_text_atomic
+    from pocketlm.provenance import provenance
+    from pocketlm.report.results import model_info
+
+    start = time.perf_counter()
+    if data_format == "books":
+        from pocketlm.data.books import read_books
+
+        docs = [b.text for b in read_books(data)][:max_documents]
+    else:
+        docs = read_documents(data, field=field, split=split, max_documents=max_documents, txt_split=txt_split)
+    train_docs, val_docs = split_documents(docs, val_fraction, seed)
+    model, tokenizer = load_model(model_spec)
+    conf = source_config(model)
+    check_target(conf, target)
+    blocks = pack(train_docs, tokenizer, block_size)  # [n, L]
+    order = list(range(len(blocks)))
+    random.Random(seed).shuffle(order)
+    calibration = blocks[sorted(order[:calibration_blocks])]
+    pruned, plan, importance = prune_model(model, target, calibration, removal_blocks=removal_blocks,
+                                           batch_size=batch_size, bf16=bf16, progress=progress)
+    ppl_kwargs = dict(max_length=max_length, batch_size=batch_size, progress=progress)
+    before = document_perplexities(model, tokenizer, val_docs, **ppl_kwargs)
+    after = document_perplexities(pruned, tokenizer, val_docs, **ppl_kwargs)
+
+    out = Path(out_dir)
+    student_dir = save_student(pruned.float(), tokenizer, out / "student")
+    record = write_text_atomic(out / IMPORTANCE_FILE, json.dumps(
+        {"importance": importance.to_dict(), "plan": plan.to_dict()}, indent=1))
+    metrics = before_after_metrics(before, after, seed)
+    metrics += [
+        Metric("non_embedding_parameters", plan.source_non_embedding_params, 1, group="before"),
+        Metric("non_embedding_parameters", plan.non_embedding_params, 1, group="after"),
+        Metric("parameters", sum(p.numel() for p in model.parameters()), 1, group="before"),
+        Metric("parameters", sum(p.numel() for p in pruned.parameters()), 1, group="after"),
+    ]
+    return Results(
+        kind="prune",
+        model=model_info(model_spec, model, tokenizer),
+        data={"source": str(data), "hash": hash_documents(docs), "n": len(docs),
+              "calibration_documents": len(train_docs), "perplexity_documents": len(val_docs)},
+        settings={**{k: v for k, v in vars(target).items()}, "block_size": block_size,
+                  "calibration_blocks": int(len(calibration)), "removal_blocks": importance.removal_blocks,
+                  "batch_size": batch_size, "max_length": max_length, "bf16": bf16, "val_fraction": val_fraction,
+                  "seed": seed},
+        metrics=metrics,
+        details={
+            "student": str(student_dir),
+            "importance_file": str(record),
+            "kept_layers": plan.layers,
+            "widths": {"before": {"num_layers": conf.num_hidden_layers, "intermediate_size": conf.intermediate_size,
+                                  "num_key_value_heads": conf.num_key_value_heads, "hidden_size": conf.hidden_size},
+                       "after": plan.config},
+            "fraction_of_non_embedding": plan.non_embedding_params / plan.source_non_embedding_params,
+            "pruned_model": model_info(str(student_dir), pruned, tokenizer),
+        },
+        provenance=provenance(),
+        wall_time_s=time.perf_counter() - start,
+    )
+
+
+def pruned_table(res: Results) -> str:
+    """What was kept, in a few lines."""
+    d = res.details
+    b, a = d["widths"]["before"], d["widths"]["after"]
+    lines = [f"{'':<22}{'before':>12}{'after':>12}"]
+    for k in ("num_layers", "hidden_size", "intermediate_size", "num_key_value_heads"):
+        lines.append(f"{k:<22}{b[k]:>12}{a[k]:>12}")
+    lines.append(f"kept layers: {d['kept_layers']}")
+    lines.append(f"non-embedding parameters: {d['fraction_of_non_embedding']:.1%} of the model's")
+    return "\n".join(lines)
+
