@@ -12,7 +12,8 @@ from pocketlm.cli import app
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("args", [[], ["distill"], ["demo"], ["export"], ["eval"], ["eval", "perplexity"]])
+@pytest.mark.parametrize("args", [[], ["distill"], ["demo"], ["export"], ["eval"], ["eval", "perplexity"], ["prune"],
+                                  ["prune-heads"]])
 def test_help_on_every_command(args):
     r = runner.invoke(app, [*args, "--help"])
     assert r.exit_code == 0 and "Usage" in r.output

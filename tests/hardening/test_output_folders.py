@@ -252,6 +252,8 @@ def commands(tmp: Path, teacher_dir, corpus_file, student_dir, out: Path) -> dic
         "attention": ["attention", "--model", teacher_dir, "--text", "the cat", "--out", out],
         "prune-heads": ["prune-heads", "--model", student_dir, "--data", corpus_file, "--heads", "3", "--out", out,
                         "--quiet"],
+        "prune": ["prune", "--model", teacher_dir, "--data", corpus_file, "--num-layers", "2", "--block-size", "16",
+                  "--out", out, "--quiet"],
         "export": ["export", student_dir, "--out", out],
         "distill": ["distill", distill_config(tmp, teacher_dir, corpus_file, out), "--quiet"],
     }
