@@ -153,6 +153,13 @@ class PruningConfig(_Strict):
     removal_blocks: int = Field(16, ge=0)  # blocks for the per-layer removal perplexity (0: not measured)
     batch_size: int = Field(8, ge=1)
 
+    @model_validator(mode="after")
+    def _check(self) -> "PruningConfig":
+        if self.depth_metric == "perplexity" and self.removal_blocks == 0:
+            raise ValueError("depth_metric: perplexity ranks layers by their removal perplexity, which "
+                             "removal_blocks: 0 does not measure")
+        return self
+
 
 class StudentConfig(_Strict):
     """`teacher_layers`: the teacher's layers (evenly spaced, or `layers`); `random`: a fresh model of the given

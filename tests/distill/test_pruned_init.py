@@ -17,7 +17,8 @@ def pruned_cfg(teacher_dir, corpus_file, out, student: dict, **train) -> Distill
     return DistillConfig.model_validate({
         "teacher": str(teacher_dir),
         "data": {"source": str(corpus_file), "block_size": 16, "val_fraction": 0.15},
-        "student": {"init": "pruned", "pruning": {"calibration_blocks": 8, "removal_blocks": 2}, **student},
+        "student": {"init": "pruned", **student,
+                    "pruning": {"calibration_blocks": 8, "removal_blocks": 2, **student.get("pruning", {})}},
         "distill": {"mode": "cache", "top_k": 8},
         "train": {"steps": 3, "batch_size": 4, "lr": 1e-3, "warmup_steps": 1, "eval_every": 3, "save_every": 3,
                   **train},
@@ -85,6 +86,8 @@ def test_pruned_moe_student_starts_equal_to_its_dense_twin(tmp_path, teacher_dir
     ({"hidden_size": 40}, "hidden_size"),  # more than its 32
     ({"intermediate_size": 65}, "intermediate_size"),
     ({"num_key_value_heads": 3}, "num_key_value_heads"),
+    ({"target_params": "1%"}, "target_params"),  # no width of the teacher is that small
+    ({"target_params": "1%", "pruning": {"axis": "depth"}}, "target_params"),  # less than one layer
 ])
 def test_bad_target_is_refused_before_any_work(tmp_path, teacher_dir, corpus_file, student, named):
     cfg = pruned_cfg(teacher_dir, corpus_file, tmp_path / "run", student)

@@ -12,7 +12,7 @@ from pocketlm.cli import app
 
 
 def test_prune_command_writes_a_loadable_student(tmp_path, teacher_dir, corpus_file):
-    from transformers import AutoModelForCausalLM
+    from transformers import LlamaForCausalLM
 
     out = tmp_path / "pruned"
     r = CliRunner().invoke(app, ["prune", "--model", str(teacher_dir), "--data", str(corpus_file), "--out", str(out),
@@ -25,7 +25,9 @@ def test_prune_command_writes_a_loadable_student(tmp_path, teacher_dir, corpus_f
     imp = json.loads((out / "importance.json").read_text())
     inc = imp["importance"]["removal_increase"]
     assert imp["plan"]["layers"] == sorted(sorted(range(4), key=lambda i: -inc[i])[:3])  # dropped: least harm
-    student = AutoModelForCausalLM.from_pretrained(out / "student")
+    # a plain Llama folder: transformers' own class reads it, no pocketlm model type involved
+    assert json.loads((out / "student" / "config.json").read_text())["model_type"] == "llama"
+    student = LlamaForCausalLM.from_pretrained(out / "student")
     assert (student.config.num_hidden_layers, student.config.intermediate_size) == (3, 40)
     groups = {m["group"] for m in res["metrics"] if m["name"] == "token_perplexity"}
     assert groups == {"before", "after"}

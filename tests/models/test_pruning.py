@@ -298,7 +298,6 @@ def test_target_params_50_percent_of_smollm2():
     (PruneTarget(num_key_value_heads=3), "num_key_value_heads"),
     (PruneTarget(hidden_size=30), "hidden_size"),  # not divisible by the 4 heads
     (PruneTarget(hidden_size=49), "hidden_size"),
-    (PruneTarget(num_key_value_heads=1, hidden_size=42), "hidden_size"),  # 2 heads remain: fine; 42 % 2 == 0
     (PruneTarget(target_params=0), "target_params"),
     (PruneTarget(target_params="150%"), "target_params"),
     (PruneTarget(target_params="half"), "target_params"),
@@ -306,18 +305,47 @@ def test_target_params_50_percent_of_smollm2():
     (PruneTarget(), "no pruning target"),
     (PruneTarget(target_params=0.5, axis="diagonal"), "axis"),
     (PruneTarget(target_params=0.001, axis="depth"), "target_params"),
+    (PruneTarget(target_params=0.001), "target_params"),  # no width fits
 ])
 def test_bad_targets_are_named_before_any_work(target, field):
-    c = tiny().config
-    if target.hidden_size == 42:
-        assert choose_target(c, target) == {"num_key_value_heads": 1, "hidden_size": 42}
-        return
     with pytest.raises(PruneTargetError, match=field):
-        choose_target(c, target)
+        choose_target(tiny().config, target)
+
+
+def test_a_target_whose_heads_do_not_divide_the_hidden_size_is_refused():
+    # hidden 40, 4 heads of 10, 4 KV heads: keeping 3 KV groups leaves 3 heads, and 40 % 3 != 0
+    c = PocketLMConfig(vocab_size=97, hidden_size=40, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=4)
+    with pytest.raises(PruneTargetError, match="num_key_value_heads: hidden size 40 is not divisible by the 3"):
+        choose_target(c, PruneTarget(num_key_value_heads=3))
+    assert choose_target(c, PruneTarget(num_key_value_heads=2)) == {"num_key_value_heads": 2}  # 2 heads divide 40
+    # with GQA the heads that remain are the kept groups' (2 KV groups of 2 → hidden 42 is fine with 1 group)
+    assert choose_target(tiny().config, PruneTarget(num_key_value_heads=1, hidden_size=42)) == {
+        "num_key_value_heads": 1, "hidden_size": 42}
+
+
+def test_ranking_by_removal_perplexity_needs_it_measured():
+    with pytest.raises(PruneTargetError, match="depth_metric"):
+        choose_target(tiny().config, PruneTarget(num_layers=2, depth_metric="perplexity"), removal_blocks=0)
+    from pocketlm.config import DistillConfig
+
+    with pytest.raises(ValueError, match="depth_metric"):
+        DistillConfig.model_validate({"student": {"init": "pruned", "num_layers": 2, "pruning": {
+            "depth_metric": "perplexity", "removal_blocks": 0}}})
+
+
+def test_heads_of_an_alibi_model_are_not_removed():
+    torch.manual_seed(0)
+    conf = PocketLMConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, position_scheme="alibi")
+    with pytest.raises(PruneTargetError, match="num_key_value_heads: this model's alibi positions"):
+        choose_target(conf, PruneTarget(num_key_value_heads=1))
+    assert choose_target(conf, PruneTarget(intermediate_size=32)) == {"intermediate_size": 32}  # other axes: fine
 
 
 def test_moe_and_head_pruned_models_are_refused():
     from pocketlm.config import MoEConfig
+    from pocketlm.inspect.prune import prune_student
     from pocketlm.models.upcycle import upcycle
 
     model = tiny()
@@ -325,6 +353,10 @@ def test_moe_and_head_pruned_models_are_refused():
     moe = upcycle(model.float(), MoEConfig(num_experts=2, top_k=1))
     with pytest.raises(PruneTargetError, match="dense"):
         plan_pruning(moe, imp, PruneTarget(num_layers=2))
+    with pytest.raises(PruneTargetError, match="dense"):
+        choose_target(moe.config, PruneTarget(num_layers=2))  # refused on the config alone, before any work
+    head_pruned = prune_student(model.float(), {0: [1]})
+    with pytest.raises(PruneTargetError, match="prune-heads"):
+        choose_target(head_pruned.config, PruneTarget(num_layers=2))
     with pytest.raises(PruneTargetError, match="another shape"):
         plan_pruning(tiny(layers=3), imp, PruneTarget(num_layers=2))
-    assert apply_plan  # the public API this module documents

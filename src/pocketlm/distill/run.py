@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -132,10 +133,10 @@ def check_teacher_fields(cfg: DistillConfig, teacher) -> None:
     cfg.check_teacher(int(conf.num_hidden_layers), int(teacher.get_output_embeddings().weight.shape[0]))
     if cfg.student.init == "pruned":
         from pocketlm.config import ConfigError
-        from pocketlm.models.pruning import PruneTargetError, check_target, source_config
+        from pocketlm.models.pruning import PruneTargetError, choose_target, source_config
 
-        try:
-            check_target(source_config(teacher), prune_target(cfg))
+        try:  # the target and the widths it gives (a target_params no width meets, too)
+            choose_target(source_config(teacher), prune_target(cfg), cfg.student.pruning.removal_blocks)
         except PruneTargetError as e:
             raise ConfigError(f"invalid config for the teacher {cfg.teacher}:\n  student.{e}") from None
 
@@ -150,6 +151,7 @@ def prune_target(cfg: DistillConfig):
 
 
 IMPORTANCE_FILE = "importance.json"
+IMPORTANCE_VERSION = 1  # raised when a score's definition changes, so older records are measured again
 
 
 def calibration_blocks(train: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -164,13 +166,14 @@ def pruned_student(cfg: DistillConfig, teacher, prep: Prepared | None, out: Path
     the scores back instead of measuring them again."""
     from pocketlm.integrity import RecordError, read_json
     from pocketlm.models.importance import Importance
-    from pocketlm.models.pruning import prune_model
+    from pocketlm.models.pruning import prune_model, source_config
     from pocketlm.outdir import write_text_atomic
 
     if prep is None:
         raise ValueError("student.init: pruned measures importance on the training data; pass the prepared data")
     p = cfg.student.pruning
-    key = {"teacher": prep.teacher_fingerprint, "data": prep.blocks.data_hash, "seed": cfg.train.seed,
+    key = {"version": IMPORTANCE_VERSION, "teacher": prep.teacher_fingerprint, "data": prep.blocks.data_hash,
+           "seed": cfg.train.seed,
            "calibration_blocks": p.calibration_blocks, "removal_blocks": p.removal_blocks,
            "bf16": cfg.train.precision == "bf16"}
     path = out / IMPORTANCE_FILE if out is not None else None
@@ -180,7 +183,10 @@ def pruned_student(cfg: DistillConfig, teacher, prep: Prepared | None, out: Path
             doc = read_json(path, "importance record")
             if isinstance(doc, dict) and doc.get("key") == key:
                 importance = Importance.read(path)
-        except RecordError:
+                if not importance.fits(source_config(teacher)):
+                    raise RecordError(f"{path}: the scores do not have the teacher's shape")
+        except RecordError as e:
+            warnings.warn(f"{e}; measuring importance again", stacklevel=2)
             importance = None  # measured again and rewritten
     calibration = calibration_blocks(prep.blocks.train, p.calibration_blocks, cfg.train.seed)
     student, plan, importance = prune_model(

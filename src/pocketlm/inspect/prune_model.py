@@ -11,7 +11,8 @@ import random
 import time
 from pathlib import Path
 
-from pocketlm.inspect.prune import before_after_metrics, save_student
+from pocketlm.inspect.prune import before_after_metrics
+from pocketlm.models.hf_export import export_llama
 from pocketlm.models.pruning import PruneTarget
 from pocketlm.report.results import Metric, Results
 
@@ -48,7 +49,7 @@ def prune_results(
     from pocketlm.data.text import hash_documents, pack, read_documents, split_documents
     from pocketlm.eval.perplexity import document_perplexities
     from pocketlm.models.load import load_model
-    from pocketlm.models.pruning import check_target, non_embedding_params, prune_model, source_config
+    from pocketlm.models.pruning import choose_target, prune_model, source_config
     from pocketlm.outdir import write_text_atomic
     from pocketlm.provenance import provenance
     from pocketlm.report.results import model_info
@@ -63,7 +64,7 @@ def prune_results(
     train_docs, val_docs = split_documents(docs, val_fraction, seed)
     model, tokenizer = load_model(model_spec)
     conf = source_config(model)
-    check_target(conf, target)
+    choose_target(conf, target, removal_blocks)  # a target the model cannot be cut to: refused before any work
     blocks = pack(train_docs, tokenizer, block_size)  # [n, L]
     order = list(range(len(blocks)))
     random.Random(seed).shuffle(order)
@@ -75,7 +76,9 @@ def prune_results(
     after = document_perplexities(pruned, tokenizer, val_docs, **ppl_kwargs)
 
     out = Path(out_dir)
-    student_dir = save_student(pruned.float(), tokenizer, out / "student")
+    # a dense rotary model with equal widths in every layer: written as a plain LlamaForCausalLM folder, which
+    # transformers, lm-eval, vLLM and llama.cpp's converter read without pocketlm (pocketlm reads it too)
+    student_dir = export_llama(pruned.float(), out / "student", tokenizer)
     record = write_text_atomic(out / IMPORTANCE_FILE, json.dumps(
         {"importance": importance.to_dict(), "plan": plan.to_dict()}, indent=1))
     metrics = before_after_metrics(before, after, seed)

@@ -71,6 +71,12 @@ class Importance:
             return inc
         raise ValueError(f"unknown depth metric {metric!r}; valid: block_influence, perplexity")
 
+    def fits(self, config: Any) -> bool:
+        """Whether these scores have the shape of a model of `config` (layers, MLP, KV groups, hidden)."""
+        return (self.num_layers == config.num_hidden_layers and len(self.hidden) == config.hidden_size
+                and all(len(r) == config.intermediate_size for r in self.mlp)
+                and all(len(r) == config.num_key_value_heads for r in self.kv_groups))
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["removal_increase"] = self.removal_increase
@@ -105,7 +111,11 @@ class Importance:
             return isinstance(xs, list) and all(isinstance(x, (int, float)) and math.isfinite(x) for x in xs)
 
         L = len(self.block_influence) if isinstance(self.block_influence, list) else -1
+        whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
         ok = (numbers(self.block_influence) and L > 0 and numbers(self.hidden)
+              and whole(self.n_blocks) and whole(self.n_tokens) and whole(self.removal_blocks)
+              and isinstance(self.source, dict)
+              and (self.base_perplexity is None or numbers([self.base_perplexity]))
               and isinstance(self.mlp, list) and len(self.mlp) == L and all(numbers(r) for r in self.mlp)
               and isinstance(self.kv_groups, list) and len(self.kv_groups) == L
               and all(numbers(r) for r in self.kv_groups)

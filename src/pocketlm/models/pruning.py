@@ -100,16 +100,23 @@ def non_embedding_params(config: PocketLMConfig) -> int:
                if not n.startswith(("model.embed_tokens.", "lm_head.")))
 
 
+def _source_problem(c: PocketLMConfig) -> str | None:
+    """Why a model of config `c` cannot be pruned (None when it can)."""
+    if c.moe is not None:
+        return "pruning works on dense models; prune first, then upcycle to MoE (student.moe)"
+    if c.kept_kv_heads is not None:
+        return ("this model's heads were pruned with prune-heads; prune its width from the model before "
+                "prune-heads")
+    return None
+
+
 def _source_config(model: PocketLMForCausalLM) -> PocketLMConfig:
     if not isinstance(model, PocketLMForCausalLM):
         raise PruneTargetError(f"pruning works on pocketlm models, got {type(model).__name__}")
-    c = model.config
-    if c.moe is not None:
-        raise PruneTargetError("pruning works on dense models; prune first, then upcycle to MoE (student.moe)")
-    if c.kept_kv_heads is not None:
-        raise PruneTargetError("this model's heads were pruned with prune-heads; prune its width from the model "
-                               "before prune-heads")
-    return c
+    problem = _source_problem(model.config)
+    if problem:
+        raise PruneTargetError(problem)
+    return model.config
 
 
 def _with(c: PocketLMConfig, **widths: int) -> PocketLMConfig:
@@ -129,12 +136,20 @@ def _with(c: PocketLMConfig, **widths: int) -> PocketLMConfig:
     return PocketLMConfig(**values)
 
 
-def check_target(c: PocketLMConfig, target: PruneTarget) -> None:
-    """Refuse a target the model cannot be cut to, naming the field, before any work."""
+def check_target(c: PocketLMConfig, target: PruneTarget, removal_blocks: int | None = None) -> None:
+    """Refuse a target the model of config `c` cannot be cut to, naming the field, before any work
+    (`choose_target` also refuses a `target_params` no model of this shape meets). `removal_blocks` (when given)
+    is the number of blocks the removal perplexity will be measured on: `depth_metric: perplexity` needs some."""
+    problem = _source_problem(c)
+    if problem:
+        raise PruneTargetError(problem)
     if target.axis not in AXES:
         raise PruneTargetError(f"axis: unknown {target.axis!r}; valid: {', '.join(AXES)}")
     if target.depth_metric not in ("block_influence", "perplexity"):
         raise PruneTargetError(f"depth_metric: unknown {target.depth_metric!r}; valid: block_influence, perplexity")
+    if target.depth_metric == "perplexity" and removal_blocks == 0:
+        raise PruneTargetError("depth_metric: perplexity ranks layers by their removal perplexity, which "
+                               "removal_blocks: 0 does not measure; give removal_blocks > 0 or use block_influence")
     given = [w for w in WIDTHS if getattr(target, w) is not None]
     if target.target_params is not None and given:
         raise PruneTargetError(f"give target_params or explicit widths ({', '.join(given)}), not both")
@@ -150,18 +165,23 @@ def check_target(c: PocketLMConfig, target: PruneTarget) -> None:
             raise PruneTargetError(f"{name}: must be a positive integer, got {v!r}")
         if v > source[name]:
             raise PruneTargetError(f"{name}: {v} is more than the model has ({source[name]}); pruning only removes")
-    if target.hidden_size is not None:
-        group = c.num_attention_heads // c.num_key_value_heads
-        heads = (target.num_key_value_heads or c.num_key_value_heads) * group
-        if target.hidden_size % heads:
-            raise PruneTargetError(
-                f"hidden_size: {target.hidden_size} is not divisible by the {heads} attention heads (transformers' "
-                f"Llama requires it); e.g. {target.hidden_size // heads * heads or heads}")
+    if target.num_key_value_heads is not None and target.num_key_value_heads < c.num_key_value_heads \
+            and c.position_scheme != "rotary":
+        raise PruneTargetError(f"num_key_value_heads: this model's {c.position_scheme} positions give each head its "
+                               "own bias, which removing heads would shift; only rotary models lose heads here")
+    group = c.num_attention_heads // c.num_key_value_heads
+    heads = (target.num_key_value_heads or c.num_key_value_heads) * group
+    hidden = target.hidden_size or c.hidden_size
+    if hidden % heads:
+        field = "hidden_size" if target.hidden_size is not None else "num_key_value_heads"
+        raise PruneTargetError(
+            f"{field}: hidden size {hidden} is not divisible by the {heads} attention heads that remain "
+            f"(transformers' Llama requires it); e.g. hidden_size {hidden // heads * heads or heads}")
 
 
-def choose_target(c: PocketLMConfig, target: PruneTarget) -> dict[str, int]:
+def choose_target(c: PocketLMConfig, target: PruneTarget, removal_blocks: int | None = None) -> dict[str, int]:
     """The widths to prune to: the explicit ones, or those `target_params` gives by the rule of its axis."""
-    check_target(c, target)
+    check_target(c, target, removal_blocks)
     if target.target_params is None:
         return {w: getattr(target, w) for w in WIDTHS if getattr(target, w) is not None}
     budget = parse_fraction(target.target_params) * non_embedding_params(c)
@@ -199,9 +219,7 @@ def _top(scores: list[float], k: int) -> list[int]:
 def plan_pruning(model: PocketLMForCausalLM, importance: Importance, target: PruneTarget) -> PrunePlan:
     """What to keep on each axis, from `importance` (measured on `model`) and the target."""
     c = _source_config(model)
-    if importance.num_layers != c.num_hidden_layers or len(importance.hidden) != c.hidden_size \
-            or any(len(r) != c.intermediate_size for r in importance.mlp) \
-            or any(len(r) != c.num_key_value_heads for r in importance.kv_groups):
+    if not importance.fits(c):
         raise PruneTargetError("the importance scores were measured on a model of another shape")
     widths = choose_target(c, target)
     n_layers = widths.get("num_layers", c.num_hidden_layers)
@@ -295,7 +313,8 @@ def as_pocketlm(model: Any) -> PocketLMForCausalLM:
 
     n = int(model.config.get_text_config(decoder=True).num_hidden_layers)
     conf = student_config_from_teacher(model.config, layers=list(range(n)))
-    return init_student_from_teacher(model, conf, layers=list(range(n)))
+    copy = init_student_from_teacher(model, conf, layers=list(range(n)))
+    return copy.to(next(model.parameters()).device)  # measured where the model is (a GPU teacher: on the GPU)
 
 
 def source_config(model: Any) -> PocketLMConfig:
@@ -321,7 +340,7 @@ def prune_model(
 ) -> tuple[PocketLMForCausalLM, PrunePlan, Importance]:
     """`model` (pocketlm or Llama-family) pruned to `target` by importance on `calibration` blocks [n, L] (or the
     `importance` given, measured on the same model). The target is checked before anything is measured."""
-    choose_target(source_config(model), target)
+    choose_target(source_config(model), target, None if importance is not None else removal_blocks)
     source = as_pocketlm(model)
     if importance is None:
         importance = compute_importance(source, calibration, batch_size=batch_size, removal_blocks=removal_blocks,
