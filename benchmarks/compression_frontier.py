@@ -104,14 +104,18 @@ class Shared:
             self.prep = prepare(self.cfg, progress=True)
             self.cache = get_cache(self.cfg, self.prep, progress=True)
             path = args.out / "shared" / "importance.json"
+            key = {"data": self.prep.blocks.data_hash, "calibration_blocks": args.calibration_blocks,
+                   "removal_blocks": args.removal_blocks, "bf16": True}
             self.importance = None
             if path.is_file():
                 with contextlib.suppress(RecordError):
-                    self.importance = Importance.read(path)
+                    imp = Importance.read(path)
+                    self.importance = imp if imp.source.get("key") == key else None
             if self.importance is None:
                 cal = calibration_blocks(self.prep.blocks.train, args.calibration_blocks, 0)
                 self.importance = compute_importance(as_pocketlm(self.prep.teacher), cal, bf16=True, progress=True,
                                                      removal_blocks=args.removal_blocks)
+                self.importance.source["key"] = key
                 self.importance.write(path)
         self.wikitext = read_documents(args.data / "wikitext2" / "wiki.test.raw", txt_split="wikitext_headings")
         self.book = self.prep.blocks.val_docs
@@ -189,6 +193,35 @@ def row_key(args) -> dict:
             "removal_blocks": args.removal_blocks, "version": 1}
 
 
+def student_path(args, size: str, name: str) -> Path:
+    return args.out / "students" / f"{size}-{name}"
+
+
+def remeasure_speed(args, shared: Shared) -> None:
+    """Greedy tokens/s of the teacher and of every finished row's saved student, timed again in this one run,
+    one after the other (timings taken while other work ran on the cores are not comparable)."""
+    from pocketlm.models.load import load_model
+
+    tok = shared.prep.tokenizer
+    with heavy_lock():
+        t_path = args.out / "rows" / "teacher.json"
+        teacher = json.loads(t_path.read_text())
+        teacher["generate_tokens_per_s"] = generation_speed(shared.prep.teacher, tok)
+        t_path.write_text(json.dumps(teacher, indent=1))
+        print(f"teacher: {teacher['generate_tokens_per_s']:.1f} tokens/s", flush=True)
+        for size in ("75", "50", "25"):
+            for name in (ROWS_50 if size == "50" else ROWS_OTHER):
+                row, folder = read_row(args, size, name), student_path(args, size, name)
+                if row is None or not folder.is_dir():
+                    continue
+                model, _ = load_model(folder)
+                row["generate_tokens_per_s"] = generation_speed(model, tok)
+                row["speed_ratio_to_teacher"] = row["generate_tokens_per_s"] / teacher["generate_tokens_per_s"]
+                row_path(args, size, name).write_text(json.dumps(row, indent=1))
+                print(f"{size}:{name}: {row['generate_tokens_per_s']:.1f} tokens/s "
+                      f"({row['speed_ratio_to_teacher']:.2f}× teacher)", flush=True)
+
+
 def row_path(args, size: str, name: str) -> Path:
     return args.out / "rows" / f"{size}-{name}.json"
 
@@ -248,6 +281,7 @@ def run_row(args, shared: Shared, size: str, name: str) -> dict:
         model = trainer.accelerator.unwrap_model(trainer.student).eval()
         ev = evaluate(model, shared.prep.tokenizer, shared)
         shutil.rmtree(work, ignore_errors=True)  # checkpoints of this benchmark's own scratch folder
+        model.save_pretrained(student_path(args, size, name))  # for --speed, which times every row in one run
     teacher = teacher_row(args, shared)
     row = {
         "size": size, "row": name, "resolved_init": init, "loss": "ce" if ce else "forward_kl + 0.5 ce",
@@ -345,6 +379,8 @@ def main() -> None:
     ap.add_argument("--removal-blocks", type=int, default=16, help="blocks of each layer's removal perplexity")
     ap.add_argument("--best", choices=("depth", "width"), help="the best pruned init, if not read from the 50 % rows")
     ap.add_argument("--table", action="store_true", help="only print the table of the finished rows")
+    ap.add_argument("--speed", action="store_true", help="time greedy generation of the teacher and every finished "
+                                                         "row again, in one run (after the rows)")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="score 2 WikiText-2 articles and 4,000 characters of the "
                                                          "book only (a check of the path, not a result)")
@@ -359,7 +395,7 @@ def main() -> None:
         torch.set_num_threads(2)
         shared = Shared(args)
         teacher_row(args, shared)
-        for r in rows:
+        for r in rows if not args.speed else ():
             size, name = r.split(":")
             if read_row(args, size, name) is not None:
                 print(f"{r}: done before, skipped", flush=True)
@@ -369,6 +405,8 @@ def main() -> None:
                   f"({row['wikitext_ratio_to_teacher']:.2f}× teacher), book {row['book_token_perplexity']:.2f}, "
                   f"train {row['train_seconds'] / 60:.1f} min, eval {row['eval_seconds'] / 60:.1f} min", flush=True)
             print(table(args), flush=True)
+        if args.speed:
+            remeasure_speed(args, shared)
     print(table(args))
     curves = plot_curves(args)
     if curves:
