@@ -110,7 +110,11 @@ class Shared:
             if path.is_file():
                 with contextlib.suppress(RecordError):
                     imp = Importance.read(path)
-                    self.importance = imp if imp.source.get("key") == key else None
+                    # (a record from before keys: taken when its block size and block counts match)
+                    unkeyed = "key" not in imp.source and imp.removal_blocks == args.removal_blocks and \
+                        imp.source.get("block_size") == args.block_size and \
+                        imp.n_blocks == min(args.calibration_blocks, len(self.prep.blocks.train))
+                    self.importance = imp if imp.source.get("key") == key or unkeyed else None
             if self.importance is None:
                 cal = calibration_blocks(self.prep.blocks.train, args.calibration_blocks, 0)
                 self.importance = compute_importance(as_pocketlm(self.prep.teacher), cal, bf16=True, progress=True,
