@@ -80,23 +80,47 @@ def demo(
 
 @app.command()
 def export(
-    model: Path = typer.Argument(..., help="A pocketlm student folder (e.g. runs/x/student)."),
+    model: Path = typer.Argument(..., help="A pocketlm student folder (e.g. runs/x/student); with --format gguf, "
+                                           "any Llama-layout model pocketlm loads (folder, .gguf, embedded teacher)."),
     out: Path = typer.Option(..., "--out", help="Folder to write."),
-    format: str = typer.Option("llama", "--format", help="Export format: llama."),
-    dtype: Optional[str] = typer.Option(None, help="Cast weights: float32, bfloat16, float16."),
+    format: str = typer.Option("llama", "--format", help="Export format: llama (a transformers folder) or gguf "
+                                                         "(one GGUF file for llama.cpp and transformers)."),
+    dtype: Optional[str] = typer.Option(None, help="--format llama: cast weights to float32, bfloat16, float16."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="--format gguf: f32, f16 (default), bf16, q8_0, q5_1, "
+                                                              "q5_0, q4_1, q4_0."),
+    tokenizer_from: Optional[Path] = typer.Option(
+        None, "--tokenizer-from", help="--format gguf: a .gguf of the same vocabulary whose tokenizer (pre-tokenizer, "
+        "merges, chat template) is copied; default: the embedded teacher's when the vocabulary is its own, otherwise "
+        "built from the model's tokenizer."),
     overwrite: bool = OVERWRITE,
 ) -> None:
-    """Export a student to a plain transformers architecture that loads without pocketlm installed."""
-    from pocketlm.models.hf_export import export_llama
+    """Export a student to a plain transformers architecture that loads without pocketlm installed, or a
+    Llama-layout model to one GGUF file (quantised with --quant) that llama.cpp runs."""
     from pocketlm.models.load import load_model, parse_dtype
     from pocketlm.outdir import check_folder
 
-    if format != "llama":
-        _fail(ValueError(f"unknown export format {format!r}; valid: llama"))
+    if format not in ("llama", "gguf"):
+        _fail(ValueError(f"unknown export format {format!r}; valid: llama, gguf"))
+    gguf_only = [name for name, v in (("--quant", quant), ("--tokenizer-from", tokenizer_from)) if v is not None]
+    if format == "llama" and gguf_only:
+        _fail(ValueError(f"{', '.join(gguf_only)} apply to --format gguf"))
+    if format == "gguf" and dtype is not None:
+        _fail(ValueError("--dtype applies to --format llama; a GGUF file's number format is --quant"))
     try:
+        if format == "gguf":
+            from pocketlm.models.gguf_export import export_gguf, quant_type, tokenizer_source
+
+            quant_type(quant or "f16")  # an unknown or K-quant name, before the model loads
         check_folder(out, kind="export", overwrite=overwrite)  # before the model loads
         m, tok = load_model(model)
-        path = export_llama(m, out, tokenizer=tok, dtype=parse_dtype(dtype) if dtype else None, overwrite=overwrite)
+        if format == "gguf":
+            path = export_gguf(m, out, tok, quant or "f16", tokenizer_gguf=tokenizer_source(tok, tokenizer_from),
+                               overwrite=overwrite)
+        else:
+            from pocketlm.models.hf_export import export_llama
+
+            path = export_llama(m, out, tokenizer=tok, dtype=parse_dtype(dtype) if dtype else None,
+                                overwrite=overwrite)
     except _EXPECTED as e:
         _fail(e)
     typer.echo(f"wrote {path}")

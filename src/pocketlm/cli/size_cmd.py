@@ -81,6 +81,9 @@ def tables(results: Any) -> list[Any]:
         main.add_row(label, *(human(c.value, c.unit) for c in cells))
     out = [main]
     for role, who in (("model", results.model), ("baseline", results.baseline)):
+        file = (results.details.get(role) or {}).get("file")
+        if file:
+            out.append(file_table(who["spec"], file))
         measured = (results.details.get(role) or {}).get("measured")
         if not measured:
             continue
@@ -94,6 +97,25 @@ def tables(results: Any) -> list[Any]:
             t.add_row(name, f"{f['estimate']:,.0f} ({human(f['estimate'], unit)})", f"{f['measured']:,.0f}", err)
         out.append(t)
     return out
+
+
+def file_table(spec: str, file: dict) -> Any:
+    """A GGUF file's real bytes by tensor type, beside the estimate at its file type's width."""
+    from rich.table import Table
+
+    t = Table(title=f"{spec}: GGUF file ({file['file_type']}) vs estimate")
+    for col in ("tensors", "count", "params", "bytes"):
+        t.add_column(col, justify="left" if col == "tensors" else "right")
+    for kind, row in sorted(file["by_type"].items()):
+        t.add_row(kind, str(row["tensors"]), human(row["params"], "params"), human(row["bytes"], "bytes"))
+    t.add_row("all tensors", "", "", human(file["tensor_bytes"], "bytes"))
+    t.add_row("file (with metadata)", "", "", human(file["file_bytes"], "bytes"))
+    if file["estimate"] is not None:
+        t.add_row(f"estimate ({file['estimate_of']})", "", "", human(file["estimate"], "bytes"))
+        t.add_row("estimate error vs tensors", "", "", f"{100 * file['rel_error']:+.2f} %")
+    else:
+        t.add_row("estimate", "", "", f"n/a (no estimate for {file['file_type']})")
+    return t
 
 
 @app.command()
@@ -114,7 +136,8 @@ def size(
     overwrite: bool = OVERWRITE,
 ) -> None:
     """Parameters, bytes at fp32/bf16/int8/int4, KV cache, AdamW training memory, FLOPs per token and
-    Chinchilla-optimal tokens of MODEL, from its config alone; ratios against MODEL2 when given."""
+    Chinchilla-optimal tokens of MODEL, from its config alone; ratios against MODEL2 when given. For a .gguf file,
+    also the bytes its tensors really take, by type, beside the estimate at its type's width."""
     from pocketlm.inspect.size import size_results
 
     try:

@@ -557,12 +557,40 @@ def _model_for_measuring(spec: str | Path, config: Any, dtype: str) -> tuple[Any
     return load_model(spec, dtype=dtype, attn_implementation="eager")[0], "weights"
 
 
+# the estimate a GGUF file of each type (its header's general.file_type) is checked against
+GGUF_ESTIMATES = {"ALL_F32": "fp32", "MOSTLY_F16": "bf16", "MOSTLY_BF16": "bf16", "MOSTLY_Q8_0": "int8",
+                  "MOSTLY_Q4_0": "int4"}
+
+
+def gguf_file_figures(spec: str | Path, est: SizeEstimate) -> dict[str, Any] | None:
+    """For a .gguf spec (or the embedded teacher): the bytes its tensors really take, by GGML type, and the file's
+    size, beside the weight-bytes estimate at its file type's width (none for other types, e.g. Q4_1); None for
+    any other spec. The estimate keeps vectors at 16 bits where the file has them in F32, and a matrix whose rows
+    are not whole blocks in F16 where the estimate rounds it up to blocks."""
+    from pocketlm.models.gguf_export import gguf_file_bytes
+    from pocketlm.models.load import resolve
+
+    if _is_config_file(spec):
+        return None
+    ms = resolve(spec)
+    if ms.gguf_file is None:
+        return None
+    real = gguf_file_bytes(Path(ms.path) / ms.gguf_file)
+    width = GGUF_ESTIMATES.get(real["file_type"] or "")
+    guess = est.weight_bytes[width] if width else None
+    return {**real, "estimate_of": f"weight_bytes_{width}" if width else None, "estimate": guess,
+            "rel_error": (guess - real["tensor_bytes"]) / real["tensor_bytes"] if guess else None}
+
+
 def _one(spec: str | Path, context: int, batch: int, measure_context: int | None) -> tuple[dict, SizeEstimate]:
     from pocketlm.report.results import model_info
 
     config, raw = load_size_config(spec)
     est = estimate(config, context, batch, raw=raw)
     info: dict[str, Any] = {"spec": str(spec), "family": est.family}
+    file = gguf_file_figures(spec, est)
+    if file is not None:
+        info["file"] = file
     if measure_context:
         from pocketlm.inspect.size_measure import measure
 
@@ -597,13 +625,17 @@ def size_results(spec: str | Path, baseline: str | Path | None = None, *, contex
     metrics = [Metric(k, float(v), 1, unit=unit_of(k)) for k, v in flatten(est).items()]
     metrics += [Metric(f"measured_{k}", float(f["measured"]), 1, unit=unit_of(k))
                 for k, f in info.get("measured", {}).get("figures", {}).items()]
-    details: dict[str, Any] = {"model": {**est.to_dict(), "measured": info.pop("measured", None)}}
+    file = info.pop("file", None)
+    metrics += [Metric(f"file_{k}", float(file[k]), 1, unit="bytes") for k in ("tensor_bytes", "file_bytes")
+                if file is not None]
+    details: dict[str, Any] = {"model": {**est.to_dict(), "measured": info.pop("measured", None), "file": file}}
     base_info = None
     if baseline is not None:
         base_info, base = _one(baseline, context, batch, measure_context)
         metrics += [Metric(f"baseline_{k}", float(v), 1, unit=unit_of(k)) for k, v in flatten(base).items()]
         metrics += [Metric(f"ratio_{k}", r, 1, unit="ratio") for k, r in compare(est, base).items()]
-        details["baseline"] = {**base.to_dict(), "measured": base_info.pop("measured", None)}
+        details["baseline"] = {**base.to_dict(), "measured": base_info.pop("measured", None),
+                               "file": base_info.pop("file", None)}
     settings = {"context": context, "batch": batch, "measure_context": measure_context,
                 "quant_group": QUANT_GROUP, "quant_scale_bytes": SCALE_BYTES,
                 "chinchilla_tokens_per_param": CHINCHILLA_TOKENS_PER_PARAM}
