@@ -204,8 +204,11 @@ def student_path(args, size: str, name: str) -> Path:
 def remeasure_speed(args, shared: Shared) -> None:
     """Greedy tokens/s of the teacher and of every finished row's saved student, timed again in this one run,
     one after the other (timings taken while other work ran on the cores are not comparable)."""
-    from pocketlm.models.load import load_model
+    from transformers import AutoModelForCausalLM
 
+    from pocketlm.models.student import register_auto_classes
+
+    register_auto_classes()
     tok = shared.prep.tokenizer
     with heavy_lock():
         t_path = args.out / "rows" / "teacher.json"
@@ -218,7 +221,7 @@ def remeasure_speed(args, shared: Shared) -> None:
                 row, folder = read_row(args, size, name), student_path(args, size, name)
                 if row is None or not folder.is_dir():
                     continue
-                model, _ = load_model(folder)
+                model = AutoModelForCausalLM.from_pretrained(folder)  # saved without a tokenizer: the teacher's
                 row["generate_tokens_per_s"] = generation_speed(model, tok)
                 row["speed_ratio_to_teacher"] = row["generate_tokens_per_s"] / teacher["generate_tokens_per_s"]
                 row_path(args, size, name).write_text(json.dumps(row, indent=1))
