@@ -64,3 +64,7 @@ def test_demo_path_on_the_embedded_teacher(tmp_path):
 
     student = AutoModelForCausalLM.from_pretrained(out / "distill" / "student")
     assert student.config.num_hidden_layers == 2 and student.config.vocab_size == 49152
+    # the demo's student is depth-pruned: the 2 teacher layers of highest Block Influence, not evenly spaced ones
+    record = json.loads((out / "distill" / "importance.json").read_text())
+    bi = record["importance"]["block_influence"]
+    assert len(bi) == 30 and record["plan"]["layers"] == sorted(sorted(range(30), key=lambda i: -bi[i])[:2])
