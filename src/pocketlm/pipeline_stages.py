@@ -268,7 +268,8 @@ def _train(ctx: Context, role: str) -> StageOutput:
                   "heldout_documents": len(prep.blocks.val_docs), "block_size": prep.blocks.block_size},
             settings=settings, metrics=metrics,
             details={"history": train.history, "run_dir": ctx.rel(run_dir), "checkpoint": train.checkpoint and
-                     ctx.rel(train.checkpoint), "moe_load_png": ctx.rel(moe_png) if moe_png.is_file() else None},
+                     ctx.rel(train.checkpoint), "moe_load_png": ctx.rel(moe_png) if moe_png.is_file() else None,
+                     "student_format": result.student_format and result.student_format.to_dict()},
             provenance=provenance(), wall_time_s=time.perf_counter() - t0)),
         Entry(role, "parameters", parameter_results(student, info)),
     ]

@@ -52,7 +52,7 @@ def test_each_mode_learns_and_writes_a_loadable_student(tmp_path, teacher_dir, c
     rows = [json.loads(line) for line in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 9)) and rows[-1]["val_perplexity"] > 1
     student = AutoModelForCausalLM.from_pretrained(res.student_dir)
-    assert student.config.model_type == "pocketlm" and student.config.num_hidden_layers == 2
+    assert student.config.model_type == "llama" and student.config.num_hidden_layers == 2  # #20 item 6
     assert len(list_checkpoints(tmp_path / mode / "checkpoints")) == 2  # keep_checkpoints
 
 

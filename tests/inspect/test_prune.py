@@ -134,6 +134,11 @@ def test_prune_heads_command_errors(tmp_path, tokenizer, corpus_file, teacher_di
     missing = runner.invoke(app, ["prune-heads", "--model", str(student), "--data", "./nope.txt", "--heads", "2",
                                   "--out", str(tmp_path / "o")])
     assert missing.exit_code == 2 and "nope.txt" in missing.output
+    # a Llama-layout folder (what a distillation run writes, #20 item 6) is pruned as its exact pocketlm copy; the
+    # pruned one keeps 1 group in one layer and 2 in the others, which no Llama holds: pocketlm's layout, and why
+    out = tmp_path / "from_llama"
     llama = runner.invoke(app, ["prune-heads", "--model", str(teacher_dir), "--data", str(corpus_file), "--heads",
-                                "2", "--out", str(tmp_path / "o")])
-    assert llama.exit_code == 2 and "works on pocketlm students" in llama.output
+                                "2", "--out", str(out), "--quiet", "--block-size", "16", "--max-blocks", "4"])
+    assert llama.exit_code == 0, llama.output
+    layout = json.loads((out / "results.json").read_text())["details"]["student_format"]
+    assert layout["model_type"] == "pocketlm" and "heads were pruned unevenly" in layout["reason"]

@@ -80,8 +80,10 @@ def demo(
 
 @app.command()
 def export(
-    model: Path = typer.Argument(..., help="A pocketlm student folder (e.g. runs/x/student); with --format gguf, "
-                                           "any Llama-layout model pocketlm loads (folder, .gguf, embedded teacher)."),
+    model: Path = typer.Argument(..., help="A folder in pocketlm's layout (e.g. runs/x/checkpoints/step-000200; "
+                                           "runs/x/student is already Llama or Mixtral where those hold it); with "
+                                           "--format gguf, any Llama-layout model pocketlm loads (folder, .gguf, "
+                                           "embedded teacher)."),
     out: Path = typer.Option(..., "--out", help="Folder to write."),
     format: str = typer.Option("llama", "--format", help="Export format: llama (a transformers folder) or gguf "
                                                          "(one GGUF file for llama.cpp and transformers)."),

@@ -39,7 +39,8 @@ def attention(
 
 @app.command("prune-heads")
 def prune_heads(
-    model: str = typer.Option(..., "--model", help="A pocketlm student folder."),
+    model: str = typer.Option(..., "--model", help="A student folder: pocketlm's layout or a Llama one (what a "
+                                                   "distillation run writes)."),
     data: str = typer.Option(..., "--data", help=".txt file, folder of .txt, .jsonl/.parquet, or a dataset: "
                                                  "importance on part of it, perplexity on the held-out rest."),
     heads: int = typer.Option(..., "--heads", min=1, help="Query heads to remove; whole KV groups go, so with GQA a "

@@ -27,6 +27,7 @@ from pocketlm.data.text import DataError, TokenBlocks, build_blocks, heldout_ind
 from pocketlm.distill.checkpoint import latest_checkpoint, replace_dir
 from pocketlm.distill.cache import TeacherCache, build_teacher_cache
 from pocketlm.distill.trainer import Trainer, TrainResult
+from pocketlm.models.hf_export import FolderFormat, write_student_folder
 from pocketlm.models.load import (
     check_vocab_compatible, fingerprint_model, fingerprint_tokenizer, folder_shape, load_model, parse_dtype,
 )
@@ -239,20 +240,25 @@ def get_cache(cfg: DistillConfig, prep: Prepared, progress: bool) -> TeacherCach
     )
 
 
-def save_student(student, tokenizer, dest: Path) -> Path:
-    """Write the final student as a Hugging Face folder, atomically."""
+def save_student(student, tokenizer, dest: Path) -> FolderFormat:
+    """Write the final student as a Hugging Face folder, atomically, in the most standard layout that represents
+    it exactly (`hf_export.write_student_folder`: Llama, Mixtral, else pocketlm's own, with the reason, which is
+    also warned). Checkpoints stay in pocketlm's layout, which resumes training exactly."""
     tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        student.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        tmp.mkdir()
+        layout = write_student_folder(tmp, student, tokenizer)
         replace_dir(tmp, dest)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, SafetensorError):
             raise as_write_error(e, dest) from e
         raise
-    return dest
+    if layout.reason:
+        warnings.warn(f"{dest} is written in pocketlm's layout (model_type pocketlm; loading it needs `import "
+                      f"pocketlm`), not a standard one: {layout.reason}", stacklevel=2)
+    return layout
 
 
 @dataclass
@@ -262,6 +268,7 @@ class DistillResult:
     teacher_fingerprint: str
     data_hash: str
     n_train_tokens: int
+    student_format: FolderFormat | None = None  # the final folder's layout, and why not a standard one (rank 0)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -311,10 +318,10 @@ def run_distill(
         result = trainer.train()
         model = trainer.accelerator.unwrap_model(trainer.student)
         dest = out / "student"
-        if dist.is_main():
-            save_student(model, prep.tokenizer, dest)
+        layout = save_student(model, prep.tokenizer, dest) if dist.is_main() else None
         dist.barrier()
-    return DistillResult(str(dest), result, prep.teacher_fingerprint, prep.blocks.data_hash, prep.blocks.n_tokens)
+    return DistillResult(str(dest), result, prep.teacher_fingerprint, prep.blocks.data_hash, prep.blocks.n_tokens,
+                         layout)
 
 
 def run_bytes(cfg: DistillConfig, student, prep: Prepared, out: Path) -> int:

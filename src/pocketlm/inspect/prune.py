@@ -22,13 +22,16 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 
 from pocketlm.inspect.attention import HeadImportance, attention_modules, head_importance, is_student
 from pocketlm.report.results import Metric, Results
+
+if TYPE_CHECKING:
+    from pocketlm.models.hf_export import FolderFormat
 
 
 def plan_pruning(
@@ -118,13 +121,13 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def save_student(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path:
-    """save_pretrained (and the tokenizer) into a temporary folder next to `out_dir`, then swapped into place
-    (a folder there that pocketlm did not write is refused: `pocketlm.outdir.write_folder`)."""
-    from pocketlm.models.hf_export import write_model_folder
+def save_student(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike) -> tuple[Path, FolderFormat]:
+    """The pruned student (and the tokenizer) written into a temporary folder next to `out_dir`, then swapped into
+    place (a folder there that pocketlm did not write is refused: `pocketlm.outdir.write_folder`), as a Llama when
+    every layer keeps as many groups, else in pocketlm's layout (`hf_export.write_student_folder`, with the reason)."""
+    from pocketlm.models.hf_export import save_student_folder
 
-    return write_model_folder(Path(out_dir), lambda tmp: model.save_pretrained(tmp), model, tokenizer,
-                              kind="student")
+    return save_student_folder(model, tokenizer, out_dir)
 
 
 def _exp_ratio(nll: np.ndarray, tokens: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -184,9 +187,14 @@ def prune_heads_results(
     docs = read_documents(data, field=field, split=split, max_documents=max_documents, txt_split=txt_split)
     train_docs, val_docs = split_documents(docs, val_fraction, seed)
     model, tokenizer = load_model(model_spec)
-    if not is_student(model):
-        raise ValueError(f"{model_spec} is a {type(model).__name__}; prune-heads works on pocketlm students "
-                         "(distill or init one from this model first)")
+    if not is_student(model):  # a Llama-layout folder (a distilled student is one): its exact pocketlm copy
+        from pocketlm.models.pruning import as_pocketlm
+
+        try:
+            model = as_pocketlm(model).eval()
+        except ValueError as e:
+            raise ValueError(f"{model_spec} is a {type(model).__name__}; prune-heads works on pocketlm students "
+                             f"and Llama-layout models, and this one is neither ({e})") from None
     blocks = pack(train_docs, tokenizer, block_size)[:max_blocks]  # [n, L]
 
     importance = head_importance(model, blocks, batch_size=batch_size, progress=progress)
@@ -196,7 +204,7 @@ def prune_heads_results(
     before = document_perplexities(model, tokenizer, val_docs, **ppl_kwargs)
     after = document_perplexities(pruned, tokenizer, val_docs, **ppl_kwargs)
 
-    student_dir = save_student(pruned, tokenizer, Path(out_dir) / "student")
+    student_dir, layout = save_student(pruned, tokenizer, Path(out_dir) / "student")
     reloaded, _ = load_model(student_dir)
     probe = blocks[:1]
     with torch.no_grad():
@@ -223,6 +231,7 @@ def prune_heads_results(
         metrics=metrics,
         details={
             "student": str(student_dir),
+            "student_format": layout.to_dict(),
             "removed_kv_heads": {str(k): v for k, v in remove.items()},
             "removed_query_heads": {str(k): v for k, v in removed_heads(model, remove).items()},
             "kept_kv_heads": pruned.config.kept_kv_heads,

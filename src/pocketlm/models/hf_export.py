@@ -11,10 +11,16 @@ renames the router (`mlp.router.proj` → `mlp.gate`) and lets transformers writ
 students save and load as pocketlm models (`save_pretrained`, `AutoModelForCausalLM` after `import pocketlm`).
 
 The folder is written next to its destination and renamed into place, so a reader never sees half of it.
+
+A run's final student folder (`write_student_folder`) is written in the most standard of these layouts that
+represents the student exactly — Llama, else Mixtral, else pocketlm's own, with the reason — and a standard folder
+is kept only when it reloads, in transformers' own class, to the student's logits.
 """
 from __future__ import annotations
 
 import os
+import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -185,7 +191,12 @@ def export_mixtral(
     generation_config.json, safetensors in transformers' Mixtral format, the tokenizer's files if given).
     `dtype` converts the weights (default: as they are). Returns the folder's path."""
     _require_student(model, "Mixtral")
-    out_dir = Path(out_dir)
+    return write_model_folder(Path(out_dir), _mixtral_writer(model, dtype), model, tokenizer, overwrite=overwrite)
+
+
+def _mixtral_writer(model: PocketLMForCausalLM, dtype: torch.dtype | None) -> Callable[[Path], Any]:
+    """What writes `model` as a `MixtralForCausalLM` (`write(folder)`), checked first: a student Mixtral cannot
+    hold is a `ValueError` saying why."""
     config = mixtral_config_from_student(model.config)
     dtype = dtype or next(model.parameters()).dtype
     config.dtype = dtype
@@ -197,23 +208,30 @@ def export_mixtral(
     mixtral.load_state_dict({k: t.detach().to("cpu", dtype) for k, t in tensors.items()}, strict=False)
     if config.tie_word_embeddings:
         mixtral.tie_weights()
-    return write_model_folder(out_dir, lambda tmp: mixtral.save_pretrained(tmp, safe_serialization=True), model,
-                              tokenizer, overwrite=overwrite)
+    return lambda folder: mixtral.save_pretrained(folder, safe_serialization=True)
+
+
+def fill_model_folder(folder: Path, write_model: Callable[[Path], Any], model: PocketLMForCausalLM,
+                      tokenizer: Any) -> None:
+    """Write the model (`write_model(folder)`), the student's generation config and the tokenizer into `folder`."""
+    write_model(folder)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
 
 
 def write_model_folder(out_dir: Path, write_model: Callable[[Path], Any], model: PocketLMForCausalLM,
                        tokenizer: Any, *, kind: str = "export", overwrite: bool = False) -> Path:
     """Write the model (`write_model(folder)`), the student's generation config and the tokenizer as one folder,
     by the output-folder rules of `pocketlm.outdir.write_folder` (made whole, never over a user's folder)."""
-    def write(tmp: Path) -> None:
-        write_model(tmp)
-        if model.generation_config is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+    return write_folder(out_dir, lambda tmp: fill_model_folder(tmp, write_model, model, tokenizer), kind=kind,
+                        overwrite=overwrite, need=_need(model))
 
-    need = MIN_FREE + sum(p.numel() * p.element_size() for p in model.parameters())
-    return write_folder(out_dir, write, kind=kind, overwrite=overwrite, need=need)
+
+def _need(model: Any) -> int:
+    """Disk a folder of `model` needs: its weights as they are, and the margin."""
+    return MIN_FREE + sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def export_llama(
@@ -227,16 +245,96 @@ def export_llama(
     model.safetensors and, if given, the tokenizer's files. `dtype` converts the weights (default: as they are).
     Returns the folder's path."""
     _require_student(model, "Llama")
-    out_dir = Path(out_dir)
+    return write_model_folder(Path(out_dir), _llama_writer(model, dtype), model, tokenizer, overwrite=overwrite)
+
+
+def _llama_writer(model: PocketLMForCausalLM, dtype: torch.dtype | None) -> Callable[[Path], Any]:
+    """What writes `model` as a `LlamaForCausalLM` (`write(folder)`: config.json and model.safetensors), checked
+    first: a student that is not a plain Llama is a `ValueError` saying why."""
     llama_config = llama_config_from_student(model.config)
     tensors = _llama_tensors(model, llama_config, dtype)
-    if dtype is not None:
-        llama_config.dtype = dtype
+    llama_config.dtype = dtype or next(iter(tensors.values())).dtype
+
+    def write_model(folder: Path) -> None:
+        llama_config.save_pretrained(folder)
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+    return write_model
+
+
+@dataclass(frozen=True)
+class FolderFormat:
+    """The layout a student folder was written in: `model_type` as its config.json says (llama, mixtral or
+    pocketlm), and `reason`, why it is not a standard one (None when it is)."""
+
+    model_type: str
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+STANDARD = {"llama": LlamaForCausalLM, "mixtral": MixtralForCausalLM}
+PROBE_TOKENS = 16  # the reload check's sequence
+RELOAD_TOL = dict(rtol=1e-4, atol=1e-5)  # bit-exact on CPU as measured; room for another kernel's rounding on
+# an accelerator, where a real mismatch (a wrong field or weight) moves trained logits by far more
+
+
+def write_student_folder(folder: Path, model: PocketLMForCausalLM, tokenizer: Any) -> FolderFormat:
+    """Fill `folder` (new, empty, ours) with the student in the most standard layout that represents it exactly:
+    `LlamaForCausalLM` for a dense student whose attention is Llama's (pruned widths included),
+    `MixtralForCausalLM` for a top-k softmax MoE in every layer without shared experts, and otherwise pocketlm's
+    own (`model_type: pocketlm`, loaded after `import pocketlm`), with the reason. transformers and lm-eval's `hf`
+    model read a standard folder without pocketlm installed, and vLLM and llama.cpp's converter take its layout.
+    A standard folder is kept only when it reloads, in transformers' class, to the student's logits (`RELOAD_TOL`)
+    on a probe sequence."""
+    _require_student(model, "Llama or Mixtral")
+    layout = "llama" if model.config.moe is None else "mixtral"
+    try:
+        write = _llama_writer(model, None) if layout == "llama" else _mixtral_writer(model, None)
+    except ValueError as e:
+        first, *problems = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = " ".join([first, "; ".join(problems)]).strip()
     else:
-        llama_config.dtype = next(iter(tensors.values())).dtype
+        candidate = folder / f".{layout}"
+        candidate.mkdir()
+        fill_model_folder(candidate, write, model, tokenizer)
+        reason = _reload_mismatch(candidate, model, layout)
+        if reason is None:
+            for p in sorted(candidate.iterdir()):
+                os.replace(p, folder / p.name)
+            candidate.rmdir()
+            return FolderFormat(layout)
+        shutil.rmtree(candidate)  # made by this call, holding only what it wrote
+    fill_model_folder(folder, lambda f: model.save_pretrained(f, safe_serialization=True), model, tokenizer)
+    return FolderFormat("pocketlm", reason)
 
-    def write_model(tmp: Path) -> None:
-        llama_config.save_pretrained(tmp)
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
 
-    return write_model_folder(out_dir, write_model, model, tokenizer, overwrite=overwrite)
+def _reload_mismatch(folder: Path, model: PocketLMForCausalLM, layout: str) -> str | None:
+    """Why the `layout` folder does not compute the student's logits (None when it does): it is loaded with
+    transformers' own class, beside the student on its device and in its dtype, and both read one probe sequence."""
+    param = next(model.parameters())
+    reloaded = STANDARD[layout].from_pretrained(folder, dtype=param.dtype).to(param.device).eval()
+    n = min(PROBE_TOKENS, model.config.max_position_embeddings)
+    ids = torch.randint(model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0)).to(param.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            want, got = model(ids).logits.float(), reloaded(ids).logits.float()
+    finally:
+        model.train(was_training)
+    if torch.allclose(got, want, **RELOAD_TOL):
+        return None
+    return (f"the {layout} folder reloads to logits up to {(got - want).abs().max().item():.3g} away from the "
+            f"student's (tolerance {RELOAD_TOL['atol']:g} + {RELOAD_TOL['rtol']:g}·|logit|)")
+
+
+def save_student_folder(model: PocketLMForCausalLM, tokenizer: Any, out_dir: str | os.PathLike, *,
+                        kind: str = "student", overwrite: bool = False) -> tuple[Path, FolderFormat]:
+    """`write_student_folder` into `out_dir` by the output-folder rules of `pocketlm.outdir.write_folder`;
+    returns the folder and the layout it was written in."""
+    written: list[FolderFormat] = []
+    path = write_folder(Path(out_dir), lambda tmp: written.append(write_student_folder(tmp, model, tokenizer)),
+                        kind=kind, overwrite=overwrite, need=_need(model))
+    return path, written[0]
