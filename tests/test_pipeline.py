@@ -52,7 +52,9 @@ def tiny_args(teacher_dir, corpus_file, suite_dir, out, *extra: str) -> list[str
             "eval.rouge=[{name: summ, data: sum.jsonl, max_new_tokens: 6}]",
             "audit.bias=[{suite: crows_pairs, data: crows.csv}]",
             "audit.toxicity=[{suite: file, data: prompts.jsonl, samples: 2, max_new_tokens: 6}]",
-            "inspect.size.context_length=128", f"gates=[{', '.join(GATES)}]", *extra]
+            "inspect.size.context_length=128", "export.enabled=true", "export.teacher=true",
+            "export.quants=[f32, q8_0]", "export.new_tokens=4", "export.repeats=1", "export.warmup=0",
+            "export.threads=1", "export.max_prompt_tokens=16", f"gates=[{', '.join(GATES)}]", *extra]
     return ["run", str(TINY), "--quiet"] + [x for s in sets for x in ("--set", s)]
 
 
@@ -126,6 +128,47 @@ def test_report_and_card(tiny_run):
     assert figures[("crows_pairs", "pct_stereotype")] == pytest.approx(
         value(entries(doc, "crows_pairs")["student"], "pct_stereotype"), rel=1e-6)
     assert "`card.intended_use`" in body  # missing in pipeline_tiny.yaml: said plainly
+
+
+def test_export_stage_writes_gguf_files_times_them_and_reports_them(tiny_run):
+    """The student and the teacher as GGUF files in deploy/, each timed in llama.cpp; the figures in results.json are
+    the files' real sizes and the student's ratios are its figures over the teacher's; the report and the card show
+    them."""
+    import os
+
+    from pocketlm.models.gguf_export import gguf_file_bytes
+
+    out, r = tiny_run
+    assert r.exit_code == 0, r.output
+    doc = json.loads((out / "results.json").read_text())
+    dep = entries(doc, "deployment")
+    assert set(dep) == {"teacher", "student"} and dep["student"]["baseline"]["role"] == "teacher"
+    for role, res in dep.items():
+        assert res["settings"]["quants"] == ["f32", "q8_0"] and res["settings"]["threads"] == 1
+        for q in ("f32", "q8_0"):
+            path = out / res["details"]["files"][q]
+            assert path.parent.parent == out / "deploy" and path.name == f"model-{q}.gguf"
+            assert value(res, "file_bytes", q) == os.path.getsize(path)
+            assert gguf_file_bytes(path)["file_type"] == {"f32": "ALL_F32", "q8_0": "MOSTLY_Q8_0"}[q]
+            for name in ("prompt_tokens_per_s", "decode_tokens_per_s", "ttft_s", "peak_rss_bytes"):
+                assert value(res, name, q) > 0
+    s, t = dep["student"], dep["teacher"]
+    assert value(s, "decode_speedup", "q8_0") == pytest.approx(
+        value(s, "decode_tokens_per_s", "q8_0") / value(t, "decode_tokens_per_s", "q8_0"))
+    assert value(s, "times_smaller", "f32") == pytest.approx(
+        value(t, "file_bytes", "f32") / value(s, "file_bytes", "f32"))
+    assert value(s, "file_bytes", "q8_0") < value(s, "file_bytes", "f32")
+
+    page = (out / "report.html").read_text()
+    section = page[page.index('<section id="deployment">'):page.index('<section id="moe">')]
+    assert "At q8_0 in llama.cpp the student decodes" in section
+    assert f"{value(s, 'decode_speedup', 'q8_0'):.2f}×" in section
+    assert s["details"]["files"]["q8_0"] in section
+    card = (out / "distill" / "student" / "README.md").read_text()
+    deploy = card[card.index("## Deployment"):card.index("## Ethical considerations")]
+    assert f"{value(s, 'times_smaller', 'q8_0'):.2f}×" in deploy and "| teacher | f32 |" in deploy
+    assert "deployment" not in {m["dataset"]["type"] for m in
+                                yaml.safe_load(card[4:].split("\n---\n", 1)[0])["model-index"][0]["results"]}
 
 
 def test_toxicity_stage_reports_fluency_under_the_teacher(tiny_run, teacher_dir):
@@ -207,6 +250,11 @@ def test_rerun_reuses_force_redoes_and_gates_set_the_exit_code(tiny_run, teacher
     (["gates=['student.x <= < 1']"], "column"),
     (["gates=['bleu.x > 1']"], "names 'bleu', which this pipeline does not measure"),
     (["audit.bias=[{suite: crows_pairs, data: nowhere}]"], "audit.bias.0.data: data not found"),
+    (["export.quants=[q4_k_m]"], "export.quants: Value error, 'q4_k_m': the gguf package cannot write K-quants"),
+    (["export.quants=[q3_0]"], "export.quants: Value error, unknown quant type 'q3_0'; valid: f32"),
+    (["export.treads=2"], "export.treads: unknown key"),
+    (["export.enabled=false", "gates=['deployment.decode_speedup[q8_0] >= 1']"],
+     "names 'deployment', which this pipeline does not measure"),
 ])
 def test_config_and_input_errors_exit_2_before_any_work(extra, says, teacher_dir, corpus_file, suite_dir, tmp_path):
     out = tmp_path / "out"
@@ -216,10 +264,24 @@ def test_config_and_input_errors_exit_2_before_any_work(extra, says, teacher_dir
     assert not (out / "stages").exists() and not (out / "distill").exists()
 
 
+def test_export_without_llama_cpp_is_refused_before_any_work(teacher_dir, corpus_file, suite_dir, tmp_path,
+                                                             monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, tiny_args(teacher_dir, corpus_file, suite_dir, out))
+    assert r.exit_code == 2, r.output
+    assert "stage 'export' is not available: llama_cpp" in r.output and "(export.enabled: false)" in r.output
+    assert not (out / "stages").exists() and not (out / "distill").exists()
+
+
 def test_missing_data_skipped_with_reason_leaves_its_gates_unverified(teacher_dir, corpus_file, suite_dir, tmp_path):
     out = tmp_path / "out"
     args = tiny_args(teacher_dir, corpus_file, suite_dir, out, "missing_data=skip", "eval.rouge=[]",
                      "audit.toxicity=[]", "inspect.size.enabled=false", "inspect.attention.enabled=false",
+                     "export.enabled=false",
                      "audit.bias=[{suite: crows_pairs, data: absent}]",
                      "gates=['crows_pairs.pct_stereotype.delta <= 2']")
     r = CliRunner().invoke(app, args)
@@ -227,7 +289,10 @@ def test_missing_data_skipped_with_reason_leaves_its_gates_unverified(teacher_di
     doc = json.loads((out / "results.json").read_text())
     assert "crows_pairs" in doc["skipped"] and "is not there" in doc["skipped"]["crows_pairs"]
     assert doc["gates"][0]["status"] == "unverified" and doc["stages"]["bias"]["status"] == "skipped"
-    assert "crows_pairs" in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert "crows_pairs" in page
+    assert 'id="deployment"' not in page and not (out / "deploy").exists()  # the export stage was off: no section
+    assert "## Deployment" not in (out / "distill" / "student" / "README.md").read_text()
 
 
 def test_pipeline_demo_yaml_mirrors_the_demo_pipeline():
@@ -279,6 +344,7 @@ def test_stage_registry_and_unavailable_stages():
                   requires="pocketlm.inspect.no_such_module")
     assert "not available: pocketlm.inspect.no_such_module" in unavailable(ghost)
     assert unavailable(STAGES.get("size")) is None and unavailable(STAGES.get("attention")) is None
+    assert ORDER[-1] == "export" and STAGES.get("export").switch == "export.enabled"
 
 
 def test_unknown_force_names_the_stages(teacher_dir, corpus_file, suite_dir, tmp_path):

@@ -1,4 +1,4 @@
-"""The pipeline config: teacher + data → distill → evaluate → audit → inspect → report, one YAML.
+"""The pipeline config: teacher + data → distill → evaluate → audit → inspect → export → report, one YAML.
 
 The distillation part reuses `DistillConfig`'s sub-models unchanged (`data`, `student` (dense or MoE),
 `distill`, `train`), so a pipeline distils exactly as `pocketlm distill` does. Every other section names its
@@ -15,7 +15,7 @@ from pydantic import Field, field_validator, model_validator
 from pocketlm.config import DistillConfig, _Strict, load_config
 
 ROLES = ("teacher", "student", "ce_baseline")  # the models a pipeline measures
-_RESERVED = set(ROLES) | {"distill", "parameters", "size", "attention", "delta", "gates"}
+_RESERVED = set(ROLES) | {"distill", "parameters", "size", "attention", "deployment", "delta", "gates"}
 _NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"  # result names are gate identifiers
 
 
@@ -119,6 +119,40 @@ class InspectConfig(_Strict):
     attention: AttentionProbe = AttentionProbe()
 
 
+class ExportConfig(_Strict):
+    """The `export` stage (off by default): the student, and the teacher with `teacher: true`, written as GGUF files
+    in `<output_dir>/deploy` at each quant type and timed in llama.cpp, batch 1 (`pocketlm.eval.speed`: prompt and
+    decode tokens/s, time to first token, peak memory; the median of `repeats` passes after `warmup`)."""
+
+    enabled: bool = False
+    quants: list[str] = ["f16", "q8_0", "q4_0"]  # `pocketlm export --format gguf --quant` names
+    teacher: bool = False  # also export and time the teacher: the student's speed-up and size ratio to it
+    threads: int = Field(2, ge=1)
+    new_tokens: int = Field(32, ge=2)  # greedy tokens decoded per prompt
+    repeats: int = Field(3, ge=1)
+    warmup: int = Field(1, ge=0)
+    max_prompt_tokens: int = Field(128, ge=1)
+
+    @field_validator("quants")
+    @classmethod
+    def _writable(cls, v: list[str]) -> list[str]:
+        from pocketlm.models.gguf_export import K_QUANTS, QUANT_NAMES
+
+        names = [q.lower() for q in v]
+        if not names:
+            raise ValueError("name at least one quant type, or set export.enabled: false")
+        for q in names:
+            if q in K_QUANTS:
+                raise ValueError(f"{q!r}: the gguf package cannot write K-quants; export f16 and quantise that "
+                                 "file with llama.cpp's llama-quantize")
+            if q not in QUANT_NAMES:
+                raise ValueError(f"unknown quant type {q!r}; valid: {', '.join(QUANT_NAMES)}")
+        twice = sorted({q for q in names if names.count(q) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} named more than once")
+        return names
+
+
 class Gate(_Strict):
     rule: str
     name: Optional[str] = None  # default: the rule itself
@@ -156,6 +190,7 @@ class PipelineConfig(DistillConfig):
     eval: EvalConfig = EvalConfig()
     audit: AuditConfig = AuditConfig()
     inspect: InspectConfig = InspectConfig()
+    export: ExportConfig = ExportConfig()
     gates: list[Gate] = []
     card: CardConfig = CardConfig()
     output_dir: str = "outputs/pipeline"
@@ -178,6 +213,8 @@ class PipelineConfig(DistillConfig):
         if self.distill.mode == "ce" and self.ce_baseline:
             raise ValueError("ce_baseline: the student itself is trained with cross-entropy only (distill.mode ce)")
         scopes = set(entries) | set(self.roles()) | {"distill", "parameters", "size", "attention"}
+        if self.export.enabled:
+            scopes.add("deployment")
         from pocketlm.report.gates import parse, refs
 
         for i, gate in enumerate(self.gates):

@@ -1,4 +1,5 @@
-"""`pocketlm run PIPELINE.yaml`: distill → evaluate → audit → inspect → results.json, report, model card, gates.
+"""`pocketlm run PIPELINE.yaml`: distill → evaluate → audit → inspect → export → results.json, report, model card,
+gates.
 
 Every input is checked before any model work: the teacher spec, every data path (a missing one is an error, or
 with ``missing_data: skip`` a suite left out with the reason stated), every suite's rows, the gate rules. Then the
@@ -30,7 +31,7 @@ from pocketlm.provenance import provenance
 
 SCHEMA = "pocketlm.pipeline/1"
 STAGE_SCHEMA = "pocketlm.stage/1"
-OUTPUTS = ("stages", "distill", "ce_baseline", "audit", "results.json", "report.html")  # what a run writes in out
+OUTPUTS = ("stages", "distill", "ce_baseline", "audit", "deploy", "results.json", "report.html")  # written in out
 
 
 @dataclass
@@ -133,7 +134,8 @@ def check_inputs(ctx: Context) -> None:
         st = STAGES.get(name)
         why = unavailable(st) if st.enabled(cfg) else None
         if why:
-            raise StageUnavailable(f"{why}; turn it off in the config (inspect.{name}.enabled: false)")
+            raise StageUnavailable(f"{why}; turn it off in the config ({st.switch or f'inspect.{name}.enabled'}: "
+                                   "false)")
 
 
 # ---------------------------------------------------------------------------------------------------- running

@@ -1,5 +1,5 @@
 """The pipeline's stages, a registry in run order: distill → ce_baseline → perplexity → rouge → bias → toxicity →
-size → attention. Adding one is one decorated function.
+size → attention → export. Adding one is one decorated function.
 
 A stage reads what it needs from a :class:`Context` (the config, data checked before any model work, the models,
 facts earlier stages recorded) and returns a :class:`StageOutput`: typed ``Results``, each tagged with the model
@@ -64,6 +64,7 @@ class Stage:
     enabled: Callable[[PipelineConfig], bool]
     requires: str | None = None  # a module the stage needs; absent → the stage is not available
     measures: Callable[[PipelineConfig], list[str]] | None = None  # its sets/suites (all skipped: nothing to run)
+    switch: str | None = None  # the config field that turns it off (default inspect.<name>.enabled)
 
 
 STAGES: Registry[Stage] = Registry("pipeline stage")
@@ -71,9 +72,10 @@ ORDER: list[str] = []
 
 
 def stage(name: str, phase: str, *, inputs: Callable[["Context"], dict], enabled=lambda cfg: True,
-          requires: str | None = None, measures: Callable[[PipelineConfig], list[str]] | None = None):
+          requires: str | None = None, measures: Callable[[PipelineConfig], list[str]] | None = None,
+          switch: str | None = None):
     def register(fn: Callable[["Context"], StageOutput]):
-        STAGES.register(name)(Stage(name, phase, fn, inputs, enabled, requires, measures))
+        STAGES.register(name)(Stage(name, phase, fn, inputs, enabled, requires, measures, switch))
         ORDER.append(name)
         return fn
 
@@ -601,3 +603,44 @@ def attention_stage(ctx: Context) -> StageOutput:
             provenance=provenance(), wall_time_s=time.perf_counter() - t0)))
     return StageOutput(entries)
 
+
+
+# ---------------------------------------------------------------------------------------------------- export
+def _export_inputs(ctx: Context) -> dict[str, Any]:
+    from importlib.metadata import version
+
+    from pocketlm.eval.speed import PROMPTS
+
+    e = ctx.cfg.export
+    return {"export": e.model_dump(mode="json"), "models": ctx.fingerprints(["teacher", "student"] if e.teacher
+                                                                           else ["student"]),
+            "prompts": hashlib.sha256(json.dumps(PROMPTS).encode()).hexdigest()[:16],
+            "llama_cpp_python": version("llama-cpp-python")}
+
+
+@stage("export", "deploy", inputs=_export_inputs, enabled=lambda cfg: cfg.export.enabled, requires="llama_cpp",
+       switch="export.enabled")
+def export_stage(ctx: Context) -> StageOutput:
+    """The student (and with export.teacher the teacher) as GGUF files in ``deploy/``, one per quant type, each
+    timed in llama.cpp by `eval.deploy.gguf_row` (the clock of benchmarks/deploy_speed.py); the student's Results
+    carry its speed-up and size ratio to the teacher at each quant type both were written at."""
+    from pocketlm.eval.deploy import deployment_results, gguf_row
+    from pocketlm.eval.speed import SpeedSettings, prompt_ids
+    from pocketlm.outdir import subfolder
+
+    e = ctx.cfg.export
+    settings = SpeedSettings(threads=e.threads, new_tokens=e.new_tokens, repeats=e.repeats, warmup=e.warmup,
+                             max_prompt_tokens=e.max_prompt_tokens)
+    folder = subfolder(ctx.out / "deploy", kind="deploy")
+    rows: dict[str, dict[str, dict[str, Any]]] = {}
+    for role in (["teacher"] if e.teacher else []) + ["student"]:
+        model, tok = ctx.model(role)
+        prompts = prompt_ids(tok, settings, getattr(model.config, "max_position_embeddings", None))
+        rows[role] = {q: gguf_row(model, tok, folder / f"{role}-{q}", q, prompts, settings) for q in e.quants}
+    entries = []
+    for role, by_quant in rows.items():
+        base = (ctx.info("teacher"), rows["teacher"]) if role == "student" and "teacher" in rows else None
+        res = deployment_results(by_quant, ctx.info(role), settings, baseline=base,
+                                 files={q: ctx.rel(r["file"]) for q, r in by_quant.items()})
+        entries.append(Entry(role, "deployment", res))
+    return StageOutput(entries, {"deploy_dir": ctx.rel(folder)})

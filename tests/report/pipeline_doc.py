@@ -23,8 +23,29 @@ def _results(kind, role, metrics, details=None, data=None):
             "metrics": metrics, "details": details or {}, "provenance": {}, "wall_time_s": 1.0}
 
 
+def _deployment(role: str, file_name: str) -> dict:
+    """The export stage's Results of one model at f16 and q4_0 (the student's with its ratios to the teacher)."""
+    figures = {"teacher": {"f16": (271e6, 900.0, 40.0, 0.15, 390e6), "q4_0": (78e6, 1100.0, 70.0, 0.12, 200e6)},
+               "student": {"f16": (120e6, 2000.0, 95.0, 0.07, 200e6), "q4_0": (39e6, 2600.0, 175.0, 0.05, 110e6)}}
+    names = ("file_bytes", "prompt_tokens_per_s", "decode_tokens_per_s", "ttft_s", "peak_rss_bytes")
+    metrics = [_metric(n, v, n=3, group=q) for q, row in figures[role].items() for n, v in zip(names, row)]
+    if role == "student":
+        t, s_ = figures["teacher"], figures["student"]
+        metrics += [m for q in ("f16", "q4_0") for m in (
+            _metric("decode_speedup", s_[q][2] / t[q][2], n=1, group=q, hib=True, unit="×"),
+            _metric("times_smaller", t[q][0] / s_[q][0], n=1, group=q, hib=True, unit="×"))]
+    res = _results("deployment", role, metrics, data={"source": "pocketlm.eval.speed.PROMPTS", "n": 3,
+                                                      "prompt_tokens": [110, 118, 104]},
+                   details={"files": {q: f"deploy/{role}-{q}/{file_name if role == 'student' else 'model.gguf'}"
+                                      for q in ("f16", "q4_0")}})
+    res["settings"] = {"engine": "llama.cpp", "quants": ["f16", "q4_0"], "threads": 2, "new_tokens": 64,
+                       "repeats": 5, "warmup": 1, "versions": {"llama_cpp_python": "0.3.36"}}
+    return {"role": role, "entry": "deployment", "results": res}
+
+
 def make_doc(*, generation: str = "a harmless continuation", group: str = "age", gate_name: str = "ppl kept",
-             verdict: str = "pass", moe: bool = False) -> dict:
+             verdict: str = "pass", moe: bool = False, deployment: bool = False,
+             file_name: str = "model-q4_0.gguf") -> dict:
     history = [{"step": s, "loss": 5.0 - s / 10, "kd": 3.0 - s / 20, "ce": 4.0 - s / 10, "tokens_per_s": 300.0 + s,
                 "val_perplexity": 100.0 - s if s % 2 == 0 else None} for s in range(1, 9)]
     if moe:  # the trainer's per-layer router telemetry
@@ -81,6 +102,9 @@ def make_doc(*, generation: str = "a harmless continuation", group: str = "age",
     status = {k: {"status": "ran", "key": "k", "wall_time_s": 1.5, "entries": v} for k, v in entries.items()}
     status["size"] = {"status": "off"}
     status["attention"] = {"status": "off"}
+    status["export"] = {"status": "ran", "key": "k", "wall_time_s": 4.0,
+                        "entries": [_deployment(r, file_name) for r in ("teacher", "student")]} if deployment \
+        else {"status": "off"}
     gates = [{"name": gate_name, "rule": "student.token_perplexity <= 4 * teacher.token_perplexity",
               "status": "pass" if verdict == "pass" else "fail", "passed": verdict == "pass",
               "values": {"student.token_perplexity": 126.6, "teacher.token_perplexity": 35.4},

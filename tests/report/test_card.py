@@ -85,3 +85,15 @@ def test_model_index_is_empty_without_student_results():
         st["entries"] = [e for e in st.get("entries", []) if e["role"] != "student"]
     assert model_index(doc)[0]["results"] == []
     assert "model-index" in metadata(doc)
+
+
+def test_deployment_section_only_when_the_export_stage_ran():
+    assert "## Deployment" not in card_markdown(make_doc())
+    doc = make_doc(deployment=True, file_name="a|b.gguf")
+    meta, body = front_matter(card_markdown(doc))
+    section = body[body.index("## Deployment"):body.index("## Ethical considerations")]
+    assert "**At q4_0 in llama.cpp the student decodes 2.50× as fast as the teacher" in section
+    assert ("| student | q4_0 | 37.19 MiB | 2,600.0 | 175.0 | 50.0 ms | 104.90 MiB | 2.50× | 2.00× | "
+            "`deploy/student-q4_0/a\\|b.gguf` |") in section  # a "|" in a name cannot break the table
+    assert "deployment" not in {r["dataset"]["type"] for r in meta["model-index"][0]["results"]}
+    assert "**deployment**" not in body  # not listed as evaluation data

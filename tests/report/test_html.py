@@ -108,3 +108,15 @@ def test_fluency_and_diversity_shown_beside_toxicity():
     for e in doc["stages"]["toxicity"]["entries"]:  # results from before fluency was measured: no claim made
         e["results"]["settings"] = {}
     assert "Fluency and diversity of the same generations" not in render_report(doc)
+
+
+def test_deployment_section_only_when_the_export_stage_ran():
+    assert 'id="deployment"' not in render_report(make_doc())
+    page = render_report(make_doc(deployment=True, file_name=PLANTED))
+    section = page[page.index('<section id="deployment">'):page.index('<section id="moe">')]
+    assert ("At q4_0 in llama.cpp the student decodes 2.50× as fast as the teacher (175.0 against 70.0 tokens/s), "
+            "and its file is 2.00× smaller (37.19 MiB against 74.39 MiB).") in section
+    assert "Perplexity before quantisation (heldout, token perplexity): teacher 35.4, student 126.6" in section
+    assert "<td>student</td><td>f16</td><td class=\"n\">114.44 MiB</td><td class=\"n\">2,000.0</td>" in section
+    assert "70.0 ms" in section and "2.38×" in section  # TTFT in ms; decode × teacher at f16 (95 / 40)
+    assert "<script>" not in page and "&lt;script&gt;console.error" in section  # a file name is text

@@ -18,14 +18,15 @@ def run_cmd(
     config: Path = typer.Argument(..., help="Pipeline YAML (see configs/pipeline_*.yaml)."),
     force: List[str] = typer.Option([], "--force", help="Redo this stage even if its stored results match "
                                                         "(repeatable): distill, ce_baseline, perplexity, rouge, "
-                                                        "bias, toxicity, size, attention."),
+                                                        "bias, toxicity, size, attention, export."),
     set_: List[str] = typer.Option([], "--set", help="Override a config field: --set train.steps=100 (repeatable)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget per model for its weights "
                                              "and one batch, e.g. 2GiB (the config's max_memory)."),
     overwrite: bool = OVERWRITE,
 ) -> None:
-    """Distill → evaluate → audit → inspect, then results.json, an HTML report, a model card and the gates."""
+    """Distill → evaluate → audit → inspect (→ export), then results.json, an HTML report, a model card and the
+    gates."""
     from pocketlm.config_pipeline import load_pipeline_config
     from pocketlm.pipeline import run_pipeline
 

@@ -18,7 +18,8 @@ from typing import Any
 import yaml
 
 from pocketlm.report.html import (
-    comparison_rows, fmt_ci, fmt_number, group_names, headlines, report_groups, results_by_entry, write_text_atomic,
+    comparison_rows, deployment_view, fmt_ci, fmt_number, group_names, headlines, report_groups, results_by_entry,
+    write_text_atomic,
 )
 
 HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # embedded teachers' hub originals
@@ -110,6 +111,30 @@ def _comparison(by_role: dict[str, dict[str, Any]], rows: list[dict[str, Any]], 
     return _table(header, body)
 
 
+def _deployment(view: dict[str, Any] | None) -> list[str]:
+    """The "Deployment" section: the GGUF files and their llama.cpp speed (nothing when the export stage was off)."""
+    if view is None:
+        return []
+    st = view["settings"]
+    L = ["", "## Deployment", ""]
+    if view["headline"]:
+        L += [f"**{md(view['headline'])}**", ""]
+    if view["perplexity"]:
+        p = view["perplexity"]
+        L += [f"Perplexity before quantisation ({md(p['entry'])}, token perplexity): teacher "
+              f"{fmt_number(p['teacher'])}, student {fmt_number(p['student'])}.", ""]
+    L += _table(["model", "quant", *view["figures"], "decode × teacher", "× smaller", "file"],
+                [[md(r["role"]), md(r["quant"]), *[md(c) for c in r["cells"]],
+                  "" if r["speedup"] is None else f"{r['speedup']:.2f}×",
+                  "" if r["smaller"] is None else f"{r['smaller']:.2f}×", f"`{md(r['file'])}`"] for r in view["rows"]])
+    L += ["", f"GGUF files written by pocketlm and run in llama.cpp (llama-cpp-python "
+          f"{md(st.get('versions', {}).get('llama_cpp_python', ''))}): batch 1, {st.get('threads')} threads, greedy "
+          f"decoding of {st.get('new_tokens')} tokens after each of {view['data'].get('n')} prompts; the median of "
+          f"{st.get('repeats')} timed passes. Peak memory is the resident high-water mark of the process that ran the "
+          "file." + ("" if view["teacher_measured"] else " The teacher was not exported (`export.teacher: false`).")]
+    return L
+
+
 def card_markdown(doc: dict[str, Any]) -> str:
     cfg, card = doc["config"], doc["config"]["card"]
     by_entry = results_by_entry(doc)
@@ -155,7 +180,7 @@ def card_markdown(doc: dict[str, Any]) -> str:
           "- Intervals: 95 % percentile bootstrap over items; deltas: paired bootstrap.", ""]
     L += ["## Evaluation data", ""]
     for entry, by_role in by_entry.items():
-        if entry in ("distill", "parameters"):
+        if entry in ("distill", "parameters", "deployment"):
             continue
         ref = by_role.get("student") or next(iter(by_role.values()))
         d = ref.get("data", {})
@@ -173,7 +198,7 @@ def card_markdown(doc: dict[str, Any]) -> str:
           f"lr {cfg['train']['lr']}, {md(cfg['train']['precision'])}, seed {cfg['train']['seed']}.", ""]
     L += ["## Quantitative analyses", ""]
     for entry, by_role in by_entry.items():
-        if entry in ("parameters", "size", "attention"):  # inspection, not evaluation: in the report
+        if entry in ("parameters", "size", "attention", "deployment"):  # not evaluation: in the report, or below
             continue
         rows = comparison_rows(by_role)
         if rows:
@@ -189,6 +214,7 @@ def card_markdown(doc: dict[str, Any]) -> str:
         [[md(g["name"]), g["status"].upper(), md("; ".join(f"{k} = {fmt_number(v)}" for k, v in g["values"].items())
                                                  or g.get("message", ""))] for g in gates]) if gates
           else ["No release gates were configured."])
+    L += _deployment(deployment_view(by_entry))
     L += ["", "## Ethical considerations", "",
           _user(card, "ethical_considerations", "ethical considerations"),
           "", "A distilled student can keep, lose or amplify its teacher's biases and toxicity; the per-group "

@@ -1,7 +1,8 @@
 """The HTML report: one self-contained page built from a pipeline's results.json and nothing else.
 
 Gate verdicts first, then training curves, teacher vs student for every metric (bars with 95 % intervals and a
-table with the paired deltas), bias per category, toxicity per group, size and memory, MoE expert load,
+table with the paired deltas), bias per category, toxicity per group, size and memory, deployment (GGUF files and
+their llama.cpp speed, when the export stage ran), MoE expert load,
 attention heat-maps, samples of what the models wrote, and provenance. Plots are inline PNG ``data:`` URIs; the
 page carries no script, and its Content-Security-Policy forbids any. Jinja2 autoescaping is on for every value,
 so text a model wrote (or a suite held) is shown as text, never parsed as markup.
@@ -188,6 +189,61 @@ def fmt_unit(value: Any, unit: str | None) -> str:
     return f"{fmt_number(value)} {unit or ''}".rstrip()
 
 
+DEPLOY_FIGURES = (("file_bytes", "file size"), ("prompt_tokens_per_s", "prompt tokens/s"),
+                  ("decode_tokens_per_s", "decode tokens/s"), ("ttft_s", "time to first token"),
+                  ("peak_rss_bytes", "peak memory"))
+
+
+def _deploy_cell(name: str, value: Any) -> str:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return ""
+    if name.endswith("_bytes"):
+        return fmt_unit(value, "bytes")
+    return f"{1000 * value:.1f} ms" if name == "ttft_s" else f"{value:,.1f}"
+
+
+def _headline_quant(student: dict[str, Any], teacher: dict[str, Any]) -> str | None:
+    both = [q for q in student["settings"]["quants"] if q in teacher["settings"]["quants"]]
+    return "q4_0" if "q4_0" in both else (both[-1] if both else None)
+
+
+def deployment_view(by_entry: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any] | None:
+    """The export stage's figures for the report and the card: a row per (model, quant type), the student against
+    the teacher at q4_0 (or the last quant type both were written at), the perplexity of the models before
+    quantisation where a perplexity set was scored; None when the stage did not run."""
+    by_role = by_entry.get("deployment")
+    if not by_role:
+        return None
+    rows = []
+    for role, res in by_role.items():
+        m = {key: v.get("value") for key, v in _metric_map(res).items()}
+        for q in res["settings"]["quants"]:
+            rows.append({"role": role, "quant": q, "file": res["details"].get("files", {}).get(q),
+                         "cells": [_deploy_cell(name, m.get((name, q))) for name, _ in DEPLOY_FIGURES],
+                         "speedup": m.get(("decode_speedup", q)), "smaller": m.get(("times_smaller", q))})
+    student, teacher = by_role.get("student"), by_role.get("teacher")
+    headline = None
+    q = _headline_quant(student, teacher) if student and teacher else None
+    if q:
+        s, t = ({k: v.get("value") for k, v in _metric_map(r).items()} for r in (student, teacher))
+        headline = (f"At {q} in llama.cpp the student decodes {s[('decode_speedup', q)]:.2f}× as fast as the "
+                    f"teacher ({s[('decode_tokens_per_s', q)]:,.1f} against {t[('decode_tokens_per_s', q)]:,.1f} "
+                    f"tokens/s), and its file is {s[('times_smaller', q)]:.2f}× smaller "
+                    f"({fmt_unit(s[('file_bytes', q)], 'bytes')} against {fmt_unit(t[('file_bytes', q)], 'bytes')}).")
+    perplexity = None
+    for entry, ppl in by_entry.items():
+        if {"teacher", "student"} <= set(ppl) and ppl["student"]["kind"] == "perplexity":
+            v = {r: _metric_map(ppl[r]).get(("token_perplexity", None), {}).get("value") for r in ("teacher",
+                                                                                              "student")}
+            if None not in v.values():
+                perplexity = {"entry": entry, **v}
+                break
+    ref = student or next(iter(by_role.values()))
+    return {"rows": rows, "headline": headline, "perplexity": perplexity, "settings": ref["settings"],
+            "data": ref.get("data", {}), "figures": [label for _, label in DEPLOY_FIGURES],
+            "teacher_measured": teacher is not None}
+
+
 def _attention(by_entry: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
     maps = []
     for role, res in by_entry.get("attention", {}).items():
@@ -203,7 +259,7 @@ def report_context(doc: dict[str, Any]) -> dict[str, Any]:
     histories = {role: res["details"].get("history", []) for role, res in by_entry.get("distill", {}).items()}
     distill_rows = comparison_rows(by_entry["distill"]) if "distill" in by_entry else []
     moe = plots.expert_load(histories.get("student", []))
-    skip = {"distill", "parameters", "size", "attention"}
+    skip = {"distill", "parameters", "size", "attention", "deployment"}
     sizes = size_rows(by_entry)
     card = doc["config"].get("card", {})
     gates = doc.get("gates", [])
@@ -223,6 +279,7 @@ def report_context(doc: dict[str, Any]) -> dict[str, Any]:
         "size_plot": plots.metric_bars(
             [(r["name"], {role: (c["value"], None) for role, c in r["cells"].items() if c}) for r in sizes[0]
              if r["name"] in SIZE_HEADLINES], "size and memory (estimates at the configured context)"),
+        "deployment": deployment_view(by_entry),
         "moe_plot": moe,
         "attention": _attention(by_entry),
         "provenance": doc.get("provenance", {}),
