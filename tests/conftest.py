@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny real tokenizer and a tiny real Llama teacher, built in-test (no downloads)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -74,3 +75,14 @@ def corpus_file(tmp_path_factory) -> Path:
     docs = [" ".join(CORPUS[(i + j) % len(CORPUS)] for j in range(3)) for i in range(24)]
     path.write_text("\n\n".join(docs), encoding="utf-8")
     return path
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_benchmark
 from pocketlm.models.gguf_export import gguf_file_bytes
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "deploy_speed.py"
 ROWS = [f"{role}-{e}" for role in ("teacher", "student") for e in (
     "llamacpp-f32", "llamacpp-f16", "llamacpp-q8_0", "llamacpp-q4_0", "transformers-fp32")]
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
@@ -22,10 +22,7 @@ FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("deploy_speed", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("deploy_speed")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,

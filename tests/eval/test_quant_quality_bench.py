@@ -3,24 +3,19 @@ f32 file scores what the folder scores (the GGUF round trip is exact in f32), th
 differences of the rows, sizes are the files' sizes, and a re-run measures nothing again."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS, make_teacher
+from conftest import CORPUS, load_benchmark, make_teacher
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "quant_quality.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("quant_quality", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("quant_quality")
 
 
 @pytest.fixture(scope="module")
