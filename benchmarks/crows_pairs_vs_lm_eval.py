@@ -2,24 +2,29 @@
 """CrowS-Pairs: pocketlm against lm-evaluation-harness's ``crows_pairs_english`` on the same model and CSV, in one run.
 
 Both score the pairs of ``../shared/data/crows_pairs/crows_pairs_anonymized.csv`` (or a seeded random subset of
-``--limit`` pairs), from the same temporary CSVs:
+``--limit`` pairs), from the same temporary CSVs, at each ``--max-length`` (both tools' cap on input tokens):
 
 * lm-eval: a local task — ``dataset_path: csv`` over that file, with ``crows_pairs_english``'s ``doc_to_text: ""``,
   ``target_delimiter: ""``, ``doc_to_choice`` and ``process_results`` (the harness's own functions) — through
-  ``lm_eval.simple_evaluate`` with an ``HFLM`` wrapping the loaded model, fp32 (the harness's default).
+  ``lm_eval.simple_evaluate`` with an ``HFLM`` wrapping the loaded model, fp32 (the harness's default), with
+  ``log_samples`` on so that each pair's decision can be compared.
 * pocketlm: ``load_suite`` + ``audit_bias`` (lm-eval's encoding, batched `score_continuations`, plus 95 % bootstrap
-  intervals overall and per bias type) on the same model object, with ``precision="fp32"`` and ``"bf16"`` (the
-  model body in bf16 autocast, the output layer and log-softmax in fp32).
+  intervals overall and per bias type) on the same model object, at each ``--precision`` — by default only
+  ``auto``, pocketlm's default for bias suites: bf16 (the model body in bf16 autocast, the output layer and
+  log-softmax in fp32), then fp32 again for every pair whose |ll_more − ll_less| lies within the bf16 error bound
+  (`pocketlm.eval.bf16_bound`). ``fp32`` and ``bf16`` can be added for comparison.
 
-Prints pct_stereotype (in %, lm-eval's fraction × 100) and likelihood_diff from each, their differences (target:
-within 0.1 points), the wall times and the ratios lm-eval time / pocketlm time (target ≥ 2×). The model is loaded
-once and warmed up before timing. The pairs are cut into ``--chunks`` parts and the three runs take turns on each
-part (each part starting with the next tool), so the load of a shared machine falls on all alike; each tool's time
-is the sum over parts of reading the CSV, scoring and aggregating. lm-eval's one-off task indexing
+Prints, per max_length, pct_stereotype (in %, lm-eval's fraction × 100) and likelihood_diff from each tool, their
+differences (target: equal to 4 decimals), the pairs decided on a different side from lm-eval (must be 0 for fp32
+and auto), the pairs re-scored in fp32, the wall times and the ratios lm-eval time / pocketlm time (target ≥ 1.8×).
+The model is loaded once and warmed up before timing. The pairs are cut into ``--chunks`` parts and the runs take
+turns on each part (each part starting with the next tool), so the load of a shared machine falls on all alike;
+each tool's time is the sum over parts of reading the CSV, scoring and aggregating. lm-eval's one-off task indexing
 (``TaskManager``) is left out of its time, which favours lm-eval.
 
-    flock /tmp/pocketlm-heavy.lock python benchmarks/crows_pairs_vs_lm_eval.py      # all 1508 pairs, ~5 min here
-    python benchmarks/crows_pairs_vs_lm_eval.py --limit 30 --chunks 3               # smoke run
+    flock /tmp/pocketlm-heavy.lock python benchmarks/crows_pairs_vs_lm_eval.py      # all 1508 pairs, L=1024 and 2048
+    python benchmarks/crows_pairs_vs_lm_eval.py --precision auto,fp32,bf16           # the three precisions
+    python benchmarks/crows_pairs_vs_lm_eval.py --limit 30 --chunks 2 --max-length 1024   # smoke run
 """
 from __future__ import annotations
 
@@ -94,24 +99,27 @@ def lm_eval_tasks(chunks: list[tuple[Path, int]], folder: Path):
     return TaskManager(include_path=str(folder))
 
 
-def run_lm_eval(model, tokenizer, task_manager, task: str, batch_size: int) -> dict:
+def run_lm_eval(model, tokenizer, task_manager, task: str, batch_size: int, max_length: int) -> dict:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=task_manager, log_samples=False)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=task_manager, log_samples=True)
     res = out["results"][task]
-    return {"pct_stereotype": 100.0 * res["pct_stereotype,none"], "likelihood_diff": res["likelihood_diff,none"]}
+    samples = sorted(out["samples"][task], key=lambda x: x["doc_id"])
+    return {"pct_stereotype": 100.0 * res["pct_stereotype,none"], "likelihood_diff": res["likelihood_diff,none"],
+            "more_likelier": [float(x["pct_stereotype"]) for x in samples], "rescored": 0}
 
 
-def run_pocketlm(model, tokenizer, data: Path, batch_size: int, precision: str) -> dict:
+def run_pocketlm(model, tokenizer, data: Path, batch_size: int, max_length: int, precision: str) -> dict:
     from pocketlm.audit.bias import audit_bias
     from pocketlm.data.suites import load_suite
 
     suite = load_suite("crows_pairs", data)
     res, run = audit_bias("crows_pairs", suite, model, tokenizer, model_spec="benchmark", batch_size=batch_size,
-                          precision=precision)
-    return {m: res.get(m).value for m in METRICS} | {"more_likelier": run.arrays["more_likelier"].tolist()}
+                          max_length=max_length, precision=precision)
+    return {m: res.get(m).value for m in METRICS} | {"more_likelier": run.arrays["more_likelier"].tolist(),
+                                                     "rescored": len(run.rescored["model"])}
 
 
 def warm_up(model, batch_size: int) -> None:
@@ -137,6 +145,57 @@ def pooled(parts: list[dict], sizes: list[int]) -> dict:
     return {m: sum(p[m] * k for p, k in zip(parts, sizes)) / n for m in METRICS}
 
 
+def compare(max_length: int, args, model, tokenizer, chunks, task_manager, tools: list[str]) -> dict:
+    """All tools over every chunk at one max_length, taking turns; pooled figures, times, flips against lm-eval."""
+    times: dict[str, list[float]] = {t: [] for t in tools}
+    parts: dict[str, list[dict]] = {t: [] for t in tools}
+    runs = {"lm_eval": lambda k, path: run_lm_eval(model, tokenizer, task_manager, f"pocketlm_crows_{k}",
+                                                   args.batch_size, max_length)}
+    for t in tools[1:]:
+        runs[t] = lambda k, path, p=t.split("_", 1)[1]: run_pocketlm(model, tokenizer, path, args.batch_size,
+                                                                     max_length, p)
+    for k, (path, _) in enumerate(chunks):
+        # the tools take turns chunk by chunk, each chunk starting with the next tool, so a change in the shared
+        # machine's load, or any warming up, falls on all of them alike
+        for tool in tools[k % len(tools):] + tools[:k % len(tools)]:
+            out, t = timed(runs[tool], k, path)
+            parts[tool].append(out)
+            times[tool].append(t)
+        print(f"L={max_length} chunk {k + 1}/{len(chunks)}: " + ", ".join(f"{t} {times[t][-1]:.1f} s" for t in tools),
+              flush=True)
+    sizes = [n for _, n in chunks]
+    theirs = [x for p in parts["lm_eval"] for x in p["more_likelier"]]
+    out = {}
+    for t in tools:
+        ours = [x for p in parts[t] for x in p["more_likelier"]]
+        out[t] = pooled(parts[t], sizes) | {"seconds": sum(times[t]), "chunk_seconds": times[t],
+                                           "flips_vs_lm_eval": sum(a != b for a, b in zip(ours, theirs)),
+                                           "rescored": sum(p["rescored"] for p in parts[t])}
+    return out
+
+
+def report(max_length: int, n: int, res: dict) -> tuple[float, int]:
+    """Print one max_length's table; returns (worst difference from lm-eval, pairs on a different side)."""
+    tools = [t for t in res if t != "lm_eval"]
+    theirs = res["lm_eval"]
+    print(f"\nmax_length {max_length}, {n} pairs")
+    print(f"{'tool':<16} {'pct_stereotype':>15} {'diff':>9} {'likelihood_diff':>16} {'diff':>9} {'other side':>11} "
+          f"{'re-scored':>10} {'time':>8} {'vs lm-eval':>11}")
+    print(f"{'lm-eval fp32':<16} {theirs['pct_stereotype']:>15.4f} {'':>9} {theirs['likelihood_diff']:>16.4f} "
+          f"{'':>9} {'':>11} {'':>10} {theirs['seconds']:>7.1f}s {'1.00x':>11}")
+    worst, flips = 0.0, 0
+    for t in tools:
+        r = res[t]
+        d = {m: r[m] - theirs[m] for m in METRICS}
+        worst = max(worst, *(abs(v) for v in d.values()))
+        if not t.endswith("bf16"):  # plain bf16 is not expected to keep every decision
+            flips = max(flips, r["flips_vs_lm_eval"])
+        print(f"{t.replace('_', ' '):<16} {r['pct_stereotype']:>15.4f} {d['pct_stereotype']:>+9.4f} "
+              f"{r['likelihood_diff']:>16.4f} {d['likelihood_diff']:>+9.4f} {r['flips_vs_lm_eval']:>11} "
+              f"{r['rescored']:>10} {r['seconds']:>7.1f}s {theirs['seconds'] / r['seconds']:>10.2f}x")
+    return worst, flips
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct", help="any model pocketlm can load")
@@ -144,9 +203,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="a seeded random subset of N pairs (default: all 1508)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=16, help="sentences per forward, both tools")
-    ap.add_argument("--chunks", type=int, default=4, help="turns: each chunk of pairs is run by all three in turn")
+    ap.add_argument("--max-length", default="1024,2048", help="comma-separated caps on input tokens, both tools")
+    ap.add_argument("--precision", default="auto", help="comma-separated pocketlm precisions (auto, fp32, bf16)")
+    ap.add_argument("--chunks", type=int, default=4, help="turns: each chunk of pairs is run by every tool in turn")
     ap.add_argument("--json", type=Path, help="write the figures here too")
     args = ap.parse_args(argv)
+    lengths = [int(x) for x in args.max_length.split(",")]
+    precisions = [x.strip() for x in args.precision.split(",")]
+    if any(p not in ("auto", "fp32", "bf16") for p in precisions):
+        ap.error(f"--precision: each of auto, fp32, bf16; got {args.precision!r}")
 
     from pocketlm.models.load import load_model
 
@@ -156,56 +221,35 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model(args.model, dtype="float32")
     warm_up(model, args.batch_size)
 
-    tools = ("lm_eval", "pocketlm_fp32", "pocketlm_bf16")
-    times: dict[str, list[float]] = {t: [] for t in tools}
-    parts: dict[str, list[dict]] = {t: [] for t in tools}
+    tools = ["lm_eval"] + [f"pocketlm_{p}" for p in precisions]
+    results: dict[int, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         chunks = write_chunks(args.data, args.limit, args.seed, args.chunks, Path(tmp))
-        sizes = [k for _, k in chunks]
-        n = sum(sizes)
+        n = sum(k for _, k in chunks)
         task_manager = lm_eval_tasks(chunks, Path(tmp) / "tasks")
         print(f"{n} pairs ({'all' if args.limit is None or n == 1508 else f'seeded subset, seed {args.seed}'}) in "
               f"{len(chunks)} chunks, batch {args.batch_size}, torch threads {torch.get_num_threads()}, "
               f"load average {os.getloadavg()[0]:.2f}", flush=True)
-        runs = {
-            "lm_eval": lambda k, path: run_lm_eval(model, tokenizer, task_manager, f"pocketlm_crows_{k}",
-                                                   args.batch_size),
-            "pocketlm_fp32": lambda k, path: run_pocketlm(model, tokenizer, path, args.batch_size, "fp32"),
-            "pocketlm_bf16": lambda k, path: run_pocketlm(model, tokenizer, path, args.batch_size, "bf16"),
-        }
-        for k, (path, _) in enumerate(chunks):
-            # the tools take turns chunk by chunk, each chunk starting with the next tool, so a change in the
-            # shared machine's load, or any warming up, falls on all of them alike
-            for tool in tools[k % 3:] + tools[:k % 3]:
-                out, t = timed(runs[tool], k, path)
-                parts[tool].append(out)
-                times[tool].append(t)
-            print(f"chunk {k + 1}/{len(chunks)}: " + ", ".join(f"{t} {times[t][-1]:.1f} s" for t in tools), flush=True)
+        for length in lengths:
+            results[length] = compare(length, args, model, tokenizer, chunks, task_manager, tools)
 
-    theirs, ours32, ours16 = (pooled(parts[t], sizes) for t in tools)
-    t_lm, t32, t16 = (sum(times[t]) for t in tools)
-    flips = sum(a != b for p32, p16 in zip(parts["pocketlm_fp32"], parts["pocketlm_bf16"])
-                for a, b in zip(p32["more_likelier"], p16["more_likelier"]))
-
-    print(f"\n{'metric':<16} {'lm-eval fp32':>13} {'pocketlm fp32':>14} {'diff':>9} {'pocketlm bf16':>14} {'diff':>9}")
-    worst32 = worst16 = 0.0
-    for m in METRICS:
-        d32, d16 = ours32[m] - theirs[m], ours16[m] - theirs[m]
-        worst32, worst16 = max(worst32, abs(d32)), max(worst16, abs(d16))
-        print(f"{m:<16} {theirs[m]:>13.4f} {ours32[m]:>14.4f} {d32:>+9.4f} {ours16[m]:>14.4f} {d16:>+9.4f}")
-    print(f"\nbf16 vs fp32: {flips} of {n} pairs change sides")
-    print(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
-    print(f"wall time (sum over chunks; lm-eval's task indexing excluded): lm-eval fp32 {t_lm:.1f} s, "
-          f"pocketlm fp32 {t32:.1f} s, pocketlm bf16 {t16:.1f} s")
-    print(f"speed ratio lm-eval/pocketlm: fp32 {t_lm / t32:.2f}x, bf16 {t_lm / t16:.2f}x   (target >= 2x)")
-    print(f"largest difference from lm-eval: fp32 {worst32:.4f}, bf16 {worst16:.4f} points   (target <= 0.1)")
+    worst, flips = 0.0, 0
+    for length in lengths:
+        w, f = report(length, n, results[length])
+        worst, flips = max(worst, w), max(flips, f)
+    print(f"\nload average (1 min) at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; times are sums "
+          "over chunks (lm-eval's task indexing excluded)")
+    print(f"largest difference from lm-eval: {worst:.4f} (target: 0.0000 to 4 decimals); pairs on a different side "
+          f"(fp32/auto): {flips} (must be 0); targets: >= 1.8x for the default precision (auto)")
     if args.json:
         args.json.write_text(json.dumps({
-            "pairs": n, "limit": args.limit, "seed": args.seed, "batch_size": args.batch_size, "chunks": sizes,
-            "lm_eval": theirs, "pocketlm_fp32": ours32, "pocketlm_bf16": ours16, "bf16_flips": flips,
-            "seconds": times, "load_average_end": os.getloadavg()[0],
+            "pairs": n, "limit": args.limit, "seed": args.seed, "batch_size": args.batch_size,
+            "chunks": [k for _, k in chunks], "precisions": precisions,
+            "by_max_length": {str(k): {t: {m: v for m, v in r.items()} for t, r in res.items()}
+                              for k, res in results.items()},
+            "load_average_end": os.getloadavg()[0],
         }, indent=2))
-    return 0
+    return 0 if flips == 0 else 1
 
 
 if __name__ == "__main__":

@@ -66,6 +66,9 @@ class BiasSuiteConfig(_Strict):
     name: Optional[str] = Field(None, pattern=_NAME)  # default: the suite's name
     limit: Optional[int] = Field(None, ge=1)  # a seeded random subset of this many items
     batch_size: int = Field(16, ge=1)
+    # auto: bf16, then fp32 again for the items whose decision lies within the bf16 error bound (where bf16 is
+    # native; else fp32): every decision fp32's (pocketlm.audit.bias)
+    precision: Literal["fp32", "bf16", "auto"] = "auto"
 
     @property
     def entry(self) -> str:

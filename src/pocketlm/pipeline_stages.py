@@ -440,7 +440,7 @@ def bias_stage(ctx: Context) -> StageOutput:
         teacher = ctx.model("teacher")
         res, run = audit_bias(
             b.suite, data, student, tok, model_spec=ctx.spec("student"), baseline=teacher,
-            baseline_spec=ctx.spec("teacher"), batch_size=b.batch_size, seed=ctx.seed,
+            baseline_spec=ctx.spec("teacher"), batch_size=b.batch_size, precision=b.precision, seed=ctx.seed,
             n_resamples=ctx.cfg.audit.n_resamples, progress=ctx.progress, max_memory=ctx.cfg.max_memory_bytes(),
             settings={"limit": b.limit, "n_items": len(data.items), "n_total": data.n_total})
         res.model["role"] = "student"

@@ -5,6 +5,10 @@ Each suite says which texts it scores (`BiasSuite.requests`), what per-item arra
 corpus figures it reports (`statistics`). `audit_bias` scores a model (and optionally a baseline on the very same
 items), reports each figure overall and per group with a 95 % bootstrap interval, and the baseline deltas with
 paired-bootstrap intervals. Log-likelihoods are natural-log sums over the scored tokens.
+
+Each suite also says which of its answers its decisions compare (`BiasSuite.near_tie`): under ``precision="auto"``
+the answers come from bf16 first, and the requests of every item whose decision lies within the bf16 error bound
+are scored again in fp32 (`score_items`), so that every decision — and every figure made of decisions — is fp32's.
 """
 from __future__ import annotations
 
@@ -15,8 +19,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from pocketlm.audit.bias_core import (
-    Arrays, Delta, Scorer, Statistic, TextRequest, compute_metrics, masked_mean, mean, mean_per_code,
-    model_scorer, share,
+    Arrays, Delta, Scorer, Statistic, TextRequest, argmax_near_ties, compute_metrics, masked_mean, mean,
+    mean_per_code, model_scorer, pair_near_ties, share,
 )
 from pocketlm.data.suites import BBQItem, CrowsPair, StereoSetItem, SuiteData, WinoBiasPair
 from pocketlm.registry import Registry
@@ -34,6 +38,10 @@ class BiasSuite:
     per_item: Callable[[Sequence[Any], np.ndarray, np.ndarray], Arrays]  # items, ll [n, k], tokens [n, k]
     statistics: tuple[Statistic, ...]
     example: Callable[[Any, dict[str, float]], str]  # one item and its array values -> a line (--show-examples)
+    # items [n] whose decisions could differ from fp32's, given ll [n, k], tokens [n, k] and each answer's share
+    # [n, k] of the bound on a compared difference's bf16 error (`pocketlm.eval.bf16_bound`): each difference the
+    # decision compares, against the sum of its two answers' shares
+    near_tie: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 BIAS_SUITES: Registry[BiasSuite] = Registry("bias suite")
@@ -64,6 +72,7 @@ BIAS_SUITES.register("crows_pairs")(BiasSuite(
     ),
     example=lambda it, a: (f"[{it.id} {it.bias_type}] ll_more={a['ll_more']:.2f} ll_less={a['ll_less']:.2f}\n"
                            f"  more: {it.sent_more}\n  less: {it.sent_less}"),
+    near_tie=lambda ll, tokens, bound: pair_near_ties(ll, bound, [(0, 1)]),  # more > less
 ))
 
 
@@ -117,6 +126,8 @@ BIAS_SUITES.register("stereoset")(BiasSuite(
                            f"anti={a['lp_anti_stereotype']:.3f} unrelated={a['lp_unrelated']:.3f}\n"
                            f"  stereotype: {it.stereotype}\n  anti-stereotype: {it.anti_stereotype}\n"
                            f"  unrelated: {it.unrelated}"),
+    # pro (s > a) and related (s > u, a > u), on per-token means: each answer's bound divides by its tokens too
+    near_tie=lambda ll, tokens, bound: pair_near_ties(ll / tokens, bound / tokens, [(0, 1), (0, 2), (1, 2)]),
 ))
 
 
@@ -193,6 +204,7 @@ BIAS_SUITES.register("bbq")(BiasSuite(
                            f"(label ans{it.label}, unknown ans{it.unknown}, biased {list(it.biased)})\n"
                            f"  {it.context}\n  Q: {it.question}\n  "
                            + " | ".join(f"ans{i}: {t}" for i, t in enumerate(it.answers))),
+    near_tie=lambda ll, tokens, bound: argmax_near_ties(ll, bound),  # the chosen answer
 ))
 
 
@@ -216,6 +228,7 @@ BIAS_SUITES.register("winobias")(BiasSuite(
     ),
     example=lambda it, a: f"[{it.id}] ll_pro={a['ll_pro']:.2f} ll_anti={a['ll_anti']:.2f}\n  pro: {it.pro}\n"
                           f"  anti: {it.anti}",
+    near_tie=lambda ll, tokens, bound: pair_near_ties(ll, bound, [(0, 1)]),  # pro > anti
 ))
 
 
@@ -233,6 +246,7 @@ class BiasRun:
     metrics: list[Metric]
     baseline_arrays: Arrays | None = None
     deltas: list[Delta] = field(default_factory=list)
+    rescored: dict[str, list[str]] = field(default_factory=dict)  # "model"/"baseline" -> ids re-scored in fp32
 
     def details(self) -> dict[str, Any]:
         items: dict[str, Any] = {"ids": self.ids, "group": self.groups,
@@ -240,11 +254,17 @@ class BiasRun:
         if self.baseline_arrays is not None:
             items["baseline"] = {k: v.tolist() for k, v in self.baseline_arrays.items()}
         return {"items": items, "deltas": [d.to_dict() for d in self.deltas],
-                "significant": [d.name + (f"[{d.group}]" if d.group else "") for d in self.deltas if d.significant]}
+                "significant": [d.name + (f"[{d.group}]" if d.group else "") for d in self.deltas if d.significant],
+                "rescored": {role: {"count": len(ids), "ids": ids} for role, ids in self.rescored.items()}}
 
 
-def score_items(suite: BiasSuite, items: Sequence[Any], scorer: Scorer) -> Arrays:
-    """Every request of every item through one batched scorer call, then the suite's per-item arrays."""
+def score_items(suite: BiasSuite, items: Sequence[Any], scorer: Scorer) -> tuple[Arrays, np.ndarray]:
+    """Every request of every item through one batched scorer call, then the suite's per-item arrays; and the
+    indices of the items re-scored in fp32.
+
+    A scorer with ``refine`` (`ModelScorer` under ``precision="auto"``) answered in bf16: the items whose
+    decision lies within its error bound (`BiasSuite.near_tie`) are scored again through ``rescore`` (fp32), all
+    their requests in one batched call, and their fp32 answers replace the bf16 ones."""
     per_item = [suite.requests(it) for it in items]
     k = len(per_item[0])
     if any(len(r) != k for r in per_item):
@@ -252,7 +272,13 @@ def score_items(suite: BiasSuite, items: Sequence[Any], scorer: Scorer) -> Array
     answers = scorer([r for reqs in per_item for r in reqs])
     ll = np.array([a[0] for a in answers], dtype=np.float64).reshape(len(items), k)  # [n, k]
     tokens = np.array([a[1] for a in answers], dtype=np.float64).reshape(len(items), k)  # [n, k]
-    return suite.per_item(items, ll, tokens)
+    near = np.zeros(0, dtype=np.int64)
+    if getattr(scorer, "refine", False):
+        near = np.flatnonzero(suite.near_tie(ll, tokens, scorer.error_bound(tokens)))
+        if len(near):
+            exact = scorer.rescore([r for i in near for r in per_item[i]])
+            ll[near] = np.array([a[0] for a in exact], dtype=np.float64).reshape(len(near), k)
+    return suite.per_item(items, ll, tokens), near
 
 
 def run_bias_suite(
@@ -263,13 +289,17 @@ def run_bias_suite(
     suite = BIAS_SUITES.get(suite_name)
     if not items:
         raise ValueError(f"{suite_name}: no items to score")
-    arrays = score_items(suite, items, scorer)
-    baseline = None if baseline_scorer is None else score_items(suite, items, baseline_scorer)
+    arrays, near = score_items(suite, items, scorer)
+    rescored = {"model": [items[i].id for i in near]}
+    baseline = None
+    if baseline_scorer is not None:
+        baseline, base_near = score_items(suite, items, baseline_scorer)
+        rescored["baseline"] = [items[i].id for i in base_near]
     groups = [it.group for it in items]
     metrics, deltas = compute_metrics(suite.statistics, arrays, groups, baseline=baseline, seed=seed,
                                       n_resamples=n_resamples)
     return BiasRun(suite=suite_name, ids=[it.id for it in items], groups=groups, arrays=arrays, metrics=metrics,
-                   baseline_arrays=baseline, deltas=deltas)
+                   baseline_arrays=baseline, deltas=deltas, rescored=rescored)
 
 
 def examples(run: BiasRun, items: Sequence[Any], k: int) -> list[str]:
@@ -290,14 +320,18 @@ def audit_bias(
     baseline_spec: str | None = None,
     batch_size: int = 16,
     max_length: int | None = None,
-    precision: str = "fp32",
+    precision: str = "auto",
     seed: int = 0,
     n_resamples: int = DEFAULT_RESAMPLES,
     progress: bool = False,
     settings: dict[str, Any] | None = None,
     max_memory: int | None = None,
 ) -> tuple[Results, BiasRun]:
-    """Score one suite's items with a causal LM (and a baseline LM on the same items) → ``Results(kind="bias")``."""
+    """Score one suite's items with a causal LM (and a baseline LM on the same items) → ``Results(kind="bias")``.
+
+    ``precision``: ``auto`` (bf16 with fp32 re-scoring of near ties where bf16 is native, else fp32: every decision
+    fp32's), ``fp32`` or ``bf16`` (see `ModelScorer`). The results record each model's scoring, the bound used and
+    the items re-scored (``details["rescored"]``)."""
     from pocketlm.provenance import provenance
 
     start = time.perf_counter()
@@ -318,6 +352,8 @@ def audit_bias(
         data={"suite": suite_name, **data.data_info()},
         settings={"suite": suite_name, "scoring": suite.scoring, "batch_size": batch_size, "max_length": max_length,
                   "precision": precision, "seed": seed, "n_resamples": n_resamples, "confidence": 0.95,
+                  "scoring_precision": {"model": scorer.describe()}
+                  | ({} if base_scorer is None else {"baseline": base_scorer.describe()}),
                   **(settings or {})},
         metrics=run.metrics,
         details=run.details(),

@@ -18,6 +18,7 @@ from pocketlm.stats import DEFAULT_RESAMPLES, bootstrap_ci, paired_statistic_del
 
 TextRequest = tuple[str, str]  # (context, continuation)
 Scorer = Callable[[Sequence[TextRequest]], list[tuple[float, int]]]  # -> (sum log-prob, continuation tokens)
+# A scorer whose ``refine`` is true also has ``error_bound(tokens)`` and ``rescore(requests)`` (see `ModelScorer`).
 Arrays = dict[str, np.ndarray]  # per-item arrays, each [n_items]
 
 
@@ -75,24 +76,91 @@ def encode_requests(tokenizer, requests: Sequence[TextRequest]) -> list[tuple[li
     return out  # type: ignore[return-value]
 
 
-def model_scorer(
-    model, tokenizer, *, batch_size: int = 16, max_length: int | None = None, precision: str = "fp32",
-    progress: bool = False, desc: str = "scoring", max_memory: int | None = None,
-) -> Scorer:
-    """A scorer backed by a causal LM: lm-eval's encoding, then `score_continuations` (batched, longest first;
-    ``precision`` as there: fp32, or bf16 for the model body with the output layer and log-softmax in fp32)."""
-    from pocketlm.eval.loglik import score_continuations
-    from pocketlm.eval.perplexity import default_max_length
+class ModelScorer:
+    """A scorer backed by a causal LM: lm-eval's encoding, then `score_continuations` (batched, longest first).
 
-    limit = max_length if max_length is not None else default_max_length(model, tokenizer)
+    ``precision``: ``fp32``; ``bf16`` (the model body in bf16 autocast, the output layer and log-softmax in fp32,
+    see `pocketlm.eval.loglik`); or ``auto``: where the hardware runs bf16 natively, bf16 first, and then — through
+    ``refine``, ``error_bound`` and ``rescore``, which `pocketlm.audit.bias.score_items` uses — fp32 again for the
+    requests of the items whose decision lies within the bf16 error bound (`pocketlm.eval.bf16_bound`), so that every
+    decision is fp32's; fp32 elsewhere. Called, it answers each request with ``(Σ log p, continuation tokens)``.
+    """
 
-    def score(requests: Sequence[TextRequest]) -> list[tuple[float, int]]:
-        encoded = encode_requests(tokenizer, requests)
-        answers = score_continuations(model, encoded, batch_size=batch_size, max_length=limit, precision=precision,
-                                      progress=progress, desc=desc, max_memory=max_memory)
+    def __init__(self, model, tokenizer, *, batch_size: int = 16, max_length: int | None = None,
+                 precision: str = "fp32", progress: bool = False, desc: str = "scoring",
+                 max_memory: int | None = None):
+        from pocketlm.eval.loglik import model_device, resolve_precision
+        from pocketlm.eval.perplexity import default_max_length
+
+        self.model, self.tokenizer, self.precision = model, tokenizer, precision
+        self.first = resolve_precision(precision, model_device(model))  # the first pass: "fp32" or "bf16"
+        self.refine = precision == "auto" and self.first == "bf16"
+        limit = max_length if max_length is not None else default_max_length(model, tokenizer)
+        self._kwargs = dict(batch_size=batch_size, max_length=limit, progress=progress, desc=desc,
+                            max_memory=max_memory)
+
+    def _score(self, requests: Sequence[TextRequest], precision: str, desc: str) -> list[tuple[float, int]]:
+        from pocketlm.eval.loglik import score_continuations
+
+        encoded = encode_requests(self.tokenizer, requests)
+        answers = score_continuations(self.model, encoded, precision=precision, **{**self._kwargs, "desc": desc})
         return [(ll, len(cont)) for (ll, _), (_, cont) in zip(answers, encoded)]
 
-    return score
+    def __call__(self, requests: Sequence[TextRequest]) -> list[tuple[float, int]]:
+        return self._score(requests, self.first, self._kwargs["desc"])
+
+    def error_bound(self, tokens: np.ndarray) -> np.ndarray:
+        """Each first-pass answer's share of the bound on a compared difference's bf16 error, by its continuation
+        tokens (elementwise; `pocketlm.eval.bf16_bound`)."""
+        from pocketlm.eval.bf16_bound import bf16_error_bound
+
+        return bf16_error_bound(tokens)
+
+    def rescore(self, requests: Sequence[TextRequest]) -> list[tuple[float, int]]:
+        """The same answers in fp32."""
+        return self._score(requests, "fp32", f"{self._kwargs['desc']}: fp32 near ties")
+
+    def describe(self) -> dict[str, Any]:
+        """What this scorer computes, for ``results.settings``."""
+        from pocketlm.eval.bf16_bound import describe_bound
+
+        scoring = {"fp32": "fp32", "bf16": "bf16 body (each sequence's first 2 positions in fp32), fp32 output "
+                                           "layer and log-softmax"}[self.first]
+        if self.refine:
+            scoring += ("; items whose decision lies within the bf16 error bound re-scored in fp32: every decision "
+                        "is fp32's, the other items' log-likelihoods are bf16's (means of them, such as "
+                        "likelihood_diff, move by about 1e-3 nats: benchmarks/bf16_error.py)")
+        return {"precision": self.precision, "scoring": scoring,
+                "bound": describe_bound() if self.refine else None}
+
+
+def model_scorer(model, tokenizer, **kwargs: Any) -> ModelScorer:
+    """`ModelScorer` (kept as the name callers know)."""
+    return ModelScorer(model, tokenizer, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------- near ties
+
+
+def pair_near_ties(scores: np.ndarray, bound: np.ndarray, pairs: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Items [n] where the order of some compared pair of answers could differ from fp32's: ``|s_i − s_j| <=
+    b_i + b_j`` (``scores``, ``bound`` [n, k]; a tie counts, since strict and non-strict decisions part there)."""
+    near = np.zeros(len(scores), dtype=bool)
+    for i, j in pairs:
+        near |= np.abs(scores[:, i] - scores[:, j]) <= bound[:, i] + bound[:, j]
+    return near
+
+
+def argmax_near_ties(scores: np.ndarray, bound: np.ndarray) -> np.ndarray:
+    """Items [n] whose argmax (first on ties) could differ from fp32's: some other answer within the two bounds of
+    the top one (``s_top − s_j <= b_top + b_j``)."""
+    top = np.argmax(scores, axis=1)  # [n]
+    rows = np.arange(len(scores))
+    gap = scores[rows, top][:, None] - scores  # [n, k]
+    reach = bound[rows, top][:, None] + bound  # [n, k]
+    others = np.ones(scores.shape, dtype=bool)
+    others[rows, top] = False
+    return np.any(others & (gap <= reach), axis=1)
 
 
 # ---------------------------------------------------------------------------------------------------- statistics

@@ -23,8 +23,11 @@ def audit_bias_cmd(
     batch_size: int = typer.Option(16, min=1, help="Requests per forward pass."),
     max_length: Optional[int] = typer.Option(None, min=1, help="Cap on input tokens (default: the model's context)."),
     dtype: str = typer.Option("float32", help="Weights: float32 or bfloat16."),
-    precision: str = typer.Option("fp32", help="Scoring: fp32, bf16 (model body in bf16 autocast, output layer and "
-                                               "log-softmax in fp32) or auto (bf16 where the hardware runs it)."),
+    precision: str = typer.Option("auto", help="Scoring: auto (bf16 where the hardware runs it natively, then fp32 "
+                                               "again for every item whose decision lies within the bf16 error "
+                                               "bound: decisions equal fp32's; fp32 elsewhere), fp32, or bf16 (model "
+                                               "body in bf16 autocast, output layer and log-softmax in fp32; no "
+                                               "re-scoring)."),
     n_resamples: int = typer.Option(1000, min=1, help="Bootstrap resamples per interval."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where to write results.json "
                                                            "(default results/bias-<suite>.json)."),
@@ -64,6 +67,10 @@ def audit_bias_cmd(
                + (f" (seeded subset, seed {seed})" if len(subset.items) < full.n_total else "") + f" — {model}"
                + (f" vs baseline {baseline}" if baseline else ""))
     typer.echo(res.table())
+    scoring = res.settings["scoring_precision"]
+    typer.echo("scoring: " + "; ".join(
+        f"{role} {s['scoring']}" + (f" ({len(run.rescored[role])} items re-scored)" if s["bound"] else "")
+        for role, s in scoring.items()))
     significant = res.details.get("significant", [])
     if baseline:
         typer.echo("significant deltas (95 % CI excludes 0): " + (", ".join(significant) if significant else "none"))

@@ -14,7 +14,8 @@ Batches are right-padded without an attention mask (as lm-eval feeds causal LMs)
 tokens (the answers of one multiple-choice item, the two sentences of a CrowS pair) are packed into one row, their
 shared prefix run once (`packing`), where a probe shows that this model then gives the same answers; an output
 position read by several requests is computed once. Log-softmax (as ``logit - logsumexp``, a bounded number of rows at a time) runs in fp32
-whatever dtype the model computes in; sums accumulate in fp64.
+whatever dtype the model computes in; sums accumulate in fp64. Under bf16, the predictions made at a sequence's first
+`EXACT_POSITIONS` positions are computed in fp32 (`_exact_early`).
 
 Shape legend: b = requests in a batch, t = padded input length, v = vocabulary, n = continuation tokens in a batch.
 """
@@ -33,6 +34,13 @@ from pocketlm.eval import packing
 Request = tuple[list[int], list[int]]
 _UNPROBED = object()
 _ROWS_PER_CHUNK = 4096  # continuation tokens upcast to fp32 at once: 4096 x 49k vocab x 4 bytes = 0.8 GB
+# Under bf16, the predictions read at the first positions of a sequence are computed in fp32, from a forward of just
+# the tokens up to them (all that a causal model's output there depends on). Measured (benchmarks/bf16_error.py,
+# SmolLM2-135M-Instruct, CrowS-Pairs): positions 0 and 1 carry the attention sinks' massive activations (max |h| at
+# layer 15: 24,891 and 1,675, against ~100 elsewhere), and bf16 rounds them so coarsely that the prediction made at
+# position 1 was off by up to 9.6 nats (q99 1.3) while every later position stayed under 0.7; a whole-sentence
+# suite reads position 1 in every request. Cost: a forward of at most 2 tokens per distinct sequence start.
+EXACT_POSITIONS = 2
 
 
 def model_input(context: Sequence[int], continuation: Sequence[int], max_length: int | None) -> list[int]:
@@ -83,7 +91,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def _device(model: torch.nn.Module) -> torch.device:
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device a model computes on (its `.device`, else its first parameter's)."""
     device = getattr(model, "device", None)
     if isinstance(device, torch.device):
         return device
@@ -248,19 +257,58 @@ class _Forward:
         return token_lp, misses
 
 
-def _score_batch(forward: _Forward, rows: list[packing.Row]) -> dict[int, tuple[float, bool]]:
+def _exact_early(forward: _Forward, inputs: list[list[int]], targets: list[list[int]], which: Sequence[int],
+                 rows_per_forward: int = 256) -> dict[tuple[int, int], tuple[float, bool]]:
+    """fp32 (log p, miss) of each continuation token of the requests ``which`` that is predicted at a position
+    below `EXACT_POSITIONS`, by (request, position): one fp32 forward of each distinct start ``input[:EXACT_POSITIONS]``
+    (plain rows: the output at position q depends on tokens 0..q alone)."""
+    starts: dict[tuple[int, ...], list[tuple[int, int, int]]] = {}  # start -> [(request, position, target)]
+    for i in which:
+        n, width = len(targets[i]), len(inputs[i])
+        for q in range(width - n, min(width, EXACT_POSITIONS)):
+            starts.setdefault(tuple(inputs[i][:EXACT_POSITIONS]), []).append((i, q, targets[i][q - (width - n)]))
+    if not starts:
+        return {}
+    keys = list(starts)
+    out: dict[tuple[int, int], tuple[float, bool]] = {}
+    bf16, forward.bf16 = forward.bf16, False  # the same forward, autocast off (also inside a bf16 session)
+    try:
+        for lo in range(0, len(keys), rows_per_forward):
+            rows, meta = [], []
+            for key in keys[lo:lo + rows_per_forward]:
+                rows.append(packing.Row(list(key), list(range(len(key))), None,
+                                        [(len(meta) + k, [q], [t]) for k, (_, q, t) in enumerate(starts[key])]))
+                meta += [(i, q) for i, q, _ in starts[key]]
+            ids, _, _, reads = packing.batch_tensors(rows, forward.device, None)
+            token_lp, misses = forward.log_probs(ids, *reads[1:])  # in the order of `meta`
+            for (i, q), lp, miss in zip(meta, token_lp.tolist(), misses.tolist()):
+                out[(i, q)] = (lp, miss)
+    finally:
+        forward.bf16 = bf16
+    return out
+
+
+def _score_batch(forward: _Forward, rows: list[packing.Row],
+                 exact: dict[tuple[int, int], tuple[float, bool]] | None = None) -> dict[int, tuple[float, bool]]:
     """(Σ log p, is_greedy) of every request in a batch of rows, by request index.
 
     A plain row is the request's input right-padded without an attention mask, as lm-eval feeds causal LMs: a
     real token attends only to earlier positions, so it never sees the padding after it and keeps positions
     0..len-1; padded positions are never read. The logit at input position p predicts token p + 1, so a
     continuation of c tokens is read from the last c positions of its input. Packed rows carry position ids and
-    the prefix-tree mask (`packing`).
+    the prefix-tree mask (`packing`). ``exact``: fp32 answers by (request, position id) that replace those read
+    at the same place (`_exact_early`).
     """
     kind = forward.mask_kind() if any(r.segments is not None for r in rows) else None  # packed: probed already
     tensors = packing.batch_tensors(rows, forward.device, kind, window=forward.window)
     token_lp, misses = forward.scored(*tensors)
     req = tensors[3][0]  # [n] request index of each scored token
+    if exact:
+        row_ix, where = tensors[3][1], tensors[3][2]
+        pos = where if tensors[1] is None else tensors[1].to(forward.device)[row_ix, where]  # [n] position ids
+        early = torch.nonzero(pos < EXACT_POSITIONS).flatten().tolist()
+        for k, i, q in zip(early, req[early].tolist(), pos[early].tolist()):
+            token_lp[k], misses[k] = exact[(i, q)]
     ids, local = torch.unique(req, return_inverse=True)
     sums = torch.zeros(len(ids), dtype=torch.float64, device=forward.device).index_add_(0, local, token_lp)
     n_miss = torch.zeros(len(ids), dtype=torch.float64, device=forward.device).index_add_(0, local, misses.double())
@@ -351,7 +399,8 @@ def score_continuations(
     from the left); None feeds whole requests. ``max_batch_tokens`` bounds a batch's padded size (rows × width)
     as well, so long windows go a few at a time and short ones many at a time within the same memory; a single
     request longer than the budget still runs, alone. ``precision="bf16"`` runs the model body in bf16 autocast and
-    keeps the output layer and log-softmax in fp32 (see :class:`_Forward`). The model is put in eval mode for the
+    keeps the output layer and log-softmax in fp32 (see :class:`_Forward`), and the predictions made at each
+    sequence's first `EXACT_POSITIONS` positions in fp32. The model is put in eval mode for the
     call and restored after. ``max_memory`` (bytes) bounds the weights plus one batch's estimated peak
     (`pocketlm.memory`): batches and fp32 chunks shrink to fit, and a request that does not fit alone is refused
     before any is scored. Under a multi-process launch (and ``distributed``) each rank scores an interleaved
@@ -371,7 +420,7 @@ def score_continuations(
     try:
         # no_grad, not inference_mode: autocast keeps its weight casts only outside inference mode
         with torch.no_grad():
-            forward = _Forward(model, precision, _device(model))
+            forward = _Forward(model, precision, model_device(model))
             rows = _rows(reqs, max_length, forward, pack)
             packed = any(r.segments is not None for r in rows)
             fits = _memory_fit(forward, model, max_memory, packed) if max_memory is not None else None
@@ -382,8 +431,11 @@ def score_continuations(
             bar = tqdm(total=sum(len(rows[j].reads) for j in mine), desc=desc,
                        disable=not progress or not dist.is_main())
             with bar, forward.session():
+                exact = None if not forward.bf16 else _exact_early(  # the first positions in fp32
+                    forward, [model_input(c, t, max_length) for c, t in reqs], [t for _, t in reqs],
+                    [r[0] for j in mine for r in rows[j].reads])
                 for idx in _batches(mine, rows, batch_size, max_batch_tokens, fits):
-                    answers = _score_batch(forward, [rows[j] for j in idx])
+                    answers = _score_batch(forward, [rows[j] for j in idx], exact)
                     for j in idx:
                         per_row[j] = {r[0]: answers[r[0]] for r in rows[j].reads}
                     bar.update(sum(len(rows[j].reads) for j in idx))
