@@ -77,6 +77,15 @@ def toy():
     return TwinBigram(tok).eval(), tok
 
 
+@pytest.fixture(autouse=True)
+def native_bf16(monkeypatch):
+    """`auto` is bf16 + fp32 re-scoring only where bf16 is native; these tests exercise that path on any CPU (bf16
+    autocast runs everywhere, if slowly)."""
+    import pocketlm.eval.loglik as loglik
+
+    monkeypatch.setattr(loglik, "fast_bf16", lambda device: True)
+
+
 def scorer(toy, precision):
     return ModelScorer(*toy, batch_size=8, max_length=64, precision=precision)
 
@@ -196,6 +205,20 @@ def test_auto_is_fp32_where_bf16_is_not_native(toy, monkeypatch):
     monkeypatch.setattr(loglik, "fast_bf16", lambda device: False)
     s = scorer(toy, "auto")
     assert s.first == "fp32" and not s.refine and s.describe()["bound"] is None
+    items, _ = make_items("crows_pairs", 12)
+    assert run_bias_suite("crows_pairs", items, s, n_resamples=20).rescored["model"] == []
+
+
+def test_auto_with_bf16_weights_rescores_nothing_and_says_so():
+    """Re-scoring needs fp32 weights (with bf16 weights the second pass is bf16 again): none is claimed."""
+    import copy
+
+    tok = word_tokenizer()
+    model = copy.deepcopy(TwinBigram(tok)).to(torch.bfloat16).eval()
+    s = ModelScorer(model, tok, batch_size=8, max_length=64, precision="auto")
+    described = s.describe()
+    assert not s.refine and described["bound"] is None
+    assert "no item is re-scored" in described["scoring"] and "fp32's" not in described["scoring"]
     items, _ = make_items("crows_pairs", 12)
     assert run_bias_suite("crows_pairs", items, s, n_resamples=20).rescored["model"] == []
 

@@ -220,3 +220,31 @@ def test_a_standard_folder_that_does_not_reload_exactly_falls_back(tmp_path, tok
     ids = torch.randint(3, 100, (1, 10))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, student(ids).logits, **TOL)
+
+
+def test_a_standard_folder_that_does_not_load_at_all_falls_back(tmp_path, tokenizer, monkeypatch):
+    """A reader that raises on the written folder costs the standard layout, never the trained student."""
+    from pocketlm.models.student import PocketLMConfig
+
+    torch.manual_seed(0)
+    student = PocketLMForCausalLM(PocketLMConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64)).eval()
+    real = hf_export._llama_writer
+
+    def broken(model, dtype):
+        write = real(model, dtype)
+
+        def write_model(folder):
+            write(folder)
+            (folder / "model.safetensors").write_bytes(b"not safetensors")
+        return write_model
+
+    monkeypatch.setattr(hf_export, "_llama_writer", broken)
+    folder, layout = hf_export.save_student_folder(student, tokenizer, tmp_path / "broken")
+    assert layout.model_type == "pocketlm" and "does not reload in transformers" in layout.reason
+    assert model_type(folder) == "pocketlm" and not (folder / ".llama").exists()
+    loaded = PocketLMForCausalLM.from_pretrained(folder).eval()
+    ids = torch.randint(3, 100, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, student(ids).logits, **TOL)

@@ -89,12 +89,16 @@ class ModelScorer:
     def __init__(self, model, tokenizer, *, batch_size: int = 16, max_length: int | None = None,
                  precision: str = "fp32", progress: bool = False, desc: str = "scoring",
                  max_memory: int | None = None):
+        import torch
+
         from pocketlm.eval.loglik import model_device, resolve_precision
         from pocketlm.eval.perplexity import default_max_length
 
         self.model, self.tokenizer, self.precision = model, tokenizer, precision
         self.first = resolve_precision(precision, model_device(model))  # the first pass: "fp32" or "bf16"
-        self.refine = precision == "auto" and self.first == "bf16"
+        self.weights = next(model.parameters()).dtype
+        # re-scoring in fp32 needs fp32 weights: with bf16 weights the second pass would be bf16 again
+        self.refine = precision == "auto" and self.first == "bf16" and self.weights == torch.float32
         limit = max_length if max_length is not None else default_max_length(model, tokenizer)
         self._kwargs = dict(batch_size=batch_size, max_length=limit, progress=progress, desc=desc,
                             max_memory=max_memory)
@@ -126,6 +130,11 @@ class ModelScorer:
 
         scoring = {"fp32": "fp32", "bf16": "bf16 body (each sequence's first 2 positions in fp32), fp32 output "
                                            "layer and log-softmax"}[self.first]
+        import torch
+
+        if self.weights != torch.float32:
+            scoring += (f"; weights in {str(self.weights).removeprefix('torch.')}: no item is re-scored in fp32, "
+                        "decisions are those of these weights")
         if self.refine:
             scoring += ("; items whose decision lies within the bf16 error bound re-scored in fp32: every decision "
                         "is fp32's, the other items' log-likelihoods are bf16's (means of them, such as "
