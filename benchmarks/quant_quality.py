@@ -23,8 +23,10 @@ be built over several sittings; ``--table`` prints it from the files alone.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -44,18 +46,51 @@ def pocketlm(*args: str) -> None:
         raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
 
 
+def fail(message: str) -> None:
+    """A named error before any work: exit 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def parse_models(text: str) -> dict[str, str]:
+    """`name=spec,...`: names become file names inside --out, so they are plain words."""
+    models = {}
+    for item in text.split(","):
+        name, sep, spec = item.strip().partition("=")
+        if not sep or not spec or not re.fullmatch(r"[A-Za-z0-9_]+", name):
+            fail(f"--models: expected name=spec with a name of letters, digits and _, got {item!r}")
+        models[name] = spec
+    return models
+
+
+def parse_quants(text: str) -> list[str]:
+    from pocketlm.models.gguf_export import quant_type
+
+    quants = [q.strip().lower() for q in text.split(",") if q.strip()]
+    for q in quants:
+        try:
+            quant_type(q)
+        except ValueError as e:
+            fail(f"--quants: {e}")
+    return quants if "f32" in quants else ["f32", *quants]  # f32: the baseline every delta is paired against
+
+
 def row_path(out: Path, model: str, quant: str) -> Path:
     return out / "rows" / f"{model}-{quant}.json"
 
 
 def measure(args, name: str, spec: str, quant: str) -> None:
     path = row_path(args.out, name, quant)
-    key = {"model": spec, "quant": quant, "documents": args.documents, "max_length": args.max_length,
-           "data": str(args.data)}
+    from pocketlm.pipeline_stages import model_identity
+
+    identity = model_identity(spec)  # the model's files, not its name: a retrained student is measured again
+    key = {"model": spec, "identity": identity, "quant": quant, "documents": args.documents,
+           "max_length": args.max_length, "data": str(args.data)}
     if path.is_file() and json.loads(path.read_text()).get("benchmark_key") == key:
         print(f"{name} {quant}: done", flush=True)
         return
-    folder = args.out / "gguf" / f"{name}-{quant}"
+    tag = hashlib.sha256(identity.encode()).hexdigest()[:10]
+    folder = args.out / "gguf" / f"{name}-{quant}-{tag}"
     gguf = folder / f"model-{quant}.gguf"
     t0 = time.perf_counter()
     if not gguf.is_file():
@@ -70,6 +105,7 @@ def measure(args, name: str, spec: str, quant: str) -> None:
     pocketlm(*ev)
     doc = json.loads(tmp.read_text())
     doc["benchmark_key"] = key
+    doc["file"] = gguf.relative_to(args.out).as_posix()  # a name inside --out
     doc["file_bytes"] = gguf.stat().st_size
     doc["export_s"], doc["eval_s"] = round(t1 - t0, 1), round(time.perf_counter() - t1, 1)
     path.write_text(json.dumps(doc, indent=1))
@@ -127,20 +163,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench-quant-quality")
     ap.add_argument("--table", action="store_true", help="print the table from the finished rows only")
     args = ap.parse_args(argv)
-    models = dict(item.split("=", 1) for item in args.models.split(","))
-    quants = [q.strip() for q in args.quants.split(",")]
-    if "f32" not in quants:
-        quants.insert(0, "f32")  # the baseline every delta is paired against
+    models, quants = parse_models(args.models), parse_quants(args.quants)
     if not args.table:
+        from pocketlm.outdir import output_folder, subfolder
+
         if not args.data.is_file():
-            raise SystemExit(f"{args.data}: WikiText-2 test is absent (see ../shared/data/wikitext2)")
+            fail(f"{args.data}: WikiText-2 test is absent (see ../shared/data/wikitext2)")
         for name, spec in models.items():
-            if not spec.endswith(".gguf") and os.sep in spec and not Path(spec).exists():
-                raise SystemExit(f"{spec}: no such model folder (for the demo student run `make demo` first)")
-        (args.out / "rows").mkdir(parents=True, exist_ok=True)
-        for name, spec in models.items():
-            for q in quants:
-                measure(args, name, spec, q)
+            if (spec.endswith(".gguf") or os.sep in spec) and not Path(spec).exists():
+                fail(f"--models {name}: {spec} does not exist (for the demo student run `make demo` first)")
+        with output_folder(args.out, kind="bench-quant-quality"):
+            subfolder(args.out / "rows", kind="bench-rows")
+            subfolder(args.out / "gguf", kind="bench-exports")
+            for name, spec in models.items():
+                for q in quants:
+                    measure(args, name, spec, q)
     print(table(args, models, quants))
     return 0
 

@@ -57,7 +57,7 @@ def test_quant_quality_rows_and_table(bench, teacher_dir, tmp_path, capsys):
     ref = perplexity(model, tok, docs, max_length=32, detokenize="wikitext", precision="fp32", progress=False)
     assert word(rows["f32"]) == pytest.approx(ref.word_perplexity, rel=1e-5)
     for q, doc in rows.items():
-        assert doc["file_bytes"] == (out / "gguf" / f"tiny-{q}" / f"model-{q}.gguf").stat().st_size
+        assert doc["file_bytes"] == (out / doc["file"]).stat().st_size and doc["file"].endswith(f"model-{q}.gguf")
     assert rows["q4_0"]["file_bytes"] < rows["q8_0"]["file_bytes"] < rows["f32"]["file_bytes"]
     table = capsys.readouterr().out
     for q in ("q8_0", "q4_0"):
@@ -70,3 +70,9 @@ def test_quant_quality_rows_and_table(bench, teacher_dir, tmp_path, capsys):
     # a re-run measures nothing again
     assert bench.main(argv) == 0
     assert capsys.readouterr().out.count(": done") == 3
+    # bad input is a named error before any work
+    for bad, field in [(["--models", "../x=" + str(teacher_dir)], "--models"), (["--quants", "f32,q4_k"], "--quants"),
+                       (["--models", f"tiny={tmp_path / 'absent'}"], "does not exist")]:
+        with pytest.raises(SystemExit) as e:
+            bench.main([*argv, *bad])
+        assert e.value.code == 2 and field in capsys.readouterr().err
