@@ -245,6 +245,22 @@ def test_rerun_reuses_force_redoes_and_gates_set_the_exit_code(tiny_run, teacher
     assert sorted(n for n in before if after[n] != before[n]) == ["bias.json", "perplexity.json", "toxicity.json"]
 
 
+def test_new_scoring_arithmetic_redoes_the_stages_that_score(tiny_run, teacher_dir, corpus_file, suite_dir,
+                                                            tmp_path, monkeypatch):
+    """Stored perplexity and bias figures are keyed by the log-likelihood arithmetic that made them: a changed
+    bf16 bound re-runs those two stages and nothing else."""
+    import pocketlm.eval.bf16_bound as bound
+
+    src, first = tiny_run
+    assert first.exit_code == 0, first.output
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    monkeypatch.setattr(bound, "BF16_ERROR_PER_SQRT_TOKEN", bound.BF16_ERROR_PER_SQRT_TOKEN * 2)
+    r = CliRunner().invoke(app, tiny_args(teacher_dir, corpus_file, suite_dir, out))
+    assert r.exit_code == 0, r.output
+    assert "stages run: perplexity, bias;" in r.output
+
+
 @pytest.mark.parametrize("extra, says", [
     (["audit.bais=[]"], "audit.bais: unknown key"),
     (["gates=['student.x <= < 1']"], "column"),

@@ -327,13 +327,22 @@ def _heldout(ctx: Context) -> tuple[list[str], str]:
     return docs, "held-out documents of the distillation data"
 
 
+def _scoring_version() -> dict[str, Any]:
+    """What log-likelihood arithmetic a stored figure was made with (part of the keys of the stages that score):
+    the positions bf16 computes in fp32, and the bf16 error bound near ties are re-scored within."""
+    from pocketlm.eval.bf16_bound import BF16_ERROR_PER_SQRT_TOKEN
+    from pocketlm.eval.loglik import EXACT_POSITIONS
+
+    return {"bf16_exact_positions": EXACT_POSITIONS, "bf16_error_per_sqrt_token": BF16_ERROR_PER_SQRT_TOKEN}
+
+
 def _perplexity_inputs(ctx: Context) -> dict[str, Any]:
     sets = []
     for p in measured(ctx, ctx.cfg.eval.perplexity, lambda x: x.name):
         data = ctx.fact("heldout_hash") if p.data is None else ctx.inputs[p.name]["hash"]
         sets.append({**p.model_dump(mode="json"), "data_hash": data})
     return {"sets": sets, "batch_size": ctx.cfg.eval.batch_size, "precision": ctx.cfg.eval.precision,
-            "models": ctx.fingerprints(), "seed": ctx.seed}
+            "models": ctx.fingerprints(), "seed": ctx.seed, "scoring": _scoring_version()}
 
 
 @stage("perplexity", "evaluate", inputs=_perplexity_inputs, enabled=lambda cfg: bool(cfg.eval.perplexity),
@@ -425,7 +434,11 @@ def _audit_inputs(kind: str) -> Callable[[Context], dict[str, Any]]:
     return inputs
 
 
-@stage("bias", "audit", inputs=_audit_inputs("bias"), enabled=lambda cfg: bool(cfg.audit.bias),
+def _bias_inputs(ctx: Context) -> dict[str, Any]:
+    return {**_audit_inputs("bias")(ctx), "scoring": _scoring_version()}
+
+
+@stage("bias", "audit", inputs=_bias_inputs, enabled=lambda cfg: bool(cfg.audit.bias),
        measures=lambda cfg: [b.entry for b in cfg.audit.bias])
 def bias_stage(ctx: Context) -> StageOutput:
     """Teacher and student on the same items, once each: the student's Results carry the paired deltas, the
