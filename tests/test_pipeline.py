@@ -269,6 +269,9 @@ def test_new_scoring_arithmetic_redoes_the_stages_that_score(tiny_run, teacher_d
     (["export.quants=[q4_k_m]"], "export.quants: Value error, 'q4_k_m': the gguf package cannot write K-quants"),
     (["export.quants=[q3_0]"], "export.quants: Value error, unknown quant type 'q3_0'; valid: f32"),
     (["export.treads=2"], "export.treads: unknown key"),
+    (["student.init=random", "student.num_layers=2", "student.position_scheme=alibi"],
+     "export.enabled: this student cannot be written as GGUF: student.position_scheme is 'alibi'"),
+    (["student.moe={num_experts: 2, top_k: 1, router: switch}"], "student.moe.router is 'switch'"),
     (["export.enabled=false", "gates=['deployment.decode_speedup[q8_0] >= 1']"],
      "names 'deployment', which this pipeline does not measure"),
 ])

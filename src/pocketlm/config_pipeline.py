@@ -218,6 +218,7 @@ class PipelineConfig(DistillConfig):
         scopes = set(entries) | set(self.roles()) | {"distill", "parameters", "size", "attention"}
         if self.export.enabled:
             scopes.add("deployment")
+            self._check_exportable()
         from pocketlm.report.gates import parse, refs
 
         for i, gate in enumerate(self.gates):
@@ -228,6 +229,25 @@ class PipelineConfig(DistillConfig):
                         f"gates.{i}: {ref} names {head!r}, which this pipeline does not measure; "
                         f"names start with one of: {', '.join(sorted(scopes))}")
         return self
+
+    def _check_exportable(self) -> None:
+        """export.enabled writes the student as llama.cpp's Llama (dense) or Mixtral (MoE): a student neither holds
+        is refused here, before any training (the same rules as `pocketlm.models.hf_export`)."""
+        s, why = self.student, []
+        if s.position_scheme != "rotary":
+            why.append(f"student.position_scheme is {s.position_scheme!r} (llama.cpp's Llama rotates q/k)")
+        if s.sliding_window is not None:
+            why.append("student.sliding_window is set (llama.cpp's Llama attends the whole context)")
+        if s.moe is not None:
+            if s.moe.router != "topk_softmax":
+                why.append(f"student.moe.router is {s.moe.router!r} (Mixtral routes with topk_softmax)")
+            if s.moe.num_shared_experts:
+                why.append("student.moe.num_shared_experts is not 0 (Mixtral has no shared experts)")
+            if s.moe.layers is not None:
+                why.append("student.moe.layers is set (Mixtral has an MoE MLP in every layer)")
+        if why:
+            raise ValueError("export.enabled: this student cannot be written as GGUF: " + "; ".join(why)
+                             + "; set export.enabled: false")
 
     def roles(self) -> list[str]:
         return ["teacher", "student"] + (["ce_baseline"] if self.ce_baseline else [])
