@@ -113,8 +113,20 @@ class Side:
             elif getattr(self.model.config, "model_type", None) == "pocketlm" and self.model.config.moe is None:
                 self._hf = export_llama(self.model, target)
             else:
-                self._hf = write_folder(target, lambda tmp: self.model.save_pretrained(tmp), kind="export")
+                self._hf = write_folder(target, self._save_weights, kind="export")
         return self._hf
+
+    def _save_weights(self, folder: Path) -> None:
+        """config.json and model.safetensors of the loaded model. transformers refuses `save_pretrained` of a
+        model it de-quantised from GGUF (it counts as quantised), so the fp32 weights it holds are written
+        directly (tied embeddings once)."""
+        from safetensors.torch import save_model
+
+        config = self.model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["dtype"] = "float32"
+        type(self.model.config).from_dict(config).save_pretrained(folder)
+        save_model(self.model, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 # ---------------------------------------------------------------------------------------------------- rows
