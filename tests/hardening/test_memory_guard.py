@@ -130,7 +130,8 @@ def test_scoring_batches_fit_the_budget_and_score_the_same(teacher, tokenizer, m
     budget = fp.weights + fp.scoring(4, widest, chunk_rows=loglik._ROWS_PER_CHUNK, split=True) + 1
     sizes = []
     real_score = loglik._score_batch
-    monkeypatch.setattr(loglik, "_score_batch", lambda f, batch: sizes.append(len(batch)) or real_score(f, batch))
+    monkeypatch.setattr(loglik, "_score_batch",
+                        lambda f, batch, *rest: sizes.append(len(batch)) or real_score(f, batch, *rest))
     guarded_peak, guarded = torch_peak(lambda: score_continuations(teacher, reqs, batch_size=64, max_memory=budget))
     batches = list(sizes)
     assert sum(batches) == len(reqs) and max(batches) < 64, batches
