@@ -187,32 +187,33 @@ def test_a_student_nothing_standard_holds_is_pocketlm_with_the_reason(tmp_path, 
         torch.testing.assert_close(loaded(ids).logits, ours(ids).logits, **TOL)
 
 
-def test_a_standard_folder_that_does_not_reload_exactly_falls_back(tmp_path, tokenizer, monkeypatch):
-    """The safety net behind the structural checks: the written folder is reloaded and compared."""
+def tiny_student(tokenizer) -> PocketLMForCausalLM:
     from pocketlm.models.student import PocketLMConfig
 
     torch.manual_seed(0)
-    student = PocketLMForCausalLM(PocketLMConfig(
+    return PocketLMForCausalLM(PocketLMConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)).eval()
+
+
+def broken_llama_writer(monkeypatch, damage) -> None:
+    """`_llama_writer` whose folder is then damaged by `damage(folder)`."""
     real = hf_export._llama_writer
 
-    def misconfigured(model, dtype):  # a Llama config that drifts from the student's (a field the checks miss)
+    def writer(model, dtype):
         write = real(model, dtype)
 
         def write_model(folder):
             write(folder)
-            config = json.loads((folder / "config.json").read_text())
-            (folder / "config.json").write_text(json.dumps({**config, "rope_theta": 10.0,
-                                                            "rope_parameters": {"rope_type": "default",
-                                                                                "rope_theta": 10.0}}))
+            damage(folder)
         return write_model
 
-    exact, layout = hf_export.save_student_folder(student, tokenizer, tmp_path / "exact")
-    assert layout == hf_export.FolderFormat("llama") and model_type(exact) == "llama"
-    monkeypatch.setattr(hf_export, "_llama_writer", misconfigured)
-    folder, layout = hf_export.save_student_folder(student, tokenizer, tmp_path / "drifted")
-    assert layout.model_type == "pocketlm" and "the llama folder reloads to logits up to" in layout.reason
+    monkeypatch.setattr(hf_export, "_llama_writer", writer)
+
+
+def assert_fell_back(folder, layout, student, says: str) -> None:
+    """Saved in pocketlm's layout with the reason, nothing of the candidate left, and the student's logits."""
+    assert layout.model_type == "pocketlm" and says in layout.reason
     assert model_type(folder) == "pocketlm" and not (folder / ".llama").exists()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -222,29 +223,26 @@ def test_a_standard_folder_that_does_not_reload_exactly_falls_back(tmp_path, tok
         torch.testing.assert_close(loaded(ids).logits, student(ids).logits, **TOL)
 
 
+def test_a_standard_folder_that_does_not_reload_exactly_falls_back(tmp_path, tokenizer, monkeypatch):
+    """The safety net behind the structural checks: the written folder is reloaded and compared."""
+    student = tiny_student(tokenizer)
+    exact, layout = hf_export.save_student_folder(student, tokenizer, tmp_path / "exact")
+    assert layout == hf_export.FolderFormat("llama") and model_type(exact) == "llama"
+
+    def drift(folder):  # a Llama config that drifts from the student's (a field the checks miss)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "rope_theta": 10.0,
+                                                        "rope_parameters": {"rope_type": "default",
+                                                                            "rope_theta": 10.0}}))
+
+    broken_llama_writer(monkeypatch, drift)
+    folder, layout = hf_export.save_student_folder(student, tokenizer, tmp_path / "drifted")
+    assert_fell_back(folder, layout, student, "the llama folder reloads to logits up to")
+
+
 def test_a_standard_folder_that_does_not_load_at_all_falls_back(tmp_path, tokenizer, monkeypatch):
     """A reader that raises on the written folder costs the standard layout, never the trained student."""
-    from pocketlm.models.student import PocketLMConfig
-
-    torch.manual_seed(0)
-    student = PocketLMForCausalLM(PocketLMConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64)).eval()
-    real = hf_export._llama_writer
-
-    def broken(model, dtype):
-        write = real(model, dtype)
-
-        def write_model(folder):
-            write(folder)
-            (folder / "model.safetensors").write_bytes(b"not safetensors")
-        return write_model
-
-    monkeypatch.setattr(hf_export, "_llama_writer", broken)
+    student = tiny_student(tokenizer)
+    broken_llama_writer(monkeypatch, lambda folder: (folder / "model.safetensors").write_bytes(b"not safetensors"))
     folder, layout = hf_export.save_student_folder(student, tokenizer, tmp_path / "broken")
-    assert layout.model_type == "pocketlm" and "does not reload in transformers" in layout.reason
-    assert model_type(folder) == "pocketlm" and not (folder / ".llama").exists()
-    loaded = PocketLMForCausalLM.from_pretrained(folder).eval()
-    ids = torch.randint(3, 100, (1, 10))
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, student(ids).logits, **TOL)
+    assert_fell_back(folder, layout, student, "does not reload in transformers")
