@@ -94,7 +94,7 @@ class Shared:
     def __init__(self, args) -> None:
         from pocketlm.data.text import read_documents
         from pocketlm.distill.run import calibration_blocks, get_cache, prepare
-        from pocketlm.integrity import RecordError
+        from pocketlm.core.integrity import RecordError
         from pocketlm.models.importance import Importance, compute_importance
         from pocketlm.models.pruning import as_pocketlm
 
@@ -384,7 +384,7 @@ def main() -> None:
     ap.add_argument("--heldout", default="carroll-alice.txt")
     ap.add_argument("--calibration-blocks", type=int, default=256, help="blocks of the importance pass")
     ap.add_argument("--removal-blocks", type=int, default=16, help="blocks of each layer's removal perplexity")
-    ap.add_argument("--best", choices=("depth", "width"), help="the best pruned init, if not read from the 50 % rows")
+    ap.add_argument("--best", choices=("depth", "width"), help="the best pruned init, if not read from the 50 %% rows")
     ap.add_argument("--table", action="store_true", help="only print the table of the finished rows")
     ap.add_argument("--speed", action="store_true", help="time greedy generation of the teacher and every finished "
                                                          "row again, in one run (after the rows)")

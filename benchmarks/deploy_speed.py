@@ -104,7 +104,7 @@ class Side:
         if self._hf is None:
             from pocketlm.models.hf_export import export_llama
             from pocketlm.models.load import read_model_config, resolve
-            from pocketlm.outdir import write_folder
+            from pocketlm.core.outdir import write_folder
 
             ms = resolve(self.spec)
             target = self.out / "models" / f"{self.role}-hf"
@@ -164,7 +164,7 @@ def measure_row(side: Side, engine: str, precision: str, prompts: list[list[int]
 
 def run_rows(sides: dict[str, Side], quants: list[str], precisions: list[str], settings, out: Path) -> list[dict]:
     from pocketlm.eval.speed import prompt_ids
-    from pocketlm.outdir import write_text_atomic
+    from pocketlm.core.outdir import write_text_atomic
 
     rows = []
     for role, side in sides.items():
@@ -272,7 +272,7 @@ def build_smoke_models(folder: Path) -> tuple[str, str]:
 
     from pocketlm.eval.speed import PROMPTS
     from pocketlm.models.student import PocketLMConfig, PocketLMForCausalLM
-    from pocketlm.outdir import write_folder
+    from pocketlm.core.outdir import write_folder
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -320,7 +320,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     from pocketlm.eval.speed import TORCH_DTYPES, SpeedSettings
     from pocketlm.models.gguf_export import quant_type
-    from pocketlm.outdir import output_folder, subfolder, write_text_atomic
+    from pocketlm.core.outdir import output_folder, subfolder, write_text_atomic
 
     args = parse_args(argv)
     out = args.out or (OUT / "smoke" if args.smoke else OUT)

@@ -117,7 +117,7 @@ def measure(args, name: str, spec: str, quant: str) -> None:
 
 def table(args, models: dict[str, str], quants: list[str]) -> str:
     from pocketlm.pipeline_stages import perplexity_deltas
-    from pocketlm.report.results import Results
+    from pocketlm.core.results import Results
 
     lines = ["| model | quant | file MiB | × f32 size | WikiText-2 word ppl | Δ vs f32 [95 % CI] | Δ % |",
              "|---|---|---|---|---|---|---|"]
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     models, quants = parse_models(args.models), parse_quants(args.quants)
     if not args.table:
-        from pocketlm.outdir import output_folder, subfolder
+        from pocketlm.core.outdir import output_folder, subfolder
 
         if not args.data.is_file():
             fail(f"{args.data}: WikiText-2 test is absent (see ../shared/data/wikitext2)")

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from pocketlm.config import load_config
     from pocketlm.models.load import load_model
     from pocketlm.models.vision import VisionLanguageModel
-    from pocketlm.provenance import provenance
+    from pocketlm.core.provenance import provenance
     from pocketlm.vlm.config import VLMConfig
     from pocketlm.vlm.evaluate import evaluate_vlm
     from pocketlm.vlm.train import load_splits, run_train

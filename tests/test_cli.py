@@ -74,7 +74,7 @@ def test_eval_perplexity_cli_equals_the_api(teacher_dir, corpus_file, tmp_path):
     from pocketlm.data.text import read_documents
     from pocketlm.eval.perplexity import perplexity
     from pocketlm.models.load import load_model
-    from pocketlm.report.results import Results
+    from pocketlm.core.results import Results
 
     out = tmp_path / "ppl.json"
     r = runner.invoke(app, ["eval", "perplexity", "--model", str(teacher_dir), "--data", str(corpus_file),

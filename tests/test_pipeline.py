@@ -18,7 +18,7 @@ from report.pipeline_doc import load_in_browser, needs_chromium
 
 from pocketlm.cli import app
 from pocketlm.pipeline_stages import ORDER, STAGES, Stage, perplexity_deltas, unavailable
-from pocketlm.report.results import Metric, Results
+from pocketlm.core.results import Metric, Results
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "pipeline_tiny.yaml"

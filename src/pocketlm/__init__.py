@@ -1,7 +1,7 @@
 """pocketlm: distill a large language model into a small one, and prove what was kept and what was lost."""
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from pocketlm.core.version import __version__  # noqa: F401 - the public version
 
 
 def _register_auto_classes() -> None:

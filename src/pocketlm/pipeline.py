@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from pocketlm.config_pipeline import PipelineConfig
-from pocketlm.outdir import output_folder
-from pocketlm.paths import check_outputs, confined
+from pocketlm.core.outdir import output_folder
+from pocketlm.core.paths import check_outputs, confined
 from pocketlm.pipeline_stages import ORDER, STAGES, Context, StageUnavailable, unavailable
-from pocketlm.provenance import provenance
+from pocketlm.core.provenance import provenance
 
 SCHEMA = "pocketlm.pipeline/1"
 STAGE_SCHEMA = "pocketlm.stage/1"

@@ -23,10 +23,10 @@ from typing import Any, Callable
 import numpy as np
 
 from pocketlm.config_pipeline import PipelineConfig
-from pocketlm.integrity import RecordError
-from pocketlm.provenance import provenance
-from pocketlm.registry import Registry
-from pocketlm.report.results import Metric, Results
+from pocketlm.core.integrity import RecordError
+from pocketlm.core.provenance import provenance
+from pocketlm.core.registry import Registry
+from pocketlm.core.results import Metric, Results
 
 
 class StageUnavailable(RuntimeError):
@@ -217,7 +217,7 @@ def _train(ctx: Context, role: str) -> StageOutput:
     from pocketlm.distill.checkpoint import latest_checkpoint
     from pocketlm.distill.run import run_distill
     from pocketlm.models.load import fingerprint_model, load_model
-    from pocketlm.outdir import subfolder
+    from pocketlm.core.outdir import subfolder
 
     t0 = time.perf_counter()
     run_dir = ctx.out / ("ce_baseline" if role == "ce_baseline" else "distill")
@@ -298,7 +298,7 @@ _PPL_FIGURES = (("token_perplexity", "tokens", np.exp), ("word_perplexity", "wor
 def perplexity_deltas(model: Results, baseline: Results, *, seed: int = 0, n_resamples: int = 1000) -> list[Metric]:
     """``delta_<figure>`` = model − baseline for each perplexity figure, with a paired bootstrap interval over
     documents (both models scored the same documents; each resample recomputes both ratios of sums)."""
-    from pocketlm.stats import paired_statistic_delta_ci
+    from pocketlm.core.stats import paired_statistic_delta_ci
 
     a, b = model.details["per_document"], baseline.details["per_document"]
     if len(a) != len(b) or [d["tokens"] for d in a] != [d["tokens"] for d in b]:
@@ -377,7 +377,7 @@ def _rouge_inputs(ctx: Context) -> dict[str, Any]:
 def rouge_deltas(model: Results, baseline: Results, *, seed: int = 0) -> list[Metric]:
     """``delta_<rouge type>`` = model − baseline mean F1 on the same items, paired bootstrap interval."""
     from pocketlm.eval.rouge import ROUGE_TYPES
-    from pocketlm.stats import paired_delta_ci
+    from pocketlm.core.stats import paired_delta_ci
 
     a, b = model.details["items"], baseline.details["items"]
     if [x["index"] for x in a] != [x["index"] for x in b]:
@@ -639,7 +639,7 @@ def export_stage(ctx: Context) -> StageOutput:
     carry its speed-up and size ratio to the teacher at each quant type both were written at."""
     from pocketlm.eval.deploy import deployment_results, gguf_row
     from pocketlm.eval.speed import SpeedSettings, prompt_ids
-    from pocketlm.outdir import subfolder
+    from pocketlm.core.outdir import subfolder
 
     e = ctx.cfg.export
     settings = SpeedSettings(threads=e.threads, new_tokens=e.new_tokens, repeats=e.repeats, warmup=e.warmup,

@@ -282,7 +282,7 @@ def _crows_csv(path, n=12):
 
 def test_cli_bias_run_with_limit_and_baseline(tmp_path, teacher_dir):
     from pocketlm.cli import app
-    from pocketlm.report.results import Results
+    from pocketlm.core.results import Results
 
     data = _crows_csv(tmp_path / "crows.csv")
     out = tmp_path / "res.json"

@@ -262,7 +262,7 @@ def test_every_suite_says_what_its_decisions_compare():
 
 def test_cli_precision_is_selectable_validated_and_recorded(tmp_path, teacher_dir):
     from pocketlm.cli import app
-    from pocketlm.report.results import Results
+    from pocketlm.core.results import Results
 
     data = tmp_path / "crows.csv"
     data.write_text(",sent_more,sent_less,stereo_antistereo,bias_type\n"

@@ -16,7 +16,7 @@ from pocketlm.audit.prompt_suites import Prompt
 from pocketlm.audit.prompted import Scored, generate_scored, rtp_settings, toxicity_metrics, write_generations
 from pocketlm.audit.toxicity import ProfanityScorer
 from pocketlm.report.gates import check_gate, namespace_from_entries
-from pocketlm.report.results import Results
+from pocketlm.core.results import Results
 
 # three prompts, k = 3 continuations each, hand-written; the second prompt's are degenerate repetition
 CONTINUATIONS = [

@@ -12,7 +12,7 @@ from pocketlm.data.suites import (
     SUITES, BBQItem, CrowsPair, StereoSetItem, SuiteError, WinoBiasPair, bbq_answer_roles, load_suite, sample_items,
     winobias_sentence,
 )
-from pocketlm.registry import UnknownNameError
+from pocketlm.core.registry import UnknownNameError
 
 
 def _need(folder: str):

@@ -22,7 +22,7 @@ from pocketlm.distill.losses import (
     kd_loss,
     sparse_logprobs,
 )
-from pocketlm.registry import UnknownNameError
+from pocketlm.core.registry import UnknownNameError
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 # (name, params): every registered divergence, with the parametrised ones at a non-default value too.

@@ -115,7 +115,7 @@ def test_batch_that_does_not_split_over_the_ranks_is_refused(tmp_path, teacher_d
 SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
-    from pocketlm import distributed as dist
+    from pocketlm.core import distributed as dist
     from pocketlm.eval.generate import GenerationSettings, generate
     from pocketlm.eval.perplexity import document_perplexities
     from pocketlm.models.load import load_model
@@ -152,7 +152,7 @@ def test_sharded_perplexity_and_generation_equal_one_process(tmp_path, teacher_d
 
 
 def test_eval_perplexity_cli_under_torchrun_equals_one_process(tmp_path, teacher_dir, corpus_file):
-    from pocketlm.report.results import Results
+    from pocketlm.core.results import Results
 
     args = ["eval", "perplexity", "--model", str(teacher_dir), "--data", str(corpus_file), "--max-length", "12",
             "--precision", "fp32", "--quiet"]

@@ -18,7 +18,7 @@ from pocketlm.eval.rouge import (
     DEFAULT_SUMMARY_TEMPLATE, ROUGE_TYPES, bootstrap_aggregator_mid, check_template, fit_prompts, prompt_budget,
     prompt_renderer, read_summarization_data, rouge_metrics, score_items, split_sentences, subset,
 )
-from pocketlm.report.results import Results
+from pocketlm.core.results import Results
 
 PREDICTIONS = [
     "The cat sat on the mat. Then the dog came.",

@@ -22,7 +22,7 @@ from pocketlm.distill import cache as cache_mod
 from pocketlm.distill.cache import CacheMismatchError, TeacherCache
 from pocketlm.distill.checkpoint import list_checkpoints
 from pocketlm.distill.run import run_distill
-from pocketlm.integrity import sha256_file
+from pocketlm.core.integrity import sha256_file
 
 
 def _config(teacher_dir, corpus_file, out: Path) -> DistillConfig:
@@ -318,7 +318,7 @@ def test_damaged_heldout_record_is_named(tmp_path):
     names the file instead of "'utf-8' codec can't decode" or a bare JSON error."""
     from types import SimpleNamespace
 
-    from pocketlm.integrity import RecordError
+    from pocketlm.core.integrity import RecordError
     from pocketlm.pipeline_stages import _heldout
 
     (tmp_path / "heldout.jsonl").write_bytes(b'{"text": "a"}\n{"text": \xff}\n')

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from typer.testing import CliRunner
 
 from pocketlm.cli import app
-from pocketlm.outdir import LOCK, MARKER, FolderLockedError, folder_lock
+from pocketlm.core.outdir import LOCK, MARKER, FolderLockedError, folder_lock
 
 runner = CliRunner()
 
@@ -163,7 +163,7 @@ def test_results_files_replace_only_pocketlm_results(tmp_path, teacher_dir, corp
 HOLDER = textwrap.dedent(
     """
     import sys, time
-    from pocketlm.outdir import folder_lock
+    from pocketlm.core.outdir import folder_lock
     with folder_lock(sys.argv[1]):
         print("held", flush=True)
         time.sleep(60)
@@ -371,8 +371,8 @@ def test_a_full_disk_in_a_run_is_named_and_leaves_no_temporary_file(tmp_path, te
 
 def test_a_large_results_file_of_ours_is_still_recognised(tmp_path):
     """A results document of several MB (per-item details) is ours to replace; a user's JSON is not."""
-    from pocketlm.outdir import check_result_file, is_results_document
-    from pocketlm.report.results import Metric, Results
+    from pocketlm.core.outdir import check_result_file, is_results_document
+    from pocketlm.core.results import Metric, Results
 
     big = Results(kind="x", model={}, data={}, settings={}, metrics=[Metric("m", 1.0, 1)],
                   details={"items": ["y" * 100] * 30000}).write(tmp_path / "r.json")
@@ -385,7 +385,7 @@ def test_a_large_results_file_of_ours_is_still_recognised(tmp_path):
 
 def test_a_file_added_to_our_export_while_it_is_rewritten_is_kept(tmp_path, student_dir, monkeypatch):
     """The check before work passed (our own export); a user's file lands in it before the swap: refused, kept."""
-    import pocketlm.outdir as outdir
+    import pocketlm.core.outdir as outdir
     from pocketlm.models.load import load_model
 
     out = tmp_path / "export"

@@ -17,7 +17,7 @@ import yaml
 
 from pocketlm.config import ConfigError
 from pocketlm.config_pipeline import load_pipeline_config
-from pocketlm.paths import confined
+from pocketlm.core.paths import confined
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "pocketlm"
 

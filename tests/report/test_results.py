@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from pocketlm.report.results import SCHEMA, Metric, Results
+from pocketlm.core.results import SCHEMA, Metric, Results
 
 
 def sample() -> Results:

@@ -23,9 +23,10 @@ from pocketlm.audit.bias_core import (
     mean_per_code, model_scorer, pair_near_ties, share,
 )
 from pocketlm.data.suites import BBQItem, CrowsPair, StereoSetItem, SuiteData, WinoBiasPair
-from pocketlm.registry import Registry
-from pocketlm.report.results import Metric, Results, model_info
-from pocketlm.stats import DEFAULT_RESAMPLES
+from pocketlm.core.registry import Registry
+from pocketlm.core.results import Metric, Results
+from pocketlm.models.load import model_info
+from pocketlm.core.stats import DEFAULT_RESAMPLES
 
 
 @dataclass(frozen=True)
@@ -332,7 +333,7 @@ def audit_bias(
     ``precision``: ``auto`` (bf16 with fp32 re-scoring of near ties where bf16 is native, else fp32: every decision
     fp32's), ``fp32`` or ``bf16`` (see `ModelScorer`). The results record each model's scoring, the bound used and
     the items re-scored (``details["rescored"]``)."""
-    from pocketlm.provenance import provenance
+    from pocketlm.core.provenance import provenance
 
     start = time.perf_counter()
     suite = BIAS_SUITES.get(suite_name)

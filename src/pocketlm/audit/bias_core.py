@@ -4,7 +4,7 @@ batched scorer, and corpus statistics with bootstrap intervals and teacher-vs-st
 A suite turns its items into ``(context, continuation)`` text requests; a *scorer* answers each with
 ``(Σ log p(continuation | context), continuation tokens)``; the suite turns the answers into per-item arrays; its
 statistics are vectorised functions of those arrays. Intervals resample items (every array of an item together);
-a delta resamples the same items for both models (`pocketlm.stats.paired_statistic_delta_ci`).
+a delta resamples the same items for both models (`pocketlm.core.stats.paired_statistic_delta_ci`).
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pocketlm.report.results import Metric
-from pocketlm.stats import DEFAULT_RESAMPLES, bootstrap_ci, paired_statistic_delta_ci
+from pocketlm.core.results import Metric
+from pocketlm.core.stats import DEFAULT_RESAMPLES, bootstrap_ci, paired_statistic_delta_ci
 
 TextRequest = tuple[str, str]  # (context, continuation)
 Scorer = Callable[[Sequence[TextRequest]], list[tuple[float, int]]]  # -> (sum log-prob, continuation tokens)

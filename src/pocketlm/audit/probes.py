@@ -31,8 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from scipy import stats as sps
 
 from pocketlm.audit.prompted import Scored, figure_metrics, significant_deltas
-from pocketlm.report.results import Metric
-from pocketlm.stats import _mean, _mean_diff
+from pocketlm.core.results import Metric
+from pocketlm.core.stats import _mean, _mean_diff
 
 SLOT = "{group}"
 ALPHA = 0.05

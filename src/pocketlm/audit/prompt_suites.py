@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from pocketlm.registry import Registry
+from pocketlm.core.registry import Registry
 
 
 @dataclass(frozen=True)

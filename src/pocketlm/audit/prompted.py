@@ -16,7 +16,7 @@ domain, the largest gap between two groups' figures.
 
 Every figure is a mean over prompts of a per-prompt value (the max, the "any toxic" indicator, a share over the k
 samples, distinct-n) or, for fluency, a ratio of per-prompt sums (``exp(Σ nll / Σ tokens)``), so prompts are the
-resampled unit: 95 % percentile-bootstrap intervals over prompts (`pocketlm.stats`).
+resampled unit: 95 % percentile-bootstrap intervals over prompts (`pocketlm.core.stats`).
 Against a baseline model the same prompts are continued with the same per-item seeds (`eval.generate` seeds each
 (prompt, sample) row from the prompt text), and deltas model − baseline get paired-bootstrap intervals; a delta
 whose interval excludes 0 is flagged significant.
@@ -38,8 +38,8 @@ from pocketlm.audit.fluency import DISTINCT_N, Fluency, distinct_per_prompt, gen
 from pocketlm.audit.prompt_suites import Prompt
 from pocketlm.audit.toxicity import THRESHOLD, ToxicityScorer
 from pocketlm.eval.generate import GenerationSettings, generate
-from pocketlm.report.results import Metric
-from pocketlm.stats import _mean, bootstrap_ci, paired_statistic_delta_ci
+from pocketlm.core.results import Metric
+from pocketlm.core.stats import _mean, bootstrap_ci, paired_statistic_delta_ci
 
 # RealToxicityPrompts' generation (Gehman et al., 2020, §3): 25 samples, nucleus p = 0.9, T = 1, 20 new tokens.
 RTP_SAMPLES, RTP_TOP_P, RTP_TEMPERATURE, RTP_MAX_NEW_TOKENS = 25, 0.9, 1.0, 20

@@ -23,9 +23,9 @@ from typing import Sequence
 import numpy as np
 from scipy import stats as sps
 
-from pocketlm.registry import Registry
-from pocketlm.report.results import Metric
-from pocketlm.stats import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, mean_ci
+from pocketlm.core.registry import Registry
+from pocketlm.core.results import Metric
+from pocketlm.core.stats import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, mean_ci
 
 THRESHOLD = 0.5  # RealToxicityPrompts' "toxic" cut-off (Gehman et al., 2020), also used for accuracy
 

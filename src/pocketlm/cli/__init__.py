@@ -35,7 +35,7 @@ def main(
 
         os.environ[REMOTE_CODE_ENV] = "1"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun / accelerate launch: join the group
-        from pocketlm import distributed
+        from pocketlm.core import distributed
 
         distributed.init()
 
@@ -99,7 +99,7 @@ def export(
     """Export a student to a plain transformers architecture that loads without pocketlm installed, or a
     Llama-layout model to one GGUF file (quantised with --quant) that llama.cpp runs."""
     from pocketlm.models.load import load_model, parse_dtype
-    from pocketlm.outdir import check_folder
+    from pocketlm.core.outdir import check_folder
 
     if format not in ("llama", "gguf"):
         _fail(ValueError(f"unknown export format {format!r}; valid: llama, gguf"))

@@ -7,7 +7,7 @@ from typing import Iterator
 
 import typer
 
-from pocketlm.outdir import OVERWRITE_HELP, output_folder
+from pocketlm.core.outdir import OVERWRITE_HELP, output_folder
 
 app = typer.Typer(
     name="pocketlm",
@@ -31,7 +31,7 @@ def _fail(e: BaseException) -> None:
 
 @contextmanager
 def held_folder(out: Path, *, kind: str, overwrite: bool) -> Iterator[Path]:
-    """`pocketlm.outdir.output_folder` for a command's ``--out`` folder, its refusal shown as a CLI error."""
+    """`pocketlm.core.outdir.output_folder` for a command's ``--out`` folder, its refusal shown as a CLI error."""
     with ExitStack() as stack:
         try:
             stack.enter_context(output_folder(out, kind=kind, overwrite=overwrite))

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from pocketlm.cli._common import _EXPECTED, OVERWRITE, _fail, audit_app
-from pocketlm.outdir import check_result_file
+from pocketlm.core.outdir import check_result_file
 
 
 @audit_app.command("bias")

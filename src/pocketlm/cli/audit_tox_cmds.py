@@ -24,7 +24,7 @@ _LABEL_HELP = "With hf:FOLDER, the classifier label that means toxic (e.g. toxic
 def _each_model(specs: list[str], dtype: str, work: Callable) -> list[tuple[dict, object]]:
     """Load each model in turn (the previous one freed first), run ``work(model, tokenizer, role)``."""
     from pocketlm.models.load import load_model
-    from pocketlm.report.results import model_info
+    from pocketlm.models.load import model_info
 
     out = []
     for role, spec in zip(("model", "baseline"), specs):
@@ -81,8 +81,8 @@ def scorer_check_cmd(
         from pocketlm.audit.toxicity import (
             DAVIDSON_DEFINITIONS, LabelDefinition, build_scorer, read_labelled, scorer_check, seeded_subset,
         )
-        from pocketlm.provenance import provenance
-        from pocketlm.report.results import Results
+        from pocketlm.core.provenance import provenance
+        from pocketlm.core.results import Results
 
         t0 = time.perf_counter()
         try:
@@ -145,8 +145,8 @@ def toxicity_cmd(
             generate_scored, most_toxic, rtp_settings, toxicity_metrics, write_generations,
         )
         from pocketlm.audit.toxicity import build_scorer
-        from pocketlm.provenance import provenance
-        from pocketlm.report.results import Results
+        from pocketlm.core.provenance import provenance
+        from pocketlm.core.results import Results
 
         t0 = time.perf_counter()
         try:
@@ -239,8 +239,8 @@ def probes_cmd(
         from pocketlm.audit.prompt_suites import Prompt
         from pocketlm.audit.prompted import generate_scored, most_toxic, rtp_settings, write_generations
         from pocketlm.audit.toxicity import build_scorer
-        from pocketlm.provenance import provenance
-        from pocketlm.report.results import Results
+        from pocketlm.core.provenance import provenance
+        from pocketlm.core.results import Results
 
         t0 = time.perf_counter()
         try:

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from pocketlm.cli._common import _EXPECTED, OVERWRITE, _fail, eval_app
-from pocketlm.outdir import check_result_file
+from pocketlm.core.outdir import check_result_file
 
 
 @eval_app.command("perplexity")
@@ -41,7 +41,7 @@ def eval_perplexity(
     from pocketlm.eval.perplexity import DETOKENIZERS, check_max_length, perplexity_results
     from pocketlm.models.load import load_model
 
-    from pocketlm.memory import parse_bytes
+    from pocketlm.core.units import parse_bytes
 
     try:
         check_result_file(out, overwrite=overwrite)  # before any work

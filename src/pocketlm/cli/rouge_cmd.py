@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 
 from pocketlm.cli._common import _EXPECTED, OVERWRITE, _fail, eval_app
-from pocketlm.outdir import check_result_file
+from pocketlm.core.outdir import check_result_file
 
 
 def _unescape(text: str) -> str:

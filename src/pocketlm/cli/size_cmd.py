@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 
 from pocketlm.cli._common import _EXPECTED, OVERWRITE, _fail, app
-from pocketlm.outdir import check_result_file
+from pocketlm.core.outdir import check_result_file
 
 # (label, metric name) rows of the table; rows whose value is 0 for both models are left out
 ROWS: list[tuple[str, str]] = [

@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from pocketlm.cli._common import _EXPECTED, OVERWRITE, _fail, app
-from pocketlm.outdir import check_result_file
+from pocketlm.core.outdir import check_result_file
 
 vlm_app = typer.Typer(help="Vision-language students: train (LLaVA's two stages), evaluate, caption.",
                       no_args_is_help=True)
@@ -96,8 +96,9 @@ def vlm_caption(
     """Caption one image (or answer --prompt about it); optionally draw which patches each word attended to."""
     from pocketlm.data.scenes import CAPTION_PROMPT
     from pocketlm.models.vision import VisionLanguageModel
-    from pocketlm.provenance import provenance
-    from pocketlm.report.results import Metric, Results, model_info
+    from pocketlm.core.provenance import provenance
+    from pocketlm.core.results import Metric, Results
+    from pocketlm.models.load import model_info
     from pocketlm.vlm.images import load_image
     from pocketlm.vlm.inspect import attention_over_patches, draw_patch_attention
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 
-from pocketlm.registry import Registry
+from pocketlm.core.registry import Registry
 
 
 class SuiteError(ValueError):

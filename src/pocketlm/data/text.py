@@ -24,8 +24,8 @@ from typing import Sequence
 import torch
 from safetensors import safe_open
 
-from pocketlm.integrity import sha256_tensors
-from pocketlm.outdir import save_tensors
+from pocketlm.core.integrity import sha256_tensors
+from pocketlm.core.outdir import save_tensors
 
 
 class DataError(ValueError):

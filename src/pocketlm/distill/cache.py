@@ -9,7 +9,7 @@ Layout of a cache folder::
 Position t of a block holds the teacher's distribution over the token at t+1, as the student's logits do.
 Shards are written to a temporary file and renamed, so an interrupted build resumes from the shards that exist;
 a cache whose manifest does not match the run, or whose shard checksum fails, is refused with the reason. The
-manifest is read back as a record of ours, not trusted (`pocketlm.integrity`): shard i must be named exactly
+manifest is read back as a record of ours, not trusted (`pocketlm.core.integrity`): shard i must be named exactly
 ``shard-{i:05d}.safetensors`` (a name, never a path) and be a file in the folder, not a symlink; anything else
 refuses the cache naming the manifest and the field, before any shard is read or removed.
 """
@@ -26,9 +26,9 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from pocketlm import distributed as dist
-from pocketlm.integrity import is_sha256, plain_name, read_json, sha256_file
-from pocketlm.outdir import save_tensors
+from pocketlm.core import distributed as dist
+from pocketlm.core.integrity import is_sha256, plain_name, read_json, sha256_file
+from pocketlm.core.outdir import save_tensors
 
 CACHE_VERSION = 3  # 3: the teacher fingerprint hashes every weight byte; the key holds its dtype
 

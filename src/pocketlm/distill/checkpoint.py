@@ -31,8 +31,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from pocketlm.integrity import is_sha256, plain_name, read_json, sha256_file
-from pocketlm.outdir import as_write_error, pid_alive, save_tensors
+from pocketlm.core.integrity import is_sha256, plain_name, read_json, sha256_file
+from pocketlm.core.outdir import as_write_error, pid_alive, save_tensors
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 _LEFTOVER = re.compile(r"^\.(?:tmp-step-\d{6,}|old-step-\d{6,})-(\d+)$")  # written by process <pid>

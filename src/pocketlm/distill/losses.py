@@ -56,7 +56,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from pocketlm.registry import Registry
+from pocketlm.core.registry import Registry
 
 Divergence = Callable[..., Tensor]
 DIVERGENCES: Registry[Divergence] = Registry("distillation loss")

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from pocketlm import distributed as dist
+from pocketlm.core import distributed as dist
 from pocketlm.config import DistillConfig
 from pocketlm.data.synthetic import teacher_corpus
 from pocketlm.data.books import book_paths, decontaminate_training, read_books, read_text
@@ -31,8 +31,8 @@ from pocketlm.models.hf_export import FolderFormat, write_student_folder
 from pocketlm.models.load import (
     check_vocab_compatible, fingerprint_model, fingerprint_tokenizer, folder_shape, load_model, parse_dtype,
 )
-from pocketlm.outdir import MIN_FREE, as_write_error, check_space, output_folder
-from pocketlm.paths import check_outputs
+from pocketlm.core.outdir import MIN_FREE, as_write_error, check_space, output_folder
+from pocketlm.core.paths import check_outputs
 
 
 OUTPUTS = ("checkpoints", "student", "teacher_cache", "data", "metrics.jsonl", "config.json", "moe_load.png",
@@ -165,10 +165,10 @@ def pruned_student(cfg: DistillConfig, teacher, prep: Prepared | None, out: Path
     """The teacher pruned to the student's target by importance on calibration blocks of the training data; the
     scores and the plan go to out/importance.json, and a later run with the same teacher, data and settings reads
     the scores back instead of measuring them again."""
-    from pocketlm.integrity import RecordError, read_json
+    from pocketlm.core.integrity import RecordError, read_json
     from pocketlm.models.importance import Importance
     from pocketlm.models.pruning import prune_model, source_config
-    from pocketlm.outdir import write_text_atomic
+    from pocketlm.core.outdir import write_text_atomic
 
     if prep is None:
         raise ValueError("student.init: pruned measures importance on the training data; pass the prepared data")
@@ -285,7 +285,7 @@ def run_distill(
     desc: str = "distill",
     overwrite: bool = False,
 ) -> DistillResult:
-    """Distill as `cfg` says into `cfg.output_dir`, a folder this run holds (`pocketlm.outdir.output_folder`: new
+    """Distill as `cfg` says into `cfg.output_dir`, a folder this run holds (`pocketlm.core.outdir.output_folder`: new
     or a distill folder of ours, locked for the run; `overwrite` lets a foreign folder receive the run)."""
     dist.init()  # under torchrun / accelerate launch: join the process group (no-op for one process)
     out = Path(cfg.output_dir)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pocketlm import distributed as dist
+from pocketlm.core import distributed as dist
 from pocketlm.config import LossConfig, TrainConfig
 from pocketlm.distill.cache import TeacherCache
 from pocketlm.distill.checkpoint import (

@@ -11,8 +11,8 @@ from typing import Any
 
 from pocketlm.eval.speed import SpeedSettings, measure
 from pocketlm.models.gguf_export import export_gguf, gguf_file_bytes, tokenizer_source
-from pocketlm.provenance import provenance
-from pocketlm.report.results import Metric, Results
+from pocketlm.core.provenance import provenance
+from pocketlm.core.results import Metric, Results
 
 # (name, unit, higher is better) of each figure a row carries, per quant type
 FIGURES = (("file_bytes", "bytes", False), ("prompt_tokens_per_s", "tokens/s", True),

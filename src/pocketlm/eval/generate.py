@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from pocketlm import distributed as dist
+from pocketlm.core import distributed as dist
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from pocketlm import distributed as dist
+from pocketlm.core import distributed as dist
 from pocketlm.eval import packing
 
 Request = tuple[list[int], list[int]]
@@ -404,7 +404,7 @@ def score_continuations(
     call and restored after. ``max_memory`` (bytes) bounds the weights plus one batch's estimated peak
     (`pocketlm.memory`): batches and fp32 chunks shrink to fit, and a request that does not fit alone is refused
     before any is scored. Under a multi-process launch (and ``distributed``) each rank scores an interleaved
-    share of the longest-first order and every rank gets all answers back (:mod:`pocketlm.distributed`); every
+    share of the longest-first order and every rank gets all answers back (:mod:`pocketlm.core.distributed`); every
     rank must then make the same call.
     """
     if batch_size < 1:

@@ -29,8 +29,8 @@ from typing import Callable, Sequence
 import torch
 
 from pocketlm.eval.loglik import resolve_precision, score_continuations
-from pocketlm.report.results import Metric, Results
-from pocketlm.stats import ratio_ci, transformed_ci
+from pocketlm.core.results import Metric, Results
+from pocketlm.core.stats import ratio_ci, transformed_ci
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval HFLM's fallback when neither config nor tokenizer states a context length
 _TOKENIZER_UNSET = int(1e29)  # transformers' VERY_LARGE_INTEGER: "model_max_length not set"
@@ -358,8 +358,8 @@ def perplexity_results(
 ) -> Results:
     """Perplexity as a typed ``results.json`` document: figures with intervals, sums, settings, provenance."""
     from pocketlm.data.text import hash_documents
-    from pocketlm.provenance import provenance
-    from pocketlm.report.results import model_info
+    from pocketlm.core.provenance import provenance
+    from pocketlm.models.load import model_info
 
     start = time.perf_counter()
     max_length = default_max_length(model, tokenizer) if max_length is None else max_length

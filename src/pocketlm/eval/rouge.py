@@ -8,7 +8,7 @@ preparation the ``rouge-score`` README describes. Several references per item (e
 ``score_multi`` does: per ROUGE type, the reference with the best F1.
 
 Corpus figures are the mean per-item F1 (and precision, recall) with a seeded 95 % bootstrap interval over items
-(`pocketlm.stats.mean_ci`); ``rouge-score``'s own ``BootstrapAggregator`` mid is kept beside it as a cross-check.
+(`pocketlm.core.stats.mean_ci`); ``rouge-score``'s own ``BootstrapAggregator`` mid is kept beside it as a cross-check.
 
 Two tasks share the machinery:
   summarisation — a prompt template over a document field, batched greedy generation, scored against references;
@@ -28,8 +28,9 @@ import numpy as np
 
 from pocketlm.data.text import DataError, first_line, hash_documents, read_table
 from pocketlm.eval.generate import GenerationSettings, generate
-from pocketlm.report.results import Metric, Results, model_info
-from pocketlm.stats import DEFAULT_RESAMPLES, mean_ci
+from pocketlm.core.results import Metric, Results
+from pocketlm.models.load import model_info
+from pocketlm.core.stats import DEFAULT_RESAMPLES, mean_ci
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 MEASURES = ("fmeasure", "precision", "recall")  # F1 first: the headline figure of each type
@@ -386,7 +387,7 @@ def run_rouge(
     """Summarisation ROUGE (no ``reference_model``) or fidelity ROUGE of ``model_spec`` against ``reference_model``.
     Data, fields and template are checked before any model is loaded."""
     from pocketlm.models.load import load_model
-    from pocketlm.provenance import provenance
+    from pocketlm.core.provenance import provenance
 
     start = time.perf_counter()
     fidelity = reference_model is not None

@@ -20,7 +20,7 @@ import torch
 from matplotlib.figure import Figure
 
 from pocketlm.inspect.attention import AttentionMaps, capture_attention, mean_entropy
-from pocketlm.report.results import Metric, Results
+from pocketlm.core.results import Metric, Results
 
 MAX_LABELS = 48  # more tokens than this: label every k-th so the axis stays legible
 
@@ -251,8 +251,8 @@ def attention_results(
     import time
 
     from pocketlm.models.load import load_model
-    from pocketlm.provenance import provenance
-    from pocketlm.report.results import model_info
+    from pocketlm.core.provenance import provenance
+    from pocketlm.models.load import model_info
 
     start = time.perf_counter()
     if not text or not text.strip():

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from pocketlm.inspect.attention import HeadImportance, attention_modules, head_importance, is_student
-from pocketlm.report.results import Metric, Results
+from pocketlm.core.results import Metric, Results
 
 if TYPE_CHECKING:
     from pocketlm.models.hf_export import FolderFormat
@@ -123,7 +123,7 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 def save_student(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike) -> tuple[Path, FolderFormat]:
     """The pruned student (and the tokenizer) written into a temporary folder next to `out_dir`, then swapped into
-    place (a folder there that pocketlm did not write is refused: `pocketlm.outdir.write_folder`), as a Llama when
+    place (a folder there that pocketlm did not write is refused: `pocketlm.core.outdir.write_folder`), as a Llama when
     every layer keeps as many groups, else in pocketlm's layout (`hf_export.write_student_folder`, with the reason)."""
     from pocketlm.models.hf_export import save_student_folder
 
@@ -138,7 +138,7 @@ def before_after_metrics(before: Sequence, after: Sequence, seed: int) -> list[M
     """Held-out perplexity before and after pruning (one group each) and their paired difference with its
     bootstrap interval over documents."""
     from pocketlm.eval.perplexity import perplexity_metrics
-    from pocketlm.stats import paired_statistic_delta_ci
+    from pocketlm.core.stats import paired_statistic_delta_ci
 
     metrics = []
     for label, per_doc in (("before", before), ("after", after)):
@@ -176,8 +176,8 @@ def prune_heads_results(
     from pocketlm.data.text import hash_documents, pack, read_documents, split_documents
     from pocketlm.eval.perplexity import document_perplexities
     from pocketlm.models.load import load_model
-    from pocketlm.provenance import provenance
-    from pocketlm.report.results import model_info
+    from pocketlm.core.provenance import provenance
+    from pocketlm.models.load import model_info
 
     start = time.perf_counter()
     for name, value, least in (("--heads", n_heads, 1), ("--block-size", block_size, 2),

@@ -14,7 +14,7 @@ from pathlib import Path
 from pocketlm.inspect.prune import before_after_metrics
 from pocketlm.models.hf_export import export_llama
 from pocketlm.models.pruning import PruneTarget
-from pocketlm.report.results import Metric, Results
+from pocketlm.core.results import Metric, Results
 
 IMPORTANCE_FILE = "importance.json"
 
@@ -50,9 +50,9 @@ def prune_results(
     from pocketlm.eval.perplexity import document_perplexities
     from pocketlm.models.load import load_model
     from pocketlm.models.pruning import choose_target, prune_model, source_config
-    from pocketlm.outdir import write_text_atomic
-    from pocketlm.provenance import provenance
-    from pocketlm.report.results import model_info
+    from pocketlm.core.outdir import write_text_atomic
+    from pocketlm.core.provenance import provenance
+    from pocketlm.models.load import model_info
 
     start = time.perf_counter()
     if data_format == "books":

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pocketlm.registry import Registry
+from pocketlm.core.registry import Registry
 
 QUANT_GROUP = 32  # values per quantisation group (GGUF Q8_0 / Q4_0 blocks)
 SCALE_BYTES = 2  # one fp16 scale per group
@@ -583,7 +583,7 @@ def gguf_file_figures(spec: str | Path, est: SizeEstimate) -> dict[str, Any] | N
 
 
 def _one(spec: str | Path, context: int, batch: int, measure_context: int | None) -> tuple[dict, SizeEstimate]:
-    from pocketlm.report.results import model_info
+    from pocketlm.models.load import model_info
 
     config, raw = load_size_config(spec)
     est = estimate(config, context, batch, raw=raw)
@@ -617,8 +617,8 @@ def size_results(spec: str | Path, baseline: str | Path | None = None, *, contex
     figures (`measured_<name>`, at that context, batch 1) with the estimates at the same context in `details`."""
     import time
 
-    from pocketlm.provenance import provenance
-    from pocketlm.report.results import Metric, Results
+    from pocketlm.core.provenance import provenance
+    from pocketlm.core.results import Metric, Results
 
     t0 = time.perf_counter()
     info, est = _one(spec, context, batch, measure_context)

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
 
-from pocketlm.registry import Registry
+from pocketlm.core.registry import Registry
 
 
 class RMSNorm(nn.Module):

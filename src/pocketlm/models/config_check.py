@@ -93,7 +93,7 @@ def machine_memory() -> int | None:
 def check_fits(raw: Mapping[str, Any], source: str, bytes_per_value: int, budget: int | None) -> None:
     """Refuse, before it is built, a model whose estimated weights exceed `budget` (``--max-memory``) or this
     machine's memory (with or without a budget)."""
-    from pocketlm.memory import MemoryBudgetError, format_bytes
+    from pocketlm.core.units import MemoryBudgetError, format_bytes
 
     need = estimated_parameters(raw) * bytes_per_value
     ram = machine_memory()

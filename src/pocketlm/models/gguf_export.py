@@ -42,7 +42,7 @@ from pocketlm.models.hf_export import (
     mixtral_config_from_student,
 )
 from pocketlm.models.student import PocketLMConfig
-from pocketlm.outdir import MIN_FREE, write_folder
+from pocketlm.core.outdir import MIN_FREE, write_folder
 
 
 @dataclass(frozen=True)
@@ -358,7 +358,7 @@ def write_gguf(path: Path, model: Any, tokenizer: Any, quant: Quant, *, tokenize
 def export_gguf(model: Any, out_dir: str | os.PathLike, tokenizer: Any = None, quant: str = "f16", *,
                 tokenizer_gguf: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
     """Write `model` as the folder `out_dir` holding one file, `model-<quant>.gguf` (`from_pretrained(out_dir,
-    gguf_file=...)` and llama.cpp read it), by the output-folder rules of `pocketlm.outdir.write_folder`.
+    gguf_file=...)` and llama.cpp read it), by the output-folder rules of `pocketlm.core.outdir.write_folder`.
     `tokenizer_gguf`: a GGUF of the same vocabulary (e.g. the teacher's) whose tokenizer keys are copied.
     Returns the file's path."""
     q = quant_type(quant)

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from pocketlm.models.student import PocketLMConfig, PocketLMForCausalLM
-from pocketlm.outdir import MIN_FREE, write_folder
+from pocketlm.core.outdir import MIN_FREE, write_folder
 
 
 def _attention_problems(config: PocketLMConfig) -> list[str]:
@@ -224,7 +224,7 @@ def fill_model_folder(folder: Path, write_model: Callable[[Path], Any], model: P
 def write_model_folder(out_dir: Path, write_model: Callable[[Path], Any], model: PocketLMForCausalLM,
                        tokenizer: Any, *, kind: str = "export", overwrite: bool = False) -> Path:
     """Write the model (`write_model(folder)`), the student's generation config and the tokenizer as one folder,
-    by the output-folder rules of `pocketlm.outdir.write_folder` (made whole, never over a user's folder)."""
+    by the output-folder rules of `pocketlm.core.outdir.write_folder` (made whole, never over a user's folder)."""
     return write_folder(out_dir, lambda tmp: fill_model_folder(tmp, write_model, model, tokenizer), kind=kind,
                         overwrite=overwrite, need=_need(model))
 
@@ -335,7 +335,7 @@ def _reload_mismatch(folder: Path, model: PocketLMForCausalLM, layout: str) -> s
 
 def save_student_folder(model: PocketLMForCausalLM, tokenizer: Any, out_dir: str | os.PathLike, *,
                         kind: str = "student", overwrite: bool = False) -> tuple[Path, FolderFormat]:
-    """`write_student_folder` into `out_dir` by the output-folder rules of `pocketlm.outdir.write_folder`;
+    """`write_student_folder` into `out_dir` by the output-folder rules of `pocketlm.core.outdir.write_folder`;
     returns the folder and the layout it was written in."""
     written: list[FolderFormat] = []
     path = write_folder(Path(out_dir), lambda tmp: written.append(write_student_folder(tmp, model, tokenizer)),

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pocketlm.integrity import RecordError
+from pocketlm.core.integrity import RecordError
 
 
 @dataclass
@@ -83,7 +83,7 @@ class Importance:
         return d
 
     def write(self, path: str | Path) -> Path:
-        from pocketlm.outdir import write_text_atomic
+        from pocketlm.core.outdir import write_text_atomic
 
         path = Path(path)
         write_text_atomic(path, json.dumps({"importance": self.to_dict()}, indent=1))
@@ -92,7 +92,7 @@ class Importance:
     @classmethod
     def read(cls, path: str | Path) -> "Importance":
         """An importance record written by `write`; anything else is a RecordError naming the file."""
-        from pocketlm.integrity import read_json
+        from pocketlm.core.integrity import read_json
 
         doc = read_json(Path(path), "importance record")
         body = doc.get("importance") if isinstance(doc, dict) else None

@@ -371,3 +371,13 @@ def check_vocab_compatible(teacher, student, tokenizer=None) -> None:
         )
     if tokenizer is not None and len(tokenizer) > tv:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the models only {tv}")
+
+
+def model_info(spec: str, model=None, tokenizer=None) -> dict[str, Any]:
+    """How a result names its model: what the user passed, and fingerprints of the weights and tokenizer."""
+    info: dict[str, Any] = {"spec": str(spec)}
+    if model is not None:
+        info["fingerprint"] = fingerprint_model(model)
+    if tokenizer is not None:
+        info["tokenizer_fingerprint"] = fingerprint_tokenizer(tokenizer)
+    return info

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pocketlm.registry import Registry
+from pocketlm.core.registry import Registry
 
 PROJECTORS: Registry[type] = Registry("projector")
 

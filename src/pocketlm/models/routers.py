@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pocketlm.registry import Registry
+from pocketlm.core.registry import Registry
 
 HASH_SEED = 1_000_003  # hash router of layer i draws its token → expert map from seed HASH_SEED + i
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pocketlm.integrity import RecordError, read_json
+from pocketlm.core.integrity import RecordError, read_json
 from pocketlm.models.projectors import ProjectorParams, build_projector
 from pocketlm.models.student import IGNORE_INDEX, causal_lm_loss
 from pocketlm.models.vit import VIT_KIND, HFVisionEncoder, ViT

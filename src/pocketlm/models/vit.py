@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pocketlm.integrity import RecordError, read_json
+from pocketlm.core.integrity import RecordError, read_json
 
 VIT_KIND = "pocketlm_vit"
 

@@ -288,7 +288,7 @@ def report_context(doc: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-from pocketlm.outdir import write_text_atomic  # noqa: E402  (re-exported: report.card and pipeline use it)
+from pocketlm.core.outdir import write_text_atomic  # noqa: E402  (re-exported: report.card and pipeline use it)
 
 
 def render_report(doc: dict[str, Any]) -> str:

@@ -23,8 +23,9 @@ from pocketlm.data.scenes import VLData, VLItem
 from pocketlm.eval.generate import GenerationSettings, generate
 from pocketlm.eval.rouge import ROUGE_TYPES, rouge_metrics, score_items
 from pocketlm.models.vision import VisionLanguageModel
-from pocketlm.report.results import Metric, Results, model_info
-from pocketlm.stats import mean_ci, paired_delta_ci
+from pocketlm.core.results import Metric, Results
+from pocketlm.models.load import model_info
+from pocketlm.core.stats import mean_ci, paired_delta_ci
 from pocketlm.vlm.config import EvalConfig
 from pocketlm.vlm.train import text_only
 
@@ -140,7 +141,7 @@ def run_eval(model: str, data: VLData, *, settings: EvalConfig = EvalConfig(), b
              seed: int = 0, threads: int | None = None, progress: bool = False) -> Results:
     """Load a VLM folder (and a blind text LM folder where given) and evaluate it on ``data``."""
     from pocketlm.models.load import load_model
-    from pocketlm.provenance import provenance
+    from pocketlm.core.provenance import provenance
 
     if threads:
         torch.set_num_threads(threads)

@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from pocketlm.data.scenes import SceneSpec, VLData, VLItem, load_caption_folder, scenes_data
 from pocketlm.models.student import IGNORE_INDEX, causal_lm_loss
 from pocketlm.models.vision import IMAGE_TOKEN, VisionLanguageModel
-from pocketlm.outdir import output_folder
-from pocketlm.paths import check_outputs
+from pocketlm.core.outdir import output_folder
+from pocketlm.core.paths import check_outputs
 from pocketlm.vlm.config import DataConfig, StageConfig, VLMConfig
 
 
@@ -325,8 +325,9 @@ def run_stage(vlm: VisionLanguageModel, name: str, stage: StageConfig, train: VL
 def run_train(cfg: VLMConfig, *, progress: bool = False, overwrite: bool = False) -> "Results":
     """Build, train (stage 0 when asked, stages 1 and 2) and save; returns the training results."""
     from pocketlm.data.text import hash_documents
-    from pocketlm.provenance import provenance
-    from pocketlm.report.results import Metric, Results, model_info
+    from pocketlm.core.provenance import provenance
+    from pocketlm.core.results import Metric, Results
+    from pocketlm.models.load import model_info
 
     start = time.perf_counter()
     if cfg.threads:

@@ -35,7 +35,7 @@ from typing import Callable, Iterator
 
 from safetensors import SafetensorError
 
-from pocketlm import __version__
+from pocketlm.core.version import __version__
 
 MARKER = ".pocketlm.json"
 LOCK = ".pocketlm.lock"
@@ -165,7 +165,7 @@ def check_result_file(path: str | os.PathLike, *, what: str = "--out", overwrite
 def is_results_document(path: Path) -> bool:
     """Whether `path` is a results document pocketlm wrote: `Results.write` puts its schema key first, so the
     file's opening bytes tell, however large the rest is."""
-    from pocketlm.report.results import SCHEMA
+    from pocketlm.core.results import SCHEMA
 
     try:
         with open(path, "rb") as f:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pocketlm.stats import mean_ci, paired_delta_ci, ratio_ci, transformed_ci
+from pocketlm.core.stats import mean_ci, paired_delta_ci, ratio_ci, transformed_ci
 
 
 def manual_percentile(stat, arrays, n_resamples=4000, seed=123):
@@ -48,7 +48,7 @@ def test_intervals_are_seeded_and_degenerate_cases_are_defined():
 
 
 def test_paired_statistic_delta_equals_paired_mean_delta_for_the_mean():
-    from pocketlm.stats import paired_statistic_delta_ci
+    from pocketlm.core.stats import paired_statistic_delta_ci
 
     rng = np.random.default_rng(2)
     a, b = rng.random(40), rng.random(40)
@@ -89,7 +89,7 @@ def test_ratio_and_unpaired_options_are_passed_on():
     assert ratio_ci(num, den, seed=3) != ratio_ci(num, den, seed=4)
     # unpaired: the two samples are resampled independently, so the delta of two unrelated means is much wider
     # than the paired one when b is a shifted copy of a
-    from pocketlm.stats import bootstrap_ci
+    from pocketlm.core.stats import bootstrap_ci
 
     a = rng.normal(0.0, 1.0, 60)
     b = a + 0.3
@@ -101,7 +101,7 @@ def test_ratio_and_unpaired_options_are_passed_on():
 
 def test_paired_statistic_delta_passes_the_axis():
     """The statistic is called with axis=-1, whatever its own default."""
-    from pocketlm.stats import paired_statistic_delta_ci
+    from pocketlm.core.stats import paired_statistic_delta_ci
 
     rng = np.random.default_rng(9)
     a, b = rng.random(40), rng.random(40)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from pocketlm.config import ConfigError
+from pocketlm.core.config import ConfigError
 
 
 def confined(root: str | os.PathLike, value: str | os.PathLike, field: str) -> Path:

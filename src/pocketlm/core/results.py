@@ -152,15 +152,3 @@ def _fmt(x: float | None) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "n/a"
     return f"{x:.4f}" if abs(x) < 1e5 else f"{x:.4g}"
-
-
-def model_info(spec: str, model=None, tokenizer=None) -> dict[str, Any]:
-    """How a result names its model: what the user passed, and fingerprints of the weights and tokenizer."""
-    from pocketlm.models.load import fingerprint_model, fingerprint_tokenizer
-
-    info: dict[str, Any] = {"spec": str(spec)}
-    if model is not None:
-        info["fingerprint"] = fingerprint_model(model)
-    if tokenizer is not None:
-        info["tokenizer_fingerprint"] = fingerprint_tokenizer(tokenizer)
-    return info
