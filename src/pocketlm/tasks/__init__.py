@@ -1,0 +1,1 @@
+"""The pipeline's measurements, one module each (the Task contract: `pocketlm.tasks.base`)."""
