@@ -195,7 +195,7 @@ def test_the_token_budget_keeps_ceil_blocks_of_a_seeded_shuffle(tokenizer):
 
 
 def test_the_blocks_cache_key_changes_with_each_option_and_old_keys_stay(tmp_path, tokenizer):
-    from pocketlm.models.load import fingerprint_tokenizer
+    from pocketlm.core.fingerprint import fingerprint_tokenizer
 
     docs, names = three_books()
     common = dict(block_size=16, cache_dir=tmp_path, names=names)

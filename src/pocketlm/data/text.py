@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 from safetensors import safe_open
 
+from pocketlm.core.fingerprint import fingerprint_tokenizer
 from pocketlm.core.integrity import sha256_tensors
 from pocketlm.core.outdir import save_tensors
 
@@ -324,8 +325,6 @@ def build_blocks(
     """Split (`split_documents`), tokenize and pack documents, keep at most `max_train_tokens` of training blocks
     (`within_budget`), reusing an on-disk cache keyed by tokenizer, data, block size, split, budget and the
     `decontamination` summary the documents were cleaned with (kept with the blocks, for reports)."""
-    from pocketlm.models.load import fingerprint_tokenizer
-
     tok_fp = tokenizer_fingerprint or fingerprint_tokenizer(tokenizer)
     parts: list = [tok_fp, hash_documents(docs), block_size, val_fraction, seed]
     if heldout or max_train_tokens is not None or decontamination is not None:  # older keys stay as they were
@@ -360,7 +359,7 @@ def _read_blocks(path: Path, block_size: int) -> dict[str, torch.Tensor] | None:
         try:
             with safe_open(str(path), "pt") as f:
                 recorded = (f.metadata() or {}).get("sha256")
-                t = {name: f.get_tensor(name) for name in f.keys()}
+                t = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - not a dict
         except Exception as e:  # noqa: BLE001 - a damaged header: safetensors raises its own error types
             why = f"cannot be read ({first_line(e)})"
         else:

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicCache
 
-from pocketlm.config import LossConfig
+from pocketlm.distill.config import LossConfig
 from pocketlm.eval.generate import GenerationSettings, _RowSampler
 
 

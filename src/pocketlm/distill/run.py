@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 
 from pocketlm.core import distributed as dist
-from pocketlm.config import DistillConfig
+from pocketlm.distill.config import DistillConfig
 from pocketlm.data.synthetic import teacher_corpus
 from pocketlm.data.books import book_paths, decontaminate_training, read_books, read_text
 from pocketlm.data.text import DataError, TokenBlocks, build_blocks, heldout_indices, read_documents
@@ -133,7 +133,7 @@ def check_teacher_fields(cfg: DistillConfig, teacher) -> None:
     conf = teacher.config.get_text_config(decoder=True)
     cfg.check_teacher(int(conf.num_hidden_layers), int(teacher.get_output_embeddings().weight.shape[0]))
     if cfg.student.init == "pruned":
-        from pocketlm.config import ConfigError
+        from pocketlm.core.config import ConfigError
         from pocketlm.models.pruning import PruneTargetError, choose_target, source_config
 
         try:  # the target and the widths it gives (a target_params no width meets, too)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pocketlm.core import distributed as dist
-from pocketlm.config import LossConfig, TrainConfig
+from pocketlm.distill.config import LossConfig, TrainConfig
 from pocketlm.distill.cache import TeacherCache
 from pocketlm.distill.checkpoint import (
     latest_checkpoint, load_training_state, read_checkpoint, save_checkpoint, step_dir,

@@ -40,16 +40,13 @@ from typing import Any, Optional
 
 import torch
 
+from pocketlm.models.config import PruneTargetError, parse_fraction  # noqa: F401 - PruneTargetError: re-exported
 from pocketlm.models.importance import Importance, compute_importance
 from pocketlm.models.student import PocketLMConfig, PocketLMForCausalLM
 
 AXES = ("width", "depth")
 WIDTHS = ("num_layers", "intermediate_size", "num_key_value_heads", "hidden_size")
 INTERMEDIATE_MULTIPLE = 32
-
-
-class PruneTargetError(ValueError):
-    """A pruning target the source model cannot be cut to; the message names the field."""
 
 
 @dataclass
@@ -77,18 +74,6 @@ class PrunePlan:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def parse_fraction(value: Any, what: str = "target_params") -> float:
-    """0.5, "0.5" or "50%" → 0.5; anything outside (0, 1] is a PruneTargetError naming `what`."""
-    text = str(value).strip()
-    try:
-        f = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-    except ValueError:
-        raise PruneTargetError(f"{what}: expected a fraction such as 0.5 or 50%, got {value!r}") from None
-    if isinstance(value, bool) or not (0 < f <= 1) or not math.isfinite(f):
-        raise PruneTargetError(f"{what}: must be in (0, 100%], got {value!r}")
-    return f
 
 
 def non_embedding_params(config: PocketLMConfig) -> int:
@@ -195,7 +180,7 @@ def choose_target(c: PocketLMConfig, target: PruneTarget, removal_blocks: int | 
     step = math.lcm(c.num_attention_heads, 8)
     best: tuple[float, int, int] | None = None
     for h in range(step, c.hidden_size + 1, step):
-        at = lambda f: non_embedding_params(_with(c, hidden_size=h, intermediate_size=f))  # noqa: E731
+        at = lambda f: non_embedding_params(_with(c, hidden_size=h, intermediate_size=f))  # noqa: E731, B023
         slope = at(2 * INTERMEDIATE_MULTIPLE) - at(INTERMEDIATE_MULTIPLE)
         f = int((budget - at(INTERMEDIATE_MULTIPLE)) // slope + 1) * INTERMEDIATE_MULTIPLE
         f = min(f // INTERMEDIATE_MULTIPLE * INTERMEDIATE_MULTIPLE, c.intermediate_size)

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
@@ -42,6 +43,7 @@ from pocketlm.models.attention import (
     build_attention_mask,
     build_position_scheme,
 )
+from pocketlm.models.config import MoEConfig
 
 IGNORE_INDEX = -100
 
@@ -75,7 +77,7 @@ class PocketLMConfig(PreTrainedConfig):
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
-    moe: dict | None = None  # a `pocketlm.config.MoEConfig` as a dict (all fields); None: every MLP is dense
+    moe: dict | None = None  # a `pocketlm.models.config.MoEConfig` as a dict (all fields); None: every MLP is dense
     position_scheme: str = "rotary"
     sliding_window: int | None = None
     kept_kv_heads: list[list[int]] | None = None
@@ -153,10 +155,6 @@ class PocketLMConfig(PreTrainedConfig):
 
 def _validated_moe(moe: Any) -> dict:
     """`moe` (a MoEConfig or a dict of one) checked and completed with defaults; errors name the field."""
-    from pydantic import ValidationError
-
-    from pocketlm.config import MoEConfig
-
     if isinstance(moe, MoEConfig):
         return moe.model_dump()
     try:
