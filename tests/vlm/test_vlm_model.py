@@ -1,6 +1,4 @@
 """The VLM: projector shapes, image tokens where <image> stands, loss only on answers, save/load, bad input."""
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -10,7 +8,6 @@ from pocketlm.models.projectors import PROJECTORS, ProjectorParams, build_projec
 from pocketlm.models.student import IGNORE_INDEX, PocketLMConfig, PocketLMForCausalLM
 from pocketlm.models.vision import IMAGE_TOKEN, PromptError, VisionLanguageModel, add_image_token
 from pocketlm.models.vit import ViT, ViTConfig
-from pocketlm.vlm.images import ImageError, ImageProcessor, load_image, to_rgb
 from pocketlm.vlm.tokenizer import word_tokenizer
 
 TEXTS = ["<image> describe the image .", "a small red circle left of a large blue square",
@@ -270,46 +267,6 @@ def test_prompt_without_marker_with_an_image_is_refused():
         vlm.collate(["<image> <image> describe"])
     with pytest.raises(PromptError, match="no image was given"):
         vlm.collate(["<image> describe"], has_image=False)
-
-
-def test_unreadable_and_missing_image_files(tmp_path):
-    bad = tmp_path / "x.png"
-    bad.write_bytes(b"\x89PNG but not really")
-    with pytest.raises(ImageError, match="cannot read .*x.png"):
-        load_image(bad)
-    with pytest.raises(ImageError, match="not found"):
-        load_image(tmp_path / "none.png")
-
-
-def test_channels_are_converted_or_refused_with_the_reason(tmp_path, caplog):
-    gray = np.full((8, 8), 100, dtype=np.uint8)
-    with caplog.at_level("WARNING", logger="pocketlm.vlm"):
-        out = to_rgb(gray)
-    assert out.mode == "RGB" and out.getpixel((0, 0)) == (100, 100, 100)
-    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
-    rgba[..., 0], rgba[..., 3] = 255, 255
-    rgba[0, 0, 3] = 0  # a transparent pixel goes over white
-    with caplog.at_level("WARNING", logger="pocketlm.vlm"):
-        out = to_rgb(rgba)
-    assert out.getpixel((1, 1)) == (255, 0, 0) and out.getpixel((0, 0)) == (255, 255, 255)
-    assert "converted L to RGB" in caplog.text and "converted RGBA to RGB" in caplog.text
-    with pytest.raises(ImageError, match="has 2 channels; images need 1 .*3 .*4"):
-        to_rgb(np.zeros((8, 8, 2), dtype=np.uint8))
-    with pytest.raises(ImageError, match="channels-first"):
-        to_rgb(np.zeros((3, 8, 8), dtype=np.uint8))
-    with pytest.raises(ImageError, match="values range"):
-        to_rgb(np.full((8, 8, 3), 300.0))
-    Image.fromarray(gray).save(tmp_path / "g.png")
-    assert load_image(tmp_path / "g.png").mode == "RGB"
-
-
-def test_processor_resizes_and_normalises():
-    proc = ImageProcessor(16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-    img = Image.new("RGB", (40, 30), (255, 0, 128))
-    px = proc([img])
-    assert px.shape == (1, 3, 16, 16)
-    torch.testing.assert_close(px[0, :, 5, 5], torch.tensor([(1 - .5) / .25, (0 - .5) / .25, (128 / 255 - .5) / .25]))
-    assert json.loads(json.dumps(proc.to_dict())) == proc.to_dict()
 
 
 def test_example_averaged_loss_weighs_each_answer_equally():

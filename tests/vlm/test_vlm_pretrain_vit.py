@@ -5,7 +5,7 @@ import torch
 
 from pocketlm.data.scenes import COLOURS, KINDS, SIZES, Scene, SceneSpec, Shape, generate_scenes
 from pocketlm.models.vit import ViT, ViTConfig
-from pocketlm.vlm.images import ImageProcessor
+from pocketlm.models.images import ImageProcessor
 from pocketlm.vlm.pretrain_vit import patch_labels, pretrain_encoder
 
 

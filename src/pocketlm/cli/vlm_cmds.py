@@ -99,7 +99,7 @@ def vlm_caption(
     from pocketlm.core.provenance import provenance
     from pocketlm.core.results import Metric, Results
     from pocketlm.models.load import model_info
-    from pocketlm.vlm.images import load_image
+    from pocketlm.models.images import load_image
     from pocketlm.vlm.inspect import attention_over_patches, draw_patch_attention
 
     _show_conversions()

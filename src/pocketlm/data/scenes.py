@@ -43,6 +43,7 @@ from typing import Sequence
 from PIL import Image, ImageDraw
 
 from pocketlm.data.text import DataError
+from pocketlm.models.images import load_image
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215),
@@ -339,8 +340,6 @@ def load_caption_folder(
 ) -> VLData:
     """Images of ``images_dir`` with the captions (and questions) of ``captions``: COCO-style ``.json`` or
     ``.jsonl``. Several captions of one image become one caption item with several references."""
-    from pocketlm.vlm.images import load_image
-
     images_dir, captions = Path(images_dir), Path(captions)
     if not images_dir.is_dir():
         raise DataError(f"image folder not found: {images_dir}")

@@ -34,7 +34,7 @@ from pocketlm.core.integrity import RecordError, read_json
 from pocketlm.models.projectors import ProjectorParams, build_projector
 from pocketlm.models.student import IGNORE_INDEX, causal_lm_loss
 from pocketlm.models.vit import VIT_KIND, HFVisionEncoder, ViT
-from pocketlm.vlm.images import ImageProcessor
+from pocketlm.models.images import ImageProcessor
 
 IMAGE_TOKEN = "<image>"
 FORMAT = "pocketlm-vlm/1"

@@ -78,7 +78,7 @@ def draw_patch_attention(image: Any, result: PatchAttention, path: str | Path, *
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pocketlm.vlm.images import to_rgb
+    from pocketlm.models.images import to_rgb
 
     rgb = np.asarray(to_rgb(image))
     k = min(len(result.tokens), max_tokens)

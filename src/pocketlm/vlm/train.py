@@ -79,7 +79,7 @@ def build_vlm(cfg: VLMConfig, train_texts: Sequence[str]) -> VisionLanguageModel
     from pocketlm.models.projectors import ProjectorParams
     from pocketlm.models.student import PocketLMConfig, PocketLMForCausalLM
     from pocketlm.models.vit import HFVisionEncoder, ViT, ViTConfig
-    from pocketlm.vlm.images import ImageProcessor
+    from pocketlm.models.images import ImageProcessor
     from pocketlm.vlm.tokenizer import word_tokenizer
 
     torch.manual_seed(cfg.seed)
@@ -110,7 +110,7 @@ def build_vlm(cfg: VLMConfig, train_texts: Sequence[str]) -> VisionLanguageModel
 
 def _hf_processor(folder: Path, image_size: int):
     """Our processor with the mean/std of the folder's preprocessor_config.json (CLIP's when it has none)."""
-    from pocketlm.vlm.images import ImageProcessor
+    from pocketlm.models.images import ImageProcessor
 
     mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's
     path = folder / "preprocessor_config.json"
