@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +13,9 @@ from safetensors.torch import load_file
 
 from pocketlm.config import DistillConfig
 from pocketlm.distill.checkpoint import latest_checkpoint, list_checkpoints
-from pocketlm.distill.run import prepare, run_distill
-from pocketlm.distill.trainer import NonFiniteLossError, batch_indices, cosine_with_warmup
+from pocketlm.distill.run import run_distill
+from pocketlm.distill.trainer import NonFiniteLossError
+from pocketlm.training import batch_indices, cosine_with_warmup
 
 
 def tiny_cfg(teacher_dir, corpus_file, out, **train):

@@ -14,8 +14,8 @@ from pocketlm.data.scenes import scenes_data
 from pocketlm.models.vision import VisionLanguageModel
 from pocketlm.vlm.config import VLMConfig
 from pocketlm.vlm.evaluate import evaluate_vlm, exact_match, normalise_answer
-from pocketlm.vlm.train import (_balanced_batches, build_vlm, item_group, lr_lambda, run_stage, run_train,
-                                set_trainable, stage0_texts)
+from pocketlm.training import balanced_batches, cosine_with_warmup, warmup_steps
+from pocketlm.vlm.train import LR_FLOOR, build_vlm, item_group, run_stage, run_train, set_trainable, stage0_texts
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["output_dir={out}", "encoder.image_size=16", "encoder.patch_size=4", "encoder.hidden_size=16",
@@ -72,7 +72,7 @@ def test_stage2_can_train_the_encoder_too(tmp_path):
 
 def test_balanced_batches_give_every_group_the_same_share_and_cycle_each_group():
     groups = ["caption"] * 100 + ["colour"] * 10 + ["count"] * 1000  # as unequal as the scenes' questions
-    batches = list(_balanced_batches(groups, 32, 500, seed=3))
+    batches = list(balanced_batches(groups, 32, 500, seed=3))
     assert all(len(b) == 32 for b in batches)
     drawn = torch.cat(batches).tolist()
     for name, size in (("caption", 100), ("colour", 10), ("count", 1000)):
@@ -80,9 +80,9 @@ def test_balanced_batches_give_every_group_the_same_share_and_cycle_each_group()
         assert abs(len(seq) / len(drawn) - 1 / 3) < 0.02  # expected 1/3 each; binomial sd 0.004
         for start in range(0, len(seq) - size + 1, size):  # each pass over a group is a permutation of it
             assert sorted(seq[start:start + size]) == [i for i, g in enumerate(groups) if g == name]
-    again = list(_balanced_batches(groups, 32, 500, seed=3))
+    again = list(balanced_batches(groups, 32, 500, seed=3))
     assert all(torch.equal(a, b) for a, b in zip(batches, again))  # seeded
-    assert not all(torch.equal(a, b) for a, b in zip(batches, _balanced_batches(groups, 32, 500, seed=4)))
+    assert not all(torch.equal(a, b) for a, b in zip(batches, balanced_batches(groups, 32, 500, seed=4)))
 
 
 def test_item_groups_are_question_types_and_tasks():
@@ -131,7 +131,7 @@ def test_set_trainable_freezes_and_returns_the_rest():
 
 
 def test_lr_schedule_warms_up_then_decays_to_a_tenth():
-    f = lr_lambda(100, 0.1)
+    f = cosine_with_warmup(warmup_steps(0.1, 100), 100, LR_FLOOR)  # what `optimise` schedules
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(99) == pytest.approx(0.1, abs=1e-3)
     assert all(f(i) >= f(i + 1) for i in range(10, 99))
 

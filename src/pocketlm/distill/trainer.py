@@ -22,7 +22,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,9 @@ from pocketlm.distill.checkpoint import (
 from pocketlm.distill.losses import kd_loss
 from pocketlm.distill.moe_telemetry import StepTelemetry, plot_expert_load
 from pocketlm.distill.on_policy import gkd_batch, is_on_policy
+from pocketlm.eval.perplexity import block_perplexity
 from pocketlm.models.moe import apply_router_updates
+from pocketlm.training import apply_update, autocast, batch_indices, cosine_schedule
 
 
 class NonFiniteLossError(RuntimeError):
@@ -53,29 +55,6 @@ class TrainResult:
     tokens_per_second: float
     history: list[dict[str, Any]] = field(default_factory=list)
     checkpoint: str | None = None
-
-
-def cosine_with_warmup(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
-    """Linear warmup to the peak LR, then cosine decay to `min_ratio` × peak at `total` steps."""
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def batch_indices(n_blocks: int, batch_size: int, seed: int, micro_step: int) -> torch.Tensor:
-    """Block ids of micro-batch number `micro_step`: epochs are seeded permutations, the last partial batch dropped."""
-    per_epoch = n_blocks // batch_size
-    if per_epoch == 0:
-        raise ValueError(f"{n_blocks} training blocks are fewer than one batch of {batch_size}")
-    epoch, offset = divmod(micro_step, per_epoch)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(n_blocks, generator=g)
-    return order[offset * batch_size : (offset + 1) * batch_size]
 
 
 # settings that may change between a run and its resumption without changing what is computed
@@ -154,16 +133,14 @@ class Trainer:
                 f"{self.world} processes; use a multiple of {self.world}"
             )
         decay, no_decay = [], []
-        for name, p in student.named_parameters():
+        for p in student.parameters():
             (no_decay if p.ndim < 2 else decay).append(p)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": train_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=train_cfg.lr,
             betas=train_cfg.betas,
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, cosine_with_warmup(train_cfg.warmup_steps, train_cfg.steps, train_cfg.min_lr_ratio)
-        )
+        self.scheduler = cosine_schedule(optimizer, train_cfg.warmup_steps, train_cfg.steps, train_cfg.min_lr_ratio)
         self.student, self.optimizer = self.accelerator.prepare(student, optimizer)
         if teacher is not None:
             teacher.eval().requires_grad_(False).to(self.accelerator.device)
@@ -173,8 +150,7 @@ class Trainer:
 
     def _autocast(self):
         """bf16 autocast of the forward passes when train.precision is bf16 (fp32 master weights and optimizer)."""
-        return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16,
-                              enabled=self.cfg.precision == "bf16")
+        return autocast(self.accelerator.device.type, self.cfg.precision)
 
     # ------------------------------------------------------------------------------------------ one step
     def _micro_loss(
@@ -260,10 +236,7 @@ class Trainer:
                 f"checkpoint: {latest_checkpoint(self.ckpt_dir) or 'none'}. Lower train.lr, check the data, or use "
                 f"train.precision=fp32."
             )
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        lr = apply_update(self.optimizer, self.scheduler)
         row = {"loss": loss_sum, **totals, "lr": lr, "grad_norm": float(grad_norm)}
         if self.loss_cfg.mode == "on_policy":  # the share of micro-batches sampled, and the tokens sampled (all ranks)
             row["on_policy"] = sampled / cfg.grad_accum
@@ -277,8 +250,6 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ eval / save
     def validate(self) -> float | None:
-        from pocketlm.eval.perplexity import block_perplexity
-
         if self.val_blocks is None or len(self.val_blocks) == 0:
             return None
         model = self.accelerator.unwrap_model(self.student)

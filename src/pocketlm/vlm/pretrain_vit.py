@@ -18,8 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from pocketlm.data.scenes import COLOURS, KINDS, SIZES, Scene
+from pocketlm.training import optimizer_step
 
 FIELDS = {"colour": list(COLOURS), "kind": list(KINDS), "size": list(SIZES)}  # class 0 of each is "none"
 
@@ -54,10 +56,6 @@ def pretrain_encoder(encoder: nn.Module, processor, scenes: Sequence[Scene], *, 
                      batch_size: int, seed: int = 0, log: Callable[[dict], None] = lambda row: None,
                      log_every: int = 25, progress: bool = False, held_out: Sequence[Scene] = ()) -> dict:
     """Train ``encoder`` (our ViT) to label its patches; returns the final loss and held-out patch accuracy."""
-    from tqdm.auto import tqdm
-
-    from pocketlm.vlm.train import optimizer_step
-
     patch = encoder.config.patch_size
     if any(s.image_size != encoder.image_size for s in scenes):
         raise ValueError(f"scenes must be rendered at the encoder's image_size ({encoder.image_size})")

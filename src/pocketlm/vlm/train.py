@@ -15,7 +15,6 @@ tokens' cross-entropy (`VisionLanguageModel.forward`). Losses go to ``metrics.js
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -25,12 +24,26 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from pocketlm.data.scenes import SceneSpec, VLData, VLItem, load_caption_folder, scenes_data
-from pocketlm.models.student import IGNORE_INDEX, causal_lm_loss
-from pocketlm.models.vision import IMAGE_TOKEN, VisionLanguageModel
 from pocketlm.core.outdir import output_folder
 from pocketlm.core.paths import check_outputs
+from pocketlm.core.provenance import provenance
+from pocketlm.core.results import Metric, Results
+from pocketlm.data.scenes import SceneSpec, VLData, VLItem, load_caption_folder, scenes_data
+from pocketlm.data.text import hash_documents
+from pocketlm.models.load import load_model, model_info
+from pocketlm.models.projectors import ProjectorParams
+from pocketlm.models.student import IGNORE_INDEX, PocketLMConfig, PocketLMForCausalLM, causal_lm_loss
+from pocketlm.models.vision import IMAGE_TOKEN, VisionLanguageModel
+from pocketlm.models.vit import HFVisionEncoder, ViT, ViTConfig
+from pocketlm.training import (
+    autocast, balanced_batches, cosine_schedule, optimizer_step, shuffled_batches, warmup_steps,
+)
 from pocketlm.vlm.config import DataConfig, StageConfig, VLMConfig
+from pocketlm.models.images import ImageProcessor
+from pocketlm.vlm.pretrain_vit import pretrain_encoder
+from pocketlm.vlm.tokenizer import word_tokenizer
+
+LR_FLOOR = 0.1  # every stage's LR decays to this share of its peak
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -75,13 +88,6 @@ def stage0_texts(data: VLData, with_captions: bool = False) -> list[str]:
 # ---------------------------------------------------------------------------------------------- building
 def build_vlm(cfg: VLMConfig, train_texts: Sequence[str]) -> VisionLanguageModel:
     """A new VLM as the config says: encoder (new ViT or HF folder), projector, LM (folder or new student)."""
-    from pocketlm.models.load import load_model
-    from pocketlm.models.projectors import ProjectorParams
-    from pocketlm.models.student import PocketLMConfig, PocketLMForCausalLM
-    from pocketlm.models.vit import HFVisionEncoder, ViT, ViTConfig
-    from pocketlm.models.images import ImageProcessor
-    from pocketlm.vlm.tokenizer import word_tokenizer
-
     torch.manual_seed(cfg.seed)
     e = cfg.encoder
     processor = None
@@ -110,8 +116,6 @@ def build_vlm(cfg: VLMConfig, train_texts: Sequence[str]) -> VisionLanguageModel
 
 def _hf_processor(folder: Path, image_size: int):
     """Our processor with the mean/std of the folder's preprocessor_config.json (CLIP's when it has none)."""
-    from pocketlm.models.images import ImageProcessor
-
     mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's
     path = folder / "preprocessor_config.json"
     if path.is_file():
@@ -121,19 +125,6 @@ def _hf_processor(folder: Path, image_size: int):
 
 
 # ---------------------------------------------------------------------------------------------- the loop
-def lr_lambda(steps: int, warmup: float) -> Callable[[int], float]:
-    """Linear warm-up over ``warmup``·steps, then cosine from 1 to 0.1."""
-    w = max(1, round(warmup * steps)) if warmup > 0 else 0
-
-    def f(step: int) -> float:
-        if step < w:
-            return (step + 1) / w
-        t = (step - w) / max(1, steps - w)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-    return f
-
-
 def set_trainable(vlm: VisionLanguageModel, parts: Sequence[str]) -> list[torch.nn.Parameter]:
     """Freeze every part not in ``parts`` (and put it in eval mode); return the trainable parameters."""
     params = []
@@ -199,69 +190,29 @@ def eval_loss(vlm: VisionLanguageModel, prep: Prepared, batch_size: int = 64) ->
     return total / max(count, 1)
 
 
-def _batches(n: int, batch_size: int, steps: int, seed: int):
-    """``steps`` index batches from seeded shuffles of range(n) (a new shuffle each epoch)."""
-    g = torch.Generator().manual_seed(seed)
-    perm, pos = torch.randperm(n, generator=g), 0
-    for _ in range(steps):
-        if pos + batch_size > n:
-            perm, pos = torch.randperm(n, generator=g), 0
-        yield perm[pos:pos + batch_size]
-        pos += batch_size
-
-
 def item_group(item: VLItem) -> str:
     """What balanced sampling balances: the question type of a VQA item (its task when it has none), else the
     task (``caption``)."""
     return (item.qtype or item.task) if item.task == "vqa" else item.task
 
 
-def _balanced_batches(groups: Sequence[str], batch_size: int, steps: int, seed: int):
-    """``steps`` index batches in which every group has the same expected share: each row picks a group uniformly
-    at random, then the next item of that group's own seeded shuffle (a new shuffle each time a group runs out),
-    so a rare question type is seen as often as a common one and every item of a group comes once per pass."""
-    g = torch.Generator().manual_seed(seed)
-    names = sorted(set(groups))
-    members = {n: torch.tensor([i for i, x in enumerate(groups) if x == n]) for n in names}
-    order = {n: members[n][torch.randperm(len(members[n]), generator=g)] for n in names}
-    pos = dict.fromkeys(names, 0)
-    for _ in range(steps):
-        batch = []
-        for k in torch.randint(len(names), (batch_size,), generator=g).tolist():
-            n = names[k]
-            if pos[n] == len(order[n]):
-                order[n], pos[n] = members[n][torch.randperm(len(members[n]), generator=g)], 0
-            batch.append(int(order[n][pos[n]]))
-            pos[n] += 1
-        yield torch.tensor(batch)
-
-
-def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched, params) -> float:
-    """Backward, clip the gradient norm at 1, step the optimizer and the schedule; the loss as a float."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-    sched.step()
-    return loss.item()
-
-
 def optimise(params: list[torch.nn.Parameter], stage: StageConfig, loss_fn: Callable[[torch.Tensor], torch.Tensor],
              n_rows: int, *, seed: int, name: str, log: Callable[[dict], None], progress: bool,
              log_every: int, precision: str = "fp32", groups: Sequence[str] | None = None) -> dict:
-    """AdamW over ``params`` for ``stage.steps`` steps of ``loss_fn(batch indices)``; gradients clipped at 1.
+    """AdamW over ``params`` for ``stage.steps`` steps of ``loss_fn(batch indices)``; gradients clipped at 1; the
+    LR warms up over ``stage.warmup``·steps, then decays by a cosine to a tenth (`pocketlm.training`).
     ``precision="bf16"`` runs the forward under bf16 autocast (weights, gradients and optimizer stay fp32).
-    With ``groups`` (one name per row) batches are balanced over them (`_balanced_batches`), else seeded
+    With ``groups`` (one name per row) batches are balanced over them (`balanced_batches`), else seeded
     shuffles of all rows."""
     device = params[0].device.type
     opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(stage.steps, stage.warmup))
+    sched = cosine_schedule(opt, warmup_steps(stage.warmup, stage.steps), stage.steps, LR_FLOOR)
     start, losses = time.perf_counter(), []
     bar = tqdm(total=stage.steps, desc=name, disable=not progress)
-    batches = (_balanced_batches(groups, stage.batch_size, stage.steps, seed) if groups is not None
-               else _batches(n_rows, min(stage.batch_size, n_rows), stage.steps, seed))
+    batches = (balanced_batches(groups, stage.batch_size, stage.steps, seed) if groups is not None
+               else shuffled_batches(n_rows, min(stage.batch_size, n_rows), stage.steps, seed))
     for step, idx in enumerate(batches):
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with autocast(device, precision):
             loss = loss_fn(idx)
         losses.append(optimizer_step(loss, opt, sched, params))
         if (step + 1) % log_every == 0 or step + 1 == stage.steps:
@@ -322,13 +273,8 @@ def run_stage(vlm: VisionLanguageModel, name: str, stage: StageConfig, train: VL
     return result
 
 
-def run_train(cfg: VLMConfig, *, progress: bool = False, overwrite: bool = False) -> "Results":
+def run_train(cfg: VLMConfig, *, progress: bool = False, overwrite: bool = False) -> Results:
     """Build, train (stage 0 when asked, stages 1 and 2) and save; returns the training results."""
-    from pocketlm.data.text import hash_documents
-    from pocketlm.core.provenance import provenance
-    from pocketlm.core.results import Metric, Results
-    from pocketlm.models.load import model_info
-
     start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -350,8 +296,6 @@ def run_train(cfg: VLMConfig, *, progress: bool = False, overwrite: bool = False
 
         stages: dict[str, dict] = {}
         if cfg.encoder.pretrain_steps:
-            from pocketlm.vlm.pretrain_vit import pretrain_encoder
-
             e = cfg.encoder
             stages["encoder"] = pretrain_encoder(
                 vlm.encoder, vlm.processor, train.scenes, steps=e.pretrain_steps, lr=e.pretrain_lr,
