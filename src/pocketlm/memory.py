@@ -1,7 +1,7 @@
 """`--max-memory`: batch sizes chosen so that the estimated peak fits a memory budget, or a refusal before any work.
 
 The budget covers what torch allocates for one model: its loaded weights (measured: the storage of its parameters
-and buffers) plus the working set of one batch, estimated from the model's shapes (`inspect.size.architecture`).
+and buffers) plus the working set of one batch, estimated from the model's shapes (`models.sizing.architecture`).
 An inference forward keeps no activations for a backward pass, so its peak is the larger of two phases: the
 decoder layers, then the output layer. In bytes, for [b, t] tokens:
 
@@ -9,7 +9,7 @@ decoder layers, then the output layer. In bytes, for [b, t] tokens:
                 + 4·b·t²                 with a padding mask (left-padded generation builds a [b, 1, t, t] one)
                 + 8·b·n_h·t²             with eager attention (scores and probabilities; SDPA does not keep them)
     head        = the logits b·t·V in the compute dtype and the fp32 copies each use makes of them
-    KV cache    = `inspect.size.kv_cache_bytes` at t + new tokens (generation), plus one layer's copy while the
+    KV cache    = `models.sizing.kv_cache_bytes` at t + new tokens (generation), plus one layer's copy while the
                   cache grows by concatenation
 
 per use: the teacher cache, max(body, logits + 3 fp32 copies: log-softmax, the tail's masked copy, logsumexp's
@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 
 from pocketlm.core.units import MemoryBudgetError, format_bytes, parse_bytes  # noqa: F401 - re-exported
+from pocketlm.models.sizing import Architecture, architecture, kv_cache_bytes, storage_bytes
 
 _FP32_LOGIT_COPIES = {"cache": 3, "scoring": 2, "generation": 16}
 
@@ -51,12 +52,10 @@ class Footprint:
     compute_bytes: int  # bytes per value of the logits the model returns (2 for a bf16 model, else 4)
     eager: bool  # eager attention keeps [b, n_h, t, t] scores
     last_logits_only: bool  # forward takes `logits_to_keep` (generate() then asks for the last position only)
-    arch: object  # inspect.size.Architecture, for the KV cache
+    arch: Architecture  # for the KV cache
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> "Footprint":
-        from pocketlm.inspect.size import architecture
-
         config = model.config
         try:
             arch = architecture(config)
@@ -65,17 +64,14 @@ class Footprint:
         f = arch.intermediate_size
         if arch.moe is not None:
             f = max(f, arch.moe.top_k * arch.moe.expert_size + arch.moe.shared_size)
-        storages = {}
-        for t in list(model.parameters()) + list(model.buffers()):
-            st = t.untyped_storage()
-            storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
         dtype = next(model.parameters()).dtype
         try:
             keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         except (TypeError, ValueError):
             keep = False
         return cls(
-            name=str(getattr(config, "_name_or_path", "") or type(model).__name__), weights=sum(storages.values()),
+            name=str(getattr(config, "_name_or_path", "") or type(model).__name__),
+            weights=storage_bytes(list(model.parameters()) + list(model.buffers())),
             vocab=arch.vocab_size, hidden=arch.hidden_size, mlp_width=f, heads=arch.num_heads,
             kv_heads=arch.num_kv_heads, head_dim=arch.head_dim, compute_bytes=2 if dtype in (torch.bfloat16,
             torch.float16) else 4, eager=getattr(config, "_attn_implementation", None) == "eager",
@@ -94,8 +90,6 @@ class Footprint:
         return out
 
     def kv_cache(self, b: int, t: int) -> int:
-        from pocketlm.inspect.size import kv_cache_bytes
-
         total = kv_cache_bytes(self.arch, t, b)["total_bf16" if self.compute_bytes == 2 else "total_fp32"]
         return total + total // max(1, self.arch.num_layers)  # one layer's copy while the cache is concatenated
 

@@ -17,15 +17,14 @@ from transformers import (
 )  # fmt: skip
 
 from pocketlm.config import MoEConfig
-from pocketlm.inspect.size import (
-    architecture, compare, estimate, flatten, load_size_config, parameter_breakdown, weight_bytes,
-)  # fmt: skip
+from pocketlm.inspect.size import load_size_config
 from pocketlm.inspect.prune import prune_student
 from pocketlm.inspect.size_measure import (
     cache_bytes, count_flops, measured_flops_per_token, measured_kv_cache_bytes, weight_storage_bytes,
 )  # fmt: skip
 from pocketlm.models.moe import moe_layers
 from pocketlm.models.size_moe import parameter_counts
+from pocketlm.models.sizing import architecture, compare, estimate, flatten, parameter_breakdown, weight_bytes
 from pocketlm.models.student import PocketLMConfig, PocketLMForCausalLM
 
 TOL = 0.02

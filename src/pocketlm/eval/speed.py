@@ -154,7 +154,10 @@ class TransformersEngine:
 
         torch.set_num_threads(threads)
         if json.loads((Path(path) / "config.json").read_text()).get("model_type") == "pocketlm":
-            import pocketlm  # noqa: F401 - registers the student with the Auto classes
+            # imported here, as torch is: a llama.cpp measurement's process never loads torch (its peak RSS)
+            from pocketlm.models.student import register_auto_classes
+
+            register_auto_classes()
         import transformers
 
         self.torch = torch

@@ -1,5 +1,5 @@
-"""What a real model measures, to set beside `inspect.size`'s estimates: parameters, weight storage, the KV cache a
-forward pass allocates, and FLOPs counted by `torch.utils.flop_counter.FlopCounterMode`.
+"""What a real model measures, to set beside the size model's estimates (models/sizing.py): parameters, weight
+storage, the KV cache a forward pass allocates, and FLOPs counted by `torch.utils.flop_counter.FlopCounterMode`.
 
 FLOPs are counted on the explicit (eager) attention path: FlopCounterMode has no formula for CPU's fused SDPA
 kernel and would count its attention as 0; the eager path computes the same scores with plain matmuls. transformers'
@@ -17,27 +17,17 @@ import torch
 from torch import nn
 
 from pocketlm.models.size_moe import parameter_counts
-
-
-def _distinct_bytes(tensors: Iterator[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind `tensors` (a tied or viewed tensor counts once)."""
-    seen: dict[int, int] = {}
-    for t in tensors:
-        st = t.untyped_storage()
-        seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
-    return sum(seen.values())
+from pocketlm.models.sizing import storage_bytes
 
 
 def measured_parameters(model: nn.Module) -> dict[str, int]:
-    """numel of the distinct parameters; embedding / routed / active by `size_moe.parameter_counts`."""
-    counts = parameter_counts(model)
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    return {**counts.to_dict(), "total": total}
+    """numel of the distinct parameters (total), embedding / routed / active: `size_moe.parameter_counts`."""
+    return parameter_counts(model).to_dict()
 
 
 def weight_storage_bytes(model: nn.Module) -> int:
     """Bytes of storage actually held by the model's parameters (`untyped_storage().nbytes()`, tied once)."""
-    return _distinct_bytes(model.parameters())
+    return storage_bytes(model.parameters())
 
 
 def cache_bytes(cache: Any) -> int:
@@ -45,7 +35,7 @@ def cache_bytes(cache: Any) -> int:
     tensors = [t for layer in cache.layers for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor)]
     if not tensors:
         raise ValueError("the cache holds no key/value tensors; run a forward pass with use_cache=True first")
-    return _distinct_bytes(iter(tensors))
+    return storage_bytes(tensors)
 
 
 def _output_cache(out: Any) -> Any:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
+from pocketlm.core.units import MemoryBudgetError, format_bytes
+
 # field → (required for a decoder, largest sane value). Bounds are far above any released model (Llama-3.1-405B:
 # 126 layers, 16,384 wide, 128 heads, 53,248 MLP, 128k vocabulary) and low enough that the size model's per-layer
 # lists and any estimate stay small.
@@ -93,8 +95,6 @@ def machine_memory() -> int | None:
 def check_fits(raw: Mapping[str, Any], source: str, bytes_per_value: int, budget: int | None) -> None:
     """Refuse, before it is built, a model whose estimated weights exceed `budget` (``--max-memory``) or this
     machine's memory (with or without a budget)."""
-    from pocketlm.core.units import MemoryBudgetError, format_bytes
-
     need = estimated_parameters(raw) * bytes_per_value
     ram = machine_memory()
     if budget is not None and need > budget:

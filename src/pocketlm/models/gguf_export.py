@@ -41,6 +41,7 @@ from pocketlm.models.hf_export import (
     llama_config_from_student,
     mixtral_config_from_student,
 )
+from pocketlm.models.load import ModelLoadError, embedded_teacher_path
 from pocketlm.models.student import PocketLMConfig
 from pocketlm.core.outdir import MIN_FREE, write_folder
 
@@ -284,8 +285,6 @@ def tokenizer_source(tokenizer: Any, given: str | os.PathLike | None = None) -> 
     """The GGUF whose tokenizer an export copies: `given`; else the embedded teacher's when `tokenizer` has its
     vocabulary (a student distilled from it keeps the teacher's pre-tokenizer name and chat template this way);
     else None (the tokenizer is written from its own files)."""
-    from pocketlm.models.load import ModelLoadError, embedded_teacher_path
-
     if given is not None:
         return Path(given)
     try:

@@ -31,7 +31,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pocketlm.core.integrity import RecordError
+from pocketlm.core.integrity import RecordError, read_json
+from pocketlm.core.outdir import write_text_atomic
+from pocketlm.models.student import BlockOutput, PocketLMForCausalLM
 
 
 @dataclass
@@ -83,8 +85,6 @@ class Importance:
         return d
 
     def write(self, path: str | Path) -> Path:
-        from pocketlm.core.outdir import write_text_atomic
-
         path = Path(path)
         write_text_atomic(path, json.dumps({"importance": self.to_dict()}, indent=1))
         return path
@@ -92,8 +92,6 @@ class Importance:
     @classmethod
     def read(cls, path: str | Path) -> "Importance":
         """An importance record written by `write`; anything else is a RecordError naming the file."""
-        from pocketlm.core.integrity import read_json
-
         doc = read_json(Path(path), "importance record")
         body = doc.get("importance") if isinstance(doc, dict) else None
         if not isinstance(body, dict):
@@ -126,8 +124,6 @@ class Importance:
 
 
 def _blocks_of(model: torch.nn.Module):
-    from pocketlm.models.student import PocketLMForCausalLM
-
     if not isinstance(model, PocketLMForCausalLM):
         raise ValueError(f"importance is measured on pocketlm models; got {type(model).__name__} (convert a Llama "
                          "teacher with models.init.init_student_from_teacher first)")
@@ -242,8 +238,6 @@ class skipped:
         self.block = block
 
     def __enter__(self) -> None:
-        from pocketlm.models.student import BlockOutput
-
         self.handle = self.block.register_forward_hook(
             lambda module, args, output: BlockOutput(args[0], None, None)
         )

@@ -21,6 +21,8 @@ from pocketlm.core.fingerprint import (  # noqa: F401 - re-exported: their old h
     fingerprint_tokenizer,
     model_info,
 )
+from pocketlm.models.config_check import check_fits, check_model_config
+from pocketlm.models.student import register_auto_classes
 
 EMBEDDED_TEACHERS = {
     # name -> (python package holding the file, file name inside it, install command)
@@ -169,8 +171,7 @@ def load_model(
     would fill it with random numbers and the model would be scored as if trained."""
     from transformers import AutoModelForCausalLM
 
-    import pocketlm  # noqa: F401 - registers the student with the Auto classes
-
+    register_auto_classes()  # a pocketlm student folder loads through the Auto classes
     ms = resolve(spec)
     trust_remote_code = remote_code_allowed(trust_remote_code)
     kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype), "trust_remote_code": trust_remote_code}
@@ -196,8 +197,6 @@ def load_model(
 
 def read_model_config(folder: Path) -> dict[str, Any]:
     """A model folder's config.json as a dict, checked by `config_check.check_model_config` (file and field named)."""
-    from pocketlm.models.config_check import check_model_config
-
     path = folder / "config.json"
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
@@ -246,8 +245,6 @@ def _weight_names(folder: Path) -> list[str] | None:
 def _check_folder(folder: Path, bytes_per_value: int, max_memory: int | None) -> None:
     """Before a folder's model is built: its config's numbers, its size against the memory, and its depth
     against the layers its weight files hold."""
-    from pocketlm.models.config_check import check_fits
-
     raw = read_model_config(folder)
     text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
     check_fits(raw, str(folder / "config.json"), bytes_per_value, max_memory)

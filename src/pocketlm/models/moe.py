@@ -32,9 +32,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import PreTrainedConfig
 
 from pocketlm.models.routers import Router, Routing, build_router
-from pocketlm.models.student import PocketLMConfig, SwiGLUMLP
+from pocketlm.models.mlp import SwiGLUMLP
 
 
 class Experts(nn.Module):
@@ -201,15 +202,15 @@ class MoELayer(nn.Module):
         return out.view(b, s, d), aux
 
 
-def moe_layer_ids(config: PocketLMConfig) -> list[int]:
-    """The student layers that have an MoE MLP under `config` (none when config.moe is unset)."""
+def moe_layer_ids(config: PreTrainedConfig) -> list[int]:
+    """The student layers that have an MoE MLP under `config`, a `PocketLMConfig` (none when config.moe is unset)."""
     if config.moe is None:
         return []
     chosen = config.moe.get("layers")
     return list(range(config.num_hidden_layers)) if chosen is None else sorted(chosen)
 
 
-def build_moe(config: PocketLMConfig, layer_idx: int) -> MoELayer:
+def build_moe(config: PreTrainedConfig, layer_idx: int) -> MoELayer:
     """The MoE MLP of layer `layer_idx` as `config.moe` describes it."""
     moe: dict[str, Any] = config.moe
     size = moe["expert_size"] or config.intermediate_size

@@ -42,6 +42,8 @@ import torch
 
 from pocketlm.models.config import PruneTargetError, parse_fraction  # noqa: F401 - PruneTargetError: re-exported
 from pocketlm.models.importance import Importance, compute_importance
+from pocketlm.models.init import init_student_from_teacher, student_config_from_teacher
+from pocketlm.models.sizing import architecture, parameter_breakdown
 from pocketlm.models.student import PocketLMConfig, PocketLMForCausalLM
 
 AXES = ("width", "depth")
@@ -77,12 +79,9 @@ class PrunePlan:
 
 
 def non_embedding_params(config: PocketLMConfig) -> int:
-    """Parameters of a model of `config` other than the token embedding and the output layer, counted on the
-    model itself (built on the meta device, so nothing is allocated)."""
-    with torch.device("meta"):
-        model = PocketLMForCausalLM(config)
-    return sum(p.numel() for n, p in model.named_parameters()
-               if not n.startswith(("model.embed_tokens.", "lm_head.")))
+    """Parameters of a model of `config` other than the token embedding and the output layer: the size model's
+    count (models/sizing.py), which the tests check against the parameters of built models."""
+    return parameter_breakdown(architecture(config))["non_embedding"]
 
 
 def _source_problem(c: PocketLMConfig) -> str | None:
@@ -294,8 +293,6 @@ def as_pocketlm(model: Any) -> PocketLMForCausalLM:
     (`init_student_from_teacher`: the same function, to float rounding)."""
     if isinstance(model, PocketLMForCausalLM):
         return model
-    from pocketlm.models.init import init_student_from_teacher, student_config_from_teacher
-
     n = int(model.config.get_text_config(decoder=True).num_hidden_layers)
     conf = student_config_from_teacher(model.config, layers=list(range(n)))
     copy = init_student_from_teacher(model, conf, layers=list(range(n)))
@@ -306,8 +303,6 @@ def source_config(model: Any) -> PocketLMConfig:
     """The `PocketLMConfig` `as_pocketlm(model)` has, without copying any weight (for checking a target early)."""
     if isinstance(model, PocketLMForCausalLM):
         return model.config
-    from pocketlm.models.init import student_config_from_teacher
-
     n = int(model.config.get_text_config(decoder=True).num_hidden_layers)
     return student_config_from_teacher(model.config, layers=list(range(n)))
 

@@ -44,6 +44,8 @@ from pocketlm.models.attention import (
     build_position_scheme,
 )
 from pocketlm.models.config import MoEConfig
+from pocketlm.models.mlp import SwiGLUMLP
+from pocketlm.models.moe import Experts, build_moe, moe_layer_ids
 
 IGNORE_INDEX = -100
 
@@ -168,23 +170,8 @@ def _validated_moe(moe: Any) -> dict:
         raise ValueError(problems) from None
 
 
-class SwiGLUMLP(nn.Module):
-    """down(silu(gate(x)) · up(x)): the SwiGLU feed-forward of Shazeer (2020), "GLU Variants Improve Transformer"."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # [b, s, f] → [b, s, d]
-
-
 def build_mlp(config: PocketLMConfig, layer_idx: int) -> nn.Module:
     """The MLP of layer `layer_idx`. The one switch point for dense vs Mixture-of-Experts layers."""
-    from pocketlm.models.moe import build_moe, moe_layer_ids
-
     if layer_idx in moe_layer_ids(config):
         return build_moe(config, layer_idx)
     return SwiGLUMLP(config.hidden_size, config.intermediate_size)
@@ -299,12 +286,9 @@ class PocketLMPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.weight[module.padding_idx])
         elif isinstance(module, RMSNorm):
             init.ones_(module.weight)
-        else:
-            from pocketlm.models.moe import Experts
-
-            if isinstance(module, Experts):
-                init.normal_(module.gate_up_proj, mean=0.0, std=std)
-                init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, Experts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
 
     def check_causal_decoding(self) -> None:
         """Refuse to decode with a layer whose routing looks across the sequence (expert choice), unless the

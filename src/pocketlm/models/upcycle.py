@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from pocketlm.models.moe import MoELayer, moe_layers
-from pocketlm.models.student import PocketLMConfig, PocketLMForCausalLM, SwiGLUMLP
+from pocketlm.models.mlp import SwiGLUMLP
+from pocketlm.models.student import PocketLMConfig, PocketLMForCausalLM
 
 
 def upcycle(

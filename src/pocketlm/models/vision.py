@@ -35,6 +35,7 @@ from pocketlm.models.projectors import ProjectorParams, build_projector
 from pocketlm.models.student import IGNORE_INDEX, causal_lm_loss
 from pocketlm.models.vit import VIT_KIND, HFVisionEncoder, ViT
 from pocketlm.models.images import ImageProcessor
+from pocketlm.models.load import load_model
 
 IMAGE_TOKEN = "<image>"
 FORMAT = "pocketlm-vlm/1"
@@ -280,8 +281,6 @@ class VisionLanguageModel(nn.Module):
     @classmethod
     def load(cls, folder: str | os.PathLike, *, dtype: str = "float32") -> VisionLanguageModel:
         from safetensors.torch import load_file
-
-        from pocketlm.models.load import load_model
 
         folder = Path(folder)
         cfg_path = folder / "vlm_config.json"
