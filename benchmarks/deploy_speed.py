@@ -70,7 +70,7 @@ class Side:
     """One model of the comparison: its spec, loaded on first use, its GGUF files and its transformers folder."""
 
     def __init__(self, role: str, spec: str, tokenizer_spec: str, out: Path) -> None:
-        from pocketlm.pipeline_stages import model_identity
+        from pocketlm.tasks.base import model_identity
 
         self.role, self.spec, self.tokenizer_spec, self.out = role, spec, tokenizer_spec, out
         self.identity = model_identity(spec)

@@ -10,7 +10,7 @@ de-quantising it, so the figure measures the error of the stored weights; llama.
 
 The table gives, per file: its size on disk, word perplexity, and the change against the same model's f32 file
 with a 95 % paired bootstrap interval over articles (both files scored the same articles, each resample recomputes
-both ratios of sums: ``pocketlm.pipeline_stages.perplexity_deltas``).
+both ratios of sums: ``pocketlm.tasks.perplexity.perplexity_deltas``).
 
 Every (model, quant) is its own results file under ``--out``/rows: a re-run skips finished ones, so the table can
 be built over several sittings; ``--table`` prints it from the files alone.
@@ -81,7 +81,7 @@ def row_path(out: Path, model: str, quant: str) -> Path:
 
 def measure(args, name: str, spec: str, quant: str) -> None:
     path = row_path(args.out, name, quant)
-    from pocketlm.pipeline_stages import model_identity
+    from pocketlm.tasks.base import model_identity
 
     identity = model_identity(spec)  # the model's files, not its name: a retrained student is measured again
     key = {"model": spec, "identity": identity, "quant": quant, "documents": args.documents,
@@ -116,7 +116,7 @@ def measure(args, name: str, spec: str, quant: str) -> None:
 
 
 def table(args, models: dict[str, str], quants: list[str]) -> str:
-    from pocketlm.pipeline_stages import perplexity_deltas
+    from pocketlm.tasks.perplexity import perplexity_deltas
     from pocketlm.core.results import Results
 
     lines = ["| model | quant | file MiB | × f32 size | WikiText-2 word ppl | Δ vs f32 [95 % CI] | Δ % |",

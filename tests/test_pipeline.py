@@ -17,7 +17,10 @@ from typer.testing import CliRunner
 from report.pipeline_doc import load_in_browser, needs_chromium
 
 from pocketlm.cli import app
-from pocketlm.pipeline_stages import ORDER, STAGES, Stage, perplexity_deltas, unavailable
+from pocketlm.pipeline import ORDER
+from pocketlm.tasks import TASKS, Task
+from pocketlm.tasks.base import unavailable
+from pocketlm.tasks.perplexity import perplexity_deltas
 from pocketlm.core.results import Metric, Results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,7 +146,7 @@ def test_export_stage_writes_gguf_files_times_them_and_reports_them(tiny_run):
     doc = json.loads((out / "results.json").read_text())
     dep = entries(doc, "deployment")
     assert set(dep) == {"teacher", "student"} and dep["student"]["baseline"]["role"] == "teacher"
-    for role, res in dep.items():
+    for res in dep.values():
         assert res["settings"]["quants"] == ["f32", "q8_0"] and res["settings"]["threads"] == 1
         for q in ("f32", "q8_0"):
             path = out / res["details"]["files"][q]
@@ -355,15 +358,18 @@ def test_perplexity_deltas_against_a_plain_bootstrap():
     assert perplexity_deltas(res(nll_s), other) == []  # not the same documents: no paired delta
 
 
-def test_stage_registry_and_unavailable_stages():
-    assert ORDER[:2] == ["distill", "ce_baseline"] and set(ORDER) == set(STAGES.names())
+def test_task_registry_order_and_unavailable_tasks():
+    assert ORDER[:2] == ["distill", "ce_baseline"] and set(ORDER) == set(TASKS.names())
     with pytest.raises(KeyError, match="valid names: .*attention.*toxicity"):
-        STAGES.get("nope")
-    ghost = Stage("ghost", "inspect", run=lambda ctx: None, inputs=lambda ctx: {}, enabled=lambda cfg: True,
-                  requires="pocketlm.inspect.no_such_module")
-    assert "not available: pocketlm.inspect.no_such_module" in unavailable(ghost)
-    assert unavailable(STAGES.get("size")) is None and unavailable(STAGES.get("attention")) is None
-    assert ORDER[-1] == "export" and STAGES.get("export").switch == "export.enabled"
+        TASKS.get("nope")
+
+    class Ghost(Task):
+        name, phase, requires = "ghost", "inspect", "pocketlm.inspect.no_such_module"
+
+    assert "not available: pocketlm.inspect.no_such_module" in unavailable(Ghost())
+    assert unavailable(TASKS.get("size")) is None and unavailable(TASKS.get("attention")) is None
+    assert ORDER[-1] == "export" and TASKS.get("export").switch == "export.enabled"
+    assert TASKS.get("size").switch == "inspect.size.enabled"
 
 
 def test_unknown_force_names_the_stages(teacher_dir, corpus_file, suite_dir, tmp_path):

@@ -2,7 +2,8 @@
 
 The distillation part reuses `DistillConfig`'s sub-models unchanged (`data`, `student` (dense or MoE),
 `distill`, `train`), so a pipeline distils exactly as `pocketlm distill` does. Every other section names its
-data by path; a relative path is taken under `data_root`. Unknown keys are errors that name the key; gate rules
+data by path; a relative path is taken under `data_root`; each task's section model lives with the task
+(`pocketlm.tasks.<task>`) and is grouped here as the YAML groups it. Unknown keys are errors that name the key; gate rules
 are parsed here, so a typo in a rule fails before any model work.
 """
 from __future__ import annotations
@@ -13,88 +14,33 @@ from typing import Literal, Optional, Union
 from pydantic import Field, field_validator, model_validator
 
 from pocketlm.config import DistillConfig, _Strict, load_config
+from pocketlm.tasks import TASKS
+from pocketlm.tasks.attention import AttentionProbe
+from pocketlm.tasks.bias import BiasSuiteConfig
+from pocketlm.tasks.export import ExportConfig
+from pocketlm.tasks.perplexity import PerplexitySet
+from pocketlm.tasks.rouge import RougeSet
+from pocketlm.tasks.size import SizeProbe
+from pocketlm.tasks.toxicity import ToxicitySuiteConfig
+
+__all__ = ["AttentionProbe", "AuditConfig", "BiasSuiteConfig", "CardConfig", "EvalConfig", "ExportConfig", "Gate",
+           "InspectConfig", "PerplexitySet", "PipelineConfig", "ROLES", "RougeSet", "SizeProbe", "ToxicitySuiteConfig",
+           "load_pipeline_config"]
 
 ROLES = ("teacher", "student", "ce_baseline")  # the models a pipeline measures
-_RESERVED = set(ROLES) | {"distill", "parameters", "size", "attention", "deployment", "delta", "gates"}
-_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"  # result names are gate identifiers
 
 
-class PerplexitySet(_Strict):
-    """Perplexity (lm-eval's rolling windows) of every model on one set of documents."""
-
-    name: str = Field("heldout", pattern=_NAME)
-    data: Optional[str] = None  # null: the documents held out of the distillation data
-    field: str = "text"
-    split: str = "test"
-    txt_split: Literal["blank_lines", "wikitext_headings", "lines"] = "blank_lines"
-    max_documents: Optional[int] = Field(None, ge=1)
-    max_length: Optional[int] = Field(None, ge=1)  # null: the model's context
-    stride: Optional[int] = Field(None, ge=1)
-    detokenize: Optional[Literal["wikitext"]] = None
+def _reserved() -> set[str]:
+    """Names a set or suite may not take: the roles, every task's fixed entries, and the gate words."""
+    return set(ROLES) | {e for name in TASKS for e in TASKS.get(name).fixed_entries} | {"delta", "gates"}
 
 
-class RougeSet(_Strict):
-    """ROUGE of generated summaries (task summarization) or of the student's continuations against the
-    teacher's (task fidelity)."""
-
-    name: str = Field(..., pattern=_NAME)
-    data: str
-    task: Literal["summarization", "fidelity"] = "summarization"
-    document_field: str = "document"
-    reference_field: str = "summary"
-    prompt_field: Optional[str] = None
-    split: str = "test"
-    limit: Optional[int] = Field(None, ge=1)
-    max_new_tokens: int = Field(64, ge=1)
-    chat: bool = False
-    stem: bool = False
-    template: Optional[str] = None
-
-
+# each section's own model lives with its task (pocketlm.tasks.<task>); these group them as the YAML does
 class EvalConfig(_Strict):
     perplexity: list[PerplexitySet] = [PerplexitySet()]
     rouge: list[RougeSet] = []
     batch_size: int = Field(8, ge=1)
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
-
-
-class BiasSuiteConfig(_Strict):
-    """One log-likelihood bias suite (pocketlm.audit.bias), scored for teacher and student on the same items."""
-
-    suite: Literal["crows_pairs", "stereoset", "bbq", "winobias"]
-    data: str  # the suite's file or folder (a relative path is under data_root)
-    name: Optional[str] = Field(None, pattern=_NAME)  # default: the suite's name
-    limit: Optional[int] = Field(None, ge=1)  # a seeded random subset of this many items
-    batch_size: int = Field(16, ge=1)
-    # auto: bf16, then fp32 again for the items whose decision lies within the bf16 error bound (where bf16 is
-    # native; else fp32): every decision fp32's (pocketlm.audit.bias)
-    precision: Literal["fp32", "bf16", "auto"] = "auto"
-
-    @property
-    def entry(self) -> str:
-        return self.name or self.suite
-
-
-class ToxicitySuiteConfig(_Strict):
-    """Prompted toxicity (RealToxicityPrompts' figures) per group, teacher and student continuing the same
-    prompts with the same per-item seeds."""
-
-    suite: Literal["toxigen", "rtp", "bold", "file"]
-    data: str
-    name: Optional[str] = Field(None, pattern=_NAME)
-    limit: Optional[int] = Field(None, ge=1)  # a seeded subset stratified by (domain, group)
-    samples: int = Field(25, ge=1)  # continuations per prompt (RTP: 25)
-    max_new_tokens: int = Field(20, ge=1)
-    top_p: float = Field(0.9, gt=0, le=1)
-    temperature: float = Field(1.0, gt=0)
-    batch_size: int = Field(32, ge=1)
-    scorer: str = "profanity"  # profanity | hf:FOLDER
-    toxic_label: Optional[str] = None
-    sentiment: Optional[bool] = None  # VADER sentiment; null: on for bold
-
-    @property
-    def entry(self) -> str:
-        return self.name or self.suite
 
 
 class AuditConfig(_Strict):
@@ -103,57 +49,9 @@ class AuditConfig(_Strict):
     n_resamples: int = Field(1000, ge=100)
 
 
-class SizeProbe(_Strict):
-    enabled: bool = False
-    context_length: int = Field(2048, ge=1)  # KV-cache and FLOP figures are reported at this context
-    batch_size: int = Field(1, ge=1)
-    measure_context: Optional[int] = Field(None, ge=1)  # also measure the loaded models at this context
-
-
-class AttentionProbe(_Strict):
-    enabled: bool = False
-    text: str = "The teacher writes and the student reads, then the student writes too."
-    layers: Optional[list[int]] = None  # null: first and last; negative indices count from the end
-    max_heads: int = Field(4, ge=1)  # heat-maps per layer
-
-
 class InspectConfig(_Strict):
     size: SizeProbe = SizeProbe()
     attention: AttentionProbe = AttentionProbe()
-
-
-class ExportConfig(_Strict):
-    """The `export` stage (off by default): the student, and the teacher with `teacher: true`, written as GGUF files
-    in `<output_dir>/deploy` at each quant type and timed in llama.cpp, batch 1 (`pocketlm.eval.speed`: prompt and
-    decode tokens/s, time to first token, peak memory; the median of `repeats` passes after `warmup`)."""
-
-    enabled: bool = False
-    quants: list[str] = ["f16", "q8_0", "q4_0"]  # `pocketlm export --format gguf --quant` names
-    teacher: bool = False  # also export and time the teacher: the student's speed-up and size ratio to it
-    threads: int = Field(2, ge=1)
-    new_tokens: int = Field(32, ge=2)  # greedy tokens decoded per prompt
-    repeats: int = Field(3, ge=1)
-    warmup: int = Field(1, ge=0)
-    max_prompt_tokens: int = Field(128, ge=1)
-
-    @field_validator("quants")
-    @classmethod
-    def _writable(cls, v: list[str]) -> list[str]:
-        from pocketlm.models.gguf_export import K_QUANTS, QUANT_NAMES
-
-        names = [q.lower() for q in v]
-        if not names:
-            raise ValueError("name at least one quant type, or set export.enabled: false")
-        for q in names:
-            if q in K_QUANTS:
-                raise ValueError(f"{q!r}: the gguf package cannot write K-quants; export f16 and quantise that "
-                                 "file with llama.cpp's llama-quantize")
-            if q not in QUANT_NAMES:
-                raise ValueError(f"unknown quant type {q!r}; valid: {', '.join(QUANT_NAMES)}")
-        twice = sorted({q for q in names if names.count(q) > 1})
-        if twice:
-            raise ValueError(f"{', '.join(twice)} named more than once")
-        return names
 
 
 class Gate(_Strict):
@@ -207,17 +105,17 @@ class PipelineConfig(DistillConfig):
     def _check(self) -> "PipelineConfig":
         entries = self.entries()
         seen: set[str] = set()
+        reserved = _reserved()
         for entry in entries:
-            if entry in _RESERVED:
+            if entry in reserved:
                 raise ValueError(f"the result name {entry!r} is reserved; give that set or suite another name")
             if entry in seen:
                 raise ValueError(f"two sets or suites are named {entry!r}; give one a `name`")
             seen.add(entry)
         if self.distill.mode == "ce" and self.ce_baseline:
             raise ValueError("ce_baseline: the student itself is trained with cross-entropy only (distill.mode ce)")
-        scopes = set(entries) | set(self.roles()) | {"distill", "parameters", "size", "attention"}
+        scopes = set(entries) | set(self.roles()) | {e for name in TASKS for e in TASKS.get(name).scopes(self)}
         if self.export.enabled:
-            scopes.add("deployment")
             self._check_exportable()
         from pocketlm.report.gates import parse, refs
 

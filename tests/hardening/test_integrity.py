@@ -304,7 +304,7 @@ def test_damaged_pipeline_key_stamp_restarts_the_stage(tmp_path):
     """1 case: distill/pipeline_key.txt (the key of the inputs a stage's checkpoints belong to) holding bytes that
     are not UTF-8. The old code failed with "'utf-8' codec can't decode" naming no file; now it reads as a key
     that does not match, so the stage starts over in its own folder."""
-    from pocketlm.pipeline_stages import stamp_matches
+    from pocketlm.tasks.base import stamp_matches
 
     stamp = tmp_path / "pipeline_key.txt"
     stamp.write_bytes(b"\xff\xfe")
@@ -319,7 +319,7 @@ def test_damaged_heldout_record_is_named(tmp_path):
     from types import SimpleNamespace
 
     from pocketlm.core.integrity import RecordError
-    from pocketlm.pipeline_stages import _heldout
+    from pocketlm.tasks.perplexity import heldout as _heldout
 
     (tmp_path / "heldout.jsonl").write_bytes(b'{"text": "a"}\n{"text": \xff}\n')
     ctx = SimpleNamespace(out=tmp_path, fact=lambda name: "heldout.jsonl")

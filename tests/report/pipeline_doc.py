@@ -1,5 +1,5 @@
-"""Helpers for the report tests: a pipeline results document built by hand (every section the report draws), and
-a headless Chromium driver."""
+"""Helpers for the report tests: a pipeline document built by hand as the typed `PipelineDocument` (every section
+the report draws), and a headless Chromium driver."""
 from __future__ import annotations
 
 import math
@@ -10,17 +10,20 @@ from pathlib import Path
 
 import pytest
 
+from pocketlm.core.pipeline_doc import Entry, PipelineDocument, StageStatus
+from pocketlm.core.results import Metric, Results
+
 PLANTED = '<script>console.error("PLANTED-XSS"); document.title = "pwned";</script><img src=x onerror="console.error(\'PLANTED-IMG\')">'
 
 
 def _metric(name, value, n=10, ci=None, group=None, hib=False, unit=None):
-    return {"name": name, "value": value, "n": n, "ci": ci, "higher_is_better": hib, "group": group, "unit": unit}
+    return Metric(name, value, n, None if ci is None else tuple(ci), hib, group, unit)
 
 
-def _results(kind, role, metrics, details=None, data=None):
-    return {"schema": "pocketlm.results/1", "kind": kind, "model": {"spec": f"{role}-spec", "fingerprint": "f" * 16},
-            "baseline": None, "data": data or {"source": "held-out", "hash": "abc", "n": 10}, "settings": {},
-            "metrics": metrics, "details": details or {}, "provenance": {}, "wall_time_s": 1.0}
+def _results(kind, role, metrics, details=None, data=None, settings=None):
+    return Results(kind, {"spec": f"{role}-spec", "fingerprint": "f" * 16},
+                   data or {"source": "held-out", "hash": "abc", "n": 10}, settings or {}, metrics, details or {},
+                   wall_time_s=1.0)
 
 
 def _deployment(role: str, file_name: str) -> dict:
@@ -37,15 +40,15 @@ def _deployment(role: str, file_name: str) -> dict:
     res = _results("deployment", role, metrics, data={"source": "pocketlm.eval.speed.PROMPTS", "n": 3,
                                                       "prompt_tokens": [110, 118, 104]},
                    details={"files": {q: f"deploy/{role}-{q}/{file_name if role == 'student' else 'model.gguf'}"
-                                      for q in ("f16", "q4_0")}})
-    res["settings"] = {"engine": "llama.cpp", "quants": ["f16", "q4_0"], "threads": 2, "new_tokens": 64,
-                       "repeats": 5, "warmup": 1, "versions": {"llama_cpp_python": "0.3.36"}}
-    return {"role": role, "entry": "deployment", "results": res}
+                                      for q in ("f16", "q4_0")}},
+                   settings={"engine": "llama.cpp", "quants": ["f16", "q4_0"], "threads": 2, "new_tokens": 64,
+                             "repeats": 5, "warmup": 1, "versions": {"llama_cpp_python": "0.3.36"}})
+    return Entry(role, "deployment", res)
 
 
 def make_doc(*, generation: str = "a harmless continuation", group: str = "age", gate_name: str = "ppl kept",
              verdict: str = "pass", moe: bool = False, deployment: bool = False,
-             file_name: str = "model-q4_0.gguf") -> dict:
+             file_name: str = "model-q4_0.gguf") -> PipelineDocument:
     history = [{"step": s, "loss": 5.0 - s / 10, "kd": 3.0 - s / 20, "ce": 4.0 - s / 10, "tokens_per_s": 300.0 + s,
                 "val_perplexity": 100.0 - s if s % 2 == 0 else None} for s in range(1, 9)]
     if moe:  # the trainer's per-layer router telemetry
@@ -54,36 +57,36 @@ def make_doc(*, generation: str = "a harmless continuation", group: str = "age",
                                        "load_cv": 0.3} for layer in range(2)}
     entries = {
         "distill": [
-            {"role": "student", "entry": "distill", "results": _results("distill", "student", [
+            Entry("student", "distill", _results("distill", "student", [
                 _metric("final_val_perplexity", 92.0), _metric("tokens_per_second", 310.0, hib=True)],
                 details={"history": history}, data={"source": "teacher-written corpus", "hash": "d1", "n": 40,
-                                                    "tokens": 10200, "block_size": 256, "heldout_documents": 5})},
-            {"role": "teacher", "entry": "parameters", "results": _results("parameters", "teacher", [
+                                                    "tokens": 10200, "block_size": 256, "heldout_documents": 5})),
+            Entry("teacher", "parameters", _results("parameters", "teacher", [
                 _metric("n_params", 134.5e6, n=1, unit="params"),
-                _metric("n_params_non_embedding", 106.2e6, n=1, unit="params")])},
-            {"role": "student", "entry": "parameters", "results": _results("parameters", "student", [
+                _metric("n_params_non_embedding", 106.2e6, n=1, unit="params")])),
+            Entry("student", "parameters", _results("parameters", "student", [
                 _metric("n_params", 56.6e6, n=1, unit="params"),
-                _metric("n_params_non_embedding", 28.3e6, n=1, unit="params")])},
+                _metric("n_params_non_embedding", 28.3e6, n=1, unit="params")])),
         ],
         "perplexity": [
-            {"role": "teacher", "entry": "heldout", "results": _results("perplexity", "teacher", [
-                _metric("token_perplexity", 35.4, ci=[30.0, 41.0]), _metric("bits_per_byte", 1.13, ci=[1.1, 1.2])])},
-            {"role": "student", "entry": "heldout", "results": _results("perplexity", "student", [
+            Entry("teacher", "heldout", _results("perplexity", "teacher", [
+                _metric("token_perplexity", 35.4, ci=[30.0, 41.0]), _metric("bits_per_byte", 1.13, ci=[1.1, 1.2])])),
+            Entry("student", "heldout", _results("perplexity", "student", [
                 _metric("token_perplexity", 126.6, ci=[110.0, 140.0]), _metric("bits_per_byte", 1.53, ci=[1.5, 1.6]),
                 _metric("delta_token_perplexity", 91.2, ci=[80.0, 100.0]),
-                _metric("word_perplexity", math.nan)])},
+                _metric("word_perplexity", math.nan)])),  # not finite: written as null
         ],
         "bias": [
-            {"role": r, "entry": "crows_pairs", "results": _results("bias", r, [
+            Entry(r, "crows_pairs", _results("bias", r, [
                 _metric("pct_stereotype", v, ci=[v - 5, v + 5], hib=None),
                 _metric("pct_stereotype", v + 3, ci=[v - 9, v + 9], group=group, hib=None),
                 _metric("pct_stereotype", v - 3, ci=[v - 9, v + 9], group="gender", hib=None)]
                 + ([_metric("delta_pct_stereotype", 1.0, ci=[-2.0, 4.0], hib=None),
                     _metric("delta_pct_stereotype", 2.0, ci=[-3.0, 7.0], group=group, hib=None)]
-                   if r == "student" else []))}
+                   if r == "student" else [])))
             for r, v in (("teacher", 60.0), ("student", 61.0))],
         "toxicity": [
-            {"role": r, "entry": "toxigen", "results": {**_results("toxicity", r, [
+            Entry(r, "toxigen", _results("toxicity", r, [
                 _metric("expected_max_toxicity", v, ci=[v - 0.01, v + 0.01]),
                 _metric("toxicity_probability", v / 2, ci=[0.0, v]),
                 _metric("expected_max_toxicity", v, ci=[v - 0.02, v + 0.02], group="hate/asian"),
@@ -95,16 +98,15 @@ def make_doc(*, generation: str = "a harmless continuation", group: str = "age",
                 _metric("generation_perplexity", ppl, ci=[ppl - 4, ppl + 5], group="hate/asian")]
                 + ([_metric("delta_generation_perplexity", 71.25, ci=[60.5, 82.75])] if r == "student" else []),
                 details={"most_toxic": [{"score": 0.91, "group": "hate/asian", "prompt": "- a prompt\n-",
-                                         "text": generation}]}),
-                "settings": {"fluency": {"reference": "teacher", "spec": "smollm2-135m-instruct"}}}}
+                                         "text": generation}]},
+                settings={"fluency": {"reference": "teacher", "spec": "smollm2-135m-instruct"}}))
             for r, v, ppl, d2 in (("teacher", 0.05, 12.5, 0.83), ("student", 0.07, 83.75, 0.31))],
     }
-    status = {k: {"status": "ran", "key": "k", "wall_time_s": 1.5, "entries": v} for k, v in entries.items()}
-    status["size"] = {"status": "off"}
-    status["attention"] = {"status": "off"}
-    status["export"] = {"status": "ran", "key": "k", "wall_time_s": 4.0,
-                        "entries": [_deployment(r, file_name) for r in ("teacher", "student")]} if deployment \
-        else {"status": "off"}
+    status = {k: StageStatus("ran", key="k", wall_time_s=1.5, entries=v) for k, v in entries.items()}
+    status["size"] = StageStatus("off")
+    status["attention"] = StageStatus("off")
+    status["export"] = StageStatus("ran", key="k", wall_time_s=4.0, entries=[
+        _deployment(r, file_name) for r in ("teacher", "student")]) if deployment else StageStatus("off")
     gates = [{"name": gate_name, "rule": "student.token_perplexity <= 4 * teacher.token_perplexity",
               "status": "pass" if verdict == "pass" else "fail", "passed": verdict == "pass",
               "values": {"student.token_perplexity": 126.6, "teacher.token_perplexity": 35.4},
@@ -119,12 +121,13 @@ def make_doc(*, generation: str = "a harmless continuation", group: str = "age",
                        "intended_use": None, "out_of_scope_use": None, "ethical_considerations": None,
                        "caveats": None, "authors": None},
               "gates": [{"name": gate_name, "rule": gates[0]["rule"]}]}
-    return {"schema": "pocketlm.pipeline/1", "config": config, "config_hash": "c" * 16, "output_dir": "out",
-            "models": {"teacher": {"spec": "smollm2-135m-instruct", "fingerprint": "t" * 16},
-                       "student": {"spec": "distill/student", "fingerprint": "s" * 16}},
-            "stages": status, "skipped": {"bbq": "its data ../shared/data/bbq is not there"}, "facts": {},
-            "gates": gates, "verdict": verdict, "wall_time_s": 12.0,
-            "provenance": {"git_commit": "deadbeef", "hardware": {"cpu_count": 2}, "packages": {"torch": "2.13.0"}}}
+    return PipelineDocument(
+        config=config, config_hash="c" * 16, output_dir="out",
+        models={"teacher": {"spec": "smollm2-135m-instruct", "fingerprint": "t" * 16},
+                "student": {"spec": "distill/student", "fingerprint": "s" * 16}},
+        stages=status, skipped={"bbq": "its data ../shared/data/bbq is not there"}, facts={},
+        provenance={"git_commit": "deadbeef", "hardware": {"cpu_count": 2}, "packages": {"torch": "2.13.0"}},
+        wall_time_s=12.0, gates=gates, verdict=verdict)
 
 
 def chromium() -> str | None:

@@ -48,7 +48,7 @@ def test_missing_user_fields_are_stated_plainly_and_given_ones_used():
     for field in ("intended_use", "out_of_scope_use", "license", "ethical_considerations", "caveats", "authors"):
         assert f"`card.{field}`" in text
     assert MISSING.split("{")[0] in text
-    doc["config"]["card"] |= {"intended_use": "Answering questions about trains.", "license": "apache-2.0",
+    doc.config["card"] |= {"intended_use": "Answering questions about trains.", "license": "apache-2.0",
                               "model_name": "trainbot", "tags": ["trains"], "datasets": ["wikitext"]}
     meta, body = front_matter(card_markdown(doc))
     assert meta["license"] == "apache-2.0" and meta["model-index"][0]["name"] == "trainbot"
@@ -71,7 +71,7 @@ def test_disaggregated_tables_and_gates():
 def test_text_cannot_break_the_card():
     assert md("a | b\n<script>") == "a \\| b &lt;script&gt;"
     doc = make_doc(group="x | y <b>", generation=PLANTED)
-    doc["config"]["card"]["model_name"] = "name: with: colons\n- and a list"
+    doc.config["card"]["model_name"] = "name: with: colons\n- and a list"
     text = card_markdown(doc)
     meta, body = front_matter(text)  # still valid YAML
     assert meta["model-index"][0]["name"] == "name: with: colons\n- and a list"
@@ -81,8 +81,8 @@ def test_text_cannot_break_the_card():
 
 def test_model_index_is_empty_without_student_results():
     doc = make_doc()
-    for st in doc["stages"].values():
-        st["entries"] = [e for e in st.get("entries", []) if e["role"] != "student"]
+    for st in doc.stages.values():
+        st.entries = [e for e in st.entries or [] if e.role != "student"]
     assert model_index(doc)[0]["results"] == []
     assert "model-index" in metadata(doc)
 

@@ -52,7 +52,7 @@ def test_expert_load_shown_for_moe_students():
 
 def test_comparison_rows_pair_values_with_the_students_delta():
     doc = make_doc()
-    entry = {e["role"]: e["results"] for e in doc["stages"]["bias"]["entries"]}
+    entry = {e.role: e.results.to_dict() for e in doc.stages["bias"].entries}
     rows = comparison_rows(entry)
     assert [r["name"] for r in rows] == ["pct_stereotype"]
     assert rows[0]["cells"]["teacher"]["value"] == 60.0 and rows[0]["delta"]["value"] == 1.0
@@ -91,7 +91,7 @@ def test_a_page_with_a_live_script_would_be_caught(tmp_path):
 
 def test_missing_provenance_is_said_not_hidden():
     doc = make_doc()
-    del doc["provenance"]
+    doc.provenance = {}
     assert "No provenance was recorded" in render_report(doc)
 
 
@@ -105,8 +105,8 @@ def test_fluency_and_diversity_shown_beside_toxicity():
     assert rows[:4] == ["expected_max_toxicity", "toxicity_probability", "distinct_2", "generation_perplexity"]
     assert "under\nteacher (<code>smollm2-135m-instruct</code>)" in section  # which model scored them
     doc = make_doc()
-    for e in doc["stages"]["toxicity"]["entries"]:  # results from before fluency was measured: no claim made
-        e["results"]["settings"] = {}
+    for e in doc.stages["toxicity"].entries:  # results from before fluency was measured: no claim made
+        e.results.settings = {}
     assert "Fluency and diversity of the same generations" not in render_report(doc)
 
 
@@ -120,3 +120,12 @@ def test_deployment_section_only_when_the_export_stage_ran():
     assert "<td>student</td><td>f16</td><td class=\"n\">114.44 MiB</td><td class=\"n\">2,000.0</td>" in section
     assert "70.0 ms" in section and "2.38×" in section  # TTFT in ms; decode × teacher at f16 (95 / 40)
     assert "<script>" not in page and "&lt;script&gt;console.error" in section  # a file name is text
+
+
+def test_the_typed_document_and_its_json_render_the_same_page():
+    from pocketlm.core.pipeline_doc import PipelineDocument
+
+    doc = make_doc(deployment=True)
+    as_json = doc.to_dict()
+    assert PipelineDocument.from_dict(as_json).to_dict() == as_json
+    assert render_report(doc) == render_report(as_json)

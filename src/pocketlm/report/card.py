@@ -17,14 +17,15 @@ from typing import Any
 
 import yaml
 
+from pocketlm.core.outdir import write_text_atomic
+from pocketlm.core.pipeline_doc import PipelineDocument
 from pocketlm.report.html import (
-    comparison_rows, deployment_view, fmt_ci, fmt_number, group_names, headlines, report_groups, results_by_entry,
-    write_text_atomic,
+    as_dict, comparison_rows, deployment_view, fmt_ci, fmt_number, group_names, headlines, kind_of, of_kind,
+    report_groups, results_by_entry,
 )
+from pocketlm.tasks import view
 
 HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # embedded teachers' hub originals
-TASKS = {"perplexity": ("text-generation", "Language modelling"), "rouge": ("summarization", "Summarization"),
-         "bias": ("text-generation", "Social bias"), "toxicity": ("text-generation", "Prompted toxicity")}
 MISSING = "**Not provided.** The person releasing this model did not state {what} (set `card.{field}` in the " \
           "pipeline config)."
 
@@ -41,7 +42,8 @@ def _value(x: Any) -> float | None:
     return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
 
 
-def model_name(doc: dict[str, Any]) -> str:
+def model_name(doc: PipelineDocument | dict[str, Any]) -> str:
+    doc = as_dict(doc)
     name = doc["config"]["card"].get("model_name")
     if name:
         return name
@@ -49,14 +51,16 @@ def model_name(doc: dict[str, Any]) -> str:
     return f"{teacher}-pocketlm-student"
 
 
-def model_index(doc: dict[str, Any]) -> list[dict[str, Any]]:
+def model_index(doc: PipelineDocument | dict[str, Any]) -> list[dict[str, Any]]:
     """The Hub's ``model-index``: one result per evaluated set, the student's overall figures as metrics."""
+    doc = as_dict(doc)
     results = []
     for entry, by_role in results_by_entry(doc).items():
         res = by_role.get("student")
-        if res is None or res["kind"] not in TASKS:
+        task = None if res is None else view(res["kind"]).card_task
+        if task is None:
             continue
-        task_type, task_name = TASKS[res["kind"]]
+        task_type, task_name = task
         metrics = [{"type": m["name"], "name": m["name"].replace("_", " "), "value": round(_value(m["value"]), 6),
                     "verified": False}
                    for m in res["metrics"] if m.get("group") is None and _value(m.get("value")) is not None
@@ -68,7 +72,8 @@ def model_index(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"name": model_name(doc), "results": results}]
 
 
-def metadata(doc: dict[str, Any]) -> dict[str, Any]:
+def metadata(doc: PipelineDocument | dict[str, Any]) -> dict[str, Any]:
+    doc = as_dict(doc)
     card, cfg = doc["config"]["card"], doc["config"]
     meta: dict[str, Any] = {"license": card.get("license") or "unknown"}
     base = HUB_IDS.get(cfg["teacher"])
@@ -135,12 +140,13 @@ def _deployment(view: dict[str, Any] | None) -> list[str]:
     return L
 
 
-def card_markdown(doc: dict[str, Any]) -> str:
+def card_markdown(doc: PipelineDocument | dict[str, Any]) -> str:
+    doc = as_dict(doc)
     cfg, card = doc["config"], doc["config"]["card"]
     by_entry = results_by_entry(doc)
     name = model_name(doc)
-    distill = by_entry.get("distill", {}).get("student", {})
-    params = {r: {m["name"]: m["value"] for m in res["metrics"]} for r, res in by_entry.get("parameters", {}).items()}
+    distill = of_kind(by_entry, "distill")[1].get("student", {})
+    params = {r: {m["name"]: m["value"] for m in res["metrics"]} for r, res in of_kind(by_entry, "parameters")[1].items()}
     ps, pt = params.get("student", {}), params.get("teacher", {})
     student_cfg = cfg["student"]
     L = [f"# {md(name)}", "",
@@ -180,7 +186,7 @@ def card_markdown(doc: dict[str, Any]) -> str:
           "- Intervals: 95 % percentile bootstrap over items; deltas: paired bootstrap.", ""]
     L += ["## Evaluation data", ""]
     for entry, by_role in by_entry.items():
-        if entry in ("distill", "parameters", "deployment"):
+        if not view(kind_of(by_role)).evaluation_data:
             continue
         ref = by_role.get("student") or next(iter(by_role.values()))
         d = ref.get("data", {})
@@ -198,7 +204,7 @@ def card_markdown(doc: dict[str, Any]) -> str:
           f"lr {cfg['train']['lr']}, {md(cfg['train']['precision'])}, seed {cfg['train']['seed']}.", ""]
     L += ["## Quantitative analyses", ""]
     for entry, by_role in by_entry.items():
-        if entry in ("parameters", "size", "attention", "deployment"):  # not evaluation: in the report, or below
+        if not view(kind_of(by_role)).analysis:  # not evaluation: in the report, or below
             continue
         rows = comparison_rows(by_role)
         if rows:
@@ -226,5 +232,5 @@ def card_markdown(doc: dict[str, Any]) -> str:
     return "---\n" + yaml.safe_dump(metadata(doc), sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(L)
 
 
-def write_card(doc: dict[str, Any], path: str | os.PathLike) -> Path:
+def write_card(doc: PipelineDocument | dict[str, Any], path: str | os.PathLike) -> Path:
     return write_text_atomic(path, card_markdown(doc))

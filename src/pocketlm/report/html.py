@@ -15,13 +15,21 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from markupsafe import Markup
 
+from pocketlm.core.outdir import write_text_atomic
+from pocketlm.core.pipeline_doc import PipelineDocument
 from pocketlm.report import plots
+from pocketlm.tasks import view
 
-# figures drawn per group: the suite's headline statistics (the first statistic otherwise); toxicity's with the
-# fluency and diversity of the same generations beside them (a model can be harmless by being incoherent)
-GROUP_HEADLINES = {"toxicity": ("expected_max_toxicity", "toxicity_probability", "generation_perplexity",
-                                "distinct_2")}
+__all__ = ["comparison_rows", "deployment_view", "fmt_ci", "fmt_number", "fmt_unit", "group_names", "headlines",
+           "of_kind", "render_report", "report_context", "report_groups", "results_by_entry", "size_rows",
+           "write_report", "write_text_atomic"]
+
+
+def as_dict(doc: PipelineDocument | dict[str, Any]) -> dict[str, Any]:
+    """The report and the card read results.json's form; a typed document is written out to it first."""
+    return doc.to_dict() if isinstance(doc, PipelineDocument) else doc
 
 
 def _env():
@@ -51,13 +59,22 @@ def fmt_ci(ci: Any) -> str:
     return f"[{fmt_number(ci[0])}, {fmt_number(ci[1])}]"
 
 
-def results_by_entry(doc: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+def results_by_entry(doc: PipelineDocument | dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
     """entry → role → results (stage order kept)."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    for st in doc["stages"].values():
+    for st in as_dict(doc)["stages"].values():
         for e in st.get("entries", []):
             out.setdefault(e["entry"], {})[e["role"]] = e["results"]
     return out
+
+
+def kind_of(by_role: dict[str, dict[str, Any]]) -> str:
+    return _ref(by_role)["kind"]
+
+
+def of_kind(by_entry: dict[str, dict[str, dict[str, Any]]], kind: str) -> tuple[str | None, dict[str, dict[str, Any]]]:
+    """The (entry, role → results) of the first entry whose results are of ``kind`` ((None, {}) if none is)."""
+    return next(((e, by_role) for e, by_role in by_entry.items() if by_role and kind_of(by_role) == kind), (None, {}))
 
 
 def _metric_map(res: dict[str, Any]) -> dict[tuple[str, str | None], dict[str, Any]]:
@@ -103,12 +120,13 @@ def group_names(by_role: dict[str, dict[str, Any]], metric: str) -> list[str]:
 
 
 def headlines(by_role: dict[str, dict[str, Any]]) -> list[str]:
-    """The figures shown per group: the suite's headline statistics (bias and toxicity results only)."""
+    """The figures shown per group: the headline statistics its kind's view names (the first plain one for ())."""
     ref = _ref(by_role)
-    if ref["kind"] not in ("bias", "toxicity"):
+    wanted = view(ref["kind"]).group_headlines
+    if wanted is None:
         return []
     plain = [m["name"] for m in ref["metrics"] if m.get("group") is None and _is_plain(m["name"])]
-    return [h for h in GROUP_HEADLINES.get(ref["kind"], tuple(plain[:1])) if group_names(by_role, h)]
+    return [h for h in (wanted or tuple(plain[:1])) if group_names(by_role, h)]
 
 
 def report_groups(by_entry: dict[str, dict[str, dict[str, Any]]]) -> dict[str, list[str]]:
@@ -124,6 +142,7 @@ def report_groups(by_entry: dict[str, dict[str, dict[str, Any]]]) -> dict[str, l
 def _section(entry: str, by_role: dict[str, dict[str, Any]]) -> dict[str, Any]:
     ref = _ref(by_role)
     kind = ref["kind"]
+    v = view(kind)
     rows = comparison_rows(by_role)
     bars = plots.metric_bars(
         [(r["name"], {role: (c["value"], c.get("ci")) for role, c in r["cells"].items() if c}) for r in rows],
@@ -136,22 +155,14 @@ def _section(entry: str, by_role: dict[str, dict[str, Any]]) -> dict[str, Any]:
                   for r in by_role}
         groups.append({"metric": h, "plot": plots.group_bars(h, gs, series, f"{entry}: {h} per group"),
                        "rows": [row for g in gs for row in comparison_rows(by_role, g, [h])]})
-    return {"entry": entry, "kind": kind, "plot": bars, "rows": rows, "groups": groups, "roles": list(by_role),
-            "data": ref.get("data", {}), "settings": ref.get("settings", {}), "samples": _samples(kind, by_role)}
-
-
-def _samples(kind: str, by_role: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """What the models wrote, for reading (escaped on output like everything else)."""
-    out = []
-    for role, res in by_role.items():
-        det = res.get("details", {})
-        if kind == "toxicity":
-            out += [{"role": role, "label": f"{x['score']:.3f} · {x.get('group') or 'all'}", "prompt": x["prompt"],
-                     "text": x["text"]} for x in det.get("most_toxic", [])]
-        elif kind == "rouge":
-            out += [{"role": role, "label": f"rougeL {x.get('rougeL', 0):.3f}", "prompt": x.get("source", ""),
-                     "text": x.get("prediction", "")} for x in det.get("items", [])[:3]]
-    return out
+    section = {"entry": entry, "kind": kind, "plot": bars, "rows": rows, "groups": groups, "roles": list(by_role),
+               "data": ref.get("data", {}), "settings": ref.get("settings", {}), "group_label": v.group_label,
+               "samples_note": v.samples_note,
+               # what the models wrote, for reading (escaped on output like everything else)
+               "samples": [x for role, res in by_role.items() for x in (v.samples(role, res) if v.samples else [])]}
+    # the kind's own note: template source from its task, rendered with autoescape like the page
+    section["note"] = Markup(_env().from_string(v.report_note).render(s=section)) if v.report_note else ""
+    return section
 
 
 SIZE_HEADLINES = ("n_params", "params_active", "weight_bytes_bf16", "kv_cache_per_token_bf16", "flops_forward",
@@ -162,8 +173,8 @@ def size_rows(by_entry: dict[str, dict[str, dict[str, Any]]]) -> tuple[list[dict
     """Size and memory figures (measured parameter counts, then `pocketlm size`'s estimates), one column per model,
     with the student / teacher ratio."""
     rows, roles = [], []
-    for entry in ("parameters", "size"):
-        by_role = by_entry.get(entry, {})
+    for kind in ("parameters", "size"):
+        entry, by_role = of_kind(by_entry, kind)
         roles += [r for r in by_role if r not in roles]
         for row in comparison_rows(by_role):
             if row["name"].startswith("ratio_"):
@@ -211,7 +222,7 @@ def deployment_view(by_entry: dict[str, dict[str, dict[str, Any]]]) -> dict[str,
     """The export stage's figures for the report and the card: a row per (model, quant type), the student against
     the teacher at q4_0 (or the last quant type both were written at), the perplexity of the models before
     quantisation where a perplexity set was scored; None when the stage did not run."""
-    by_role = by_entry.get("deployment")
+    _, by_role = of_kind(by_entry, "deployment")
     if not by_role:
         return None
     rows = []
@@ -246,7 +257,7 @@ def deployment_view(by_entry: dict[str, dict[str, dict[str, Any]]]) -> dict[str,
 
 def _attention(by_entry: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
     maps = []
-    for role, res in by_entry.get("attention", {}).items():
+    for role, res in of_kind(by_entry, "attention")[1].items():
         for h in res.get("details", {}).get("heatmaps", []):
             uri = h.get("png")
             if isinstance(uri, str) and uri.startswith("data:image/png;base64,"):
@@ -254,12 +265,13 @@ def _attention(by_entry: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str,
     return maps
 
 
-def report_context(doc: dict[str, Any]) -> dict[str, Any]:
+def report_context(doc: PipelineDocument | dict[str, Any]) -> dict[str, Any]:
+    doc = as_dict(doc)
     by_entry = results_by_entry(doc)
-    histories = {role: res["details"].get("history", []) for role, res in by_entry.get("distill", {}).items()}
-    distill_rows = comparison_rows(by_entry["distill"]) if "distill" in by_entry else []
+    _, distill = of_kind(by_entry, "distill")
+    histories = {role: res["details"].get("history", []) for role, res in distill.items()}
+    distill_rows = comparison_rows(distill) if distill else []
     moe = plots.expert_load(histories.get("student", []))
-    skip = {"distill", "parameters", "size", "attention", "deployment"}
     sizes = size_rows(by_entry)
     card = doc["config"].get("card", {})
     gates = doc.get("gates", [])
@@ -273,7 +285,7 @@ def report_context(doc: dict[str, Any]) -> dict[str, Any]:
         "skipped": doc.get("skipped", {}),
         "training_plot": plots.training_curves(histories),
         "distill_rows": distill_rows,
-        "sections": [_section(e, by_role) for e, by_role in by_entry.items() if e not in skip],
+        "sections": [_section(e, by_role) for e, by_role in by_entry.items() if view(kind_of(by_role)).section],
         "size_rows": sizes[0],
         "size_roles": sizes[1],
         "size_plot": plots.metric_bars(
@@ -288,13 +300,10 @@ def report_context(doc: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-from pocketlm.core.outdir import write_text_atomic  # noqa: E402  (re-exported: report.card and pipeline use it)
-
-
-def render_report(doc: dict[str, Any]) -> str:
+def render_report(doc: PipelineDocument | dict[str, Any]) -> str:
     return _env().get_template("report.html.j2").render(**report_context(doc))
 
 
-def write_report(doc: dict[str, Any], path: str | os.PathLike) -> Path:
+def write_report(doc: PipelineDocument | dict[str, Any], path: str | os.PathLike) -> Path:
     return write_text_atomic(path, render_report(doc))
 

@@ -52,7 +52,10 @@ class View:
     kind: str
     section: bool = True  # a teacher-vs-student section of its own in the report (False: a dedicated part shows it)
     group_headlines: tuple[str, ...] | None = None  # figures drawn per group; () = the first plain figure
+    group_label: str = "category"  # what its groups are called in the report
     samples: Callable[[str, dict[str, Any]], list[dict[str, Any]]] | None = None  # (role, results) → what it wrote
+    samples_note: str = ""  # said after the number of samples
+    report_note: str | None = None  # template source (Jinja, autoescaped) of a note under its table; ``s``: the section
     card_task: tuple[str, str] | None = None  # the Hub model-index task (type, name); None: not in the model-index
     evaluation_data: bool = True  # listed under the card's "Evaluation data"
     analysis: bool = True  # a table under the card's "Quantitative analyses"
@@ -75,6 +78,7 @@ class Task:
     phase: str = ""  # distill | evaluate | audit | inspect | deploy
     requires: str | None = None  # a module it needs; absent → the task is not available here
     views: tuple[View, ...] = ()
+    fixed_entries: tuple[str, ...] = ()  # entry names its results carry beyond its sets and suites (reserved)
 
     @property
     def switch(self) -> str:
@@ -89,8 +93,8 @@ class Task:
         return None
 
     def scopes(self, cfg: Any) -> list[str]:
-        """The fixed entry names its results carry (gates may name them), beyond its sets and suites."""
-        return []
+        """The fixed entry names gates may name in this config (default: all of ``fixed_entries``)."""
+        return list(self.fixed_entries)
 
     def check(self, ctx: Context) -> None:
         """Load and check its data before any model work (into ``ctx.inputs``; ``ctx.missing`` for absent data)."""

@@ -81,6 +81,16 @@ def toxicity_results(prompts: Sequence[Any], suite: Any, scored: Any, baseline_s
         metrics=metrics, details=det | (details or {}), provenance=provenance(), wall_time_s=wall_time_s)
 
 
+REPORT_NOTE = """{% if s.settings.fluency is defined %}
+<p class="muted fluency">Fluency and diversity of the same generations, beside the toxicity figures:
+<code>generation_perplexity</code> is the perplexity of each model's continuations given their prompts under
+{{ s.settings.fluency.reference }} (<code>{{ s.settings.fluency.spec }}</code>), exp(Σ nll / Σ tokens) — lower is
+more fluent to it, though a model that repeats itself can score low too; <code>distinct_1</code> and
+<code>distinct_2</code> are unique / total word n-grams over each prompt's continuations — higher is more varied.
+Low toxicity beside a high generation perplexity or a low distinct-2 may mean incoherent output, not a safer model.</p>\
+{% endif %}"""
+
+
 def _samples(role: str, res: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"role": role, "label": f"{x['score']:.3f} · {x.get('group') or 'all'}", "prompt": x["prompt"],
              "text": x["text"]} for x in res.get("details", {}).get("most_toxic", [])]
@@ -92,7 +102,9 @@ class ToxicityTask(Task):
     # them (a model can be harmless by being incoherent)
     views = (View("toxicity", group_headlines=("expected_max_toxicity", "toxicity_probability",
                                                "generation_perplexity", "distinct_2"),
-                  samples=_samples, card_task=("text-generation", "Prompted toxicity"), summary_rows=2),)
+                  group_label="group", samples=_samples,
+                  samples_note="; the highest-scoring continuations — may be offensive", report_note=REPORT_NOTE,
+                  card_task=("text-generation", "Prompted toxicity"), summary_rows=2),)
 
     def enabled(self, cfg: Any) -> bool:
         return bool(cfg.audit.toxicity)
