@@ -8,7 +8,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 # llama-cpp-python (a test peer in the dev extra) is compiled from source: use every core
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo lint test test-slow bench clean
 
 setup: $(STAMP)
 
@@ -25,7 +25,12 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/pocketlm run configs/pipeline_demo.yaml || { rc=$$?; test $$rc -eq 1 && echo "(exit code 1: a release gate did not pass; CI would block this release)"; }
 
-test: setup
+# ruff, then the layering contract (docs/ARCHITECTURE.md: no upward import, no cycle), then the tests
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 test-slow: setup
