@@ -129,3 +129,14 @@ def test_the_typed_document_and_its_json_render_the_same_page():
     as_json = doc.to_dict()
     assert PipelineDocument.from_dict(as_json).to_dict() == as_json
     assert render_report(doc) == render_report(as_json)
+
+
+def test_run_summary_shows_each_kinds_headline_figures():
+    from pocketlm.report.html import run_summary
+
+    text = run_summary(make_doc(deployment=True))
+    sets = [line.split()[0] for line in text.splitlines()[1:]]
+    # distill and parameters are not sets; toxicity shows two figures, every other kind one (deployment's are per
+    # quant type: none overall)
+    assert sets == ["heldout", "crows_pairs", "toxigen", "toxigen"]
+    assert "91.2 [80, 100]" in text  # the student's paired delta with its interval

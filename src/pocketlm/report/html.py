@@ -23,7 +23,7 @@ from pocketlm.report import plots
 from pocketlm.tasks import view
 
 __all__ = ["comparison_rows", "deployment_view", "fmt_ci", "fmt_number", "fmt_unit", "group_names", "headlines",
-           "of_kind", "render_report", "report_context", "report_groups", "results_by_entry", "size_rows",
+           "of_kind", "render_report", "report_context", "run_summary", "report_groups", "results_by_entry", "size_rows",
            "write_report", "write_text_atomic"]
 
 
@@ -298,6 +298,23 @@ def report_context(doc: PipelineDocument | dict[str, Any]) -> dict[str, Any]:
         "config_yaml": yaml.safe_dump(doc["config"], sort_keys=False, allow_unicode=True),
         "wall_time_s": doc.get("wall_time_s"),
     }
+
+
+def run_summary(doc: PipelineDocument | dict[str, Any]) -> str:
+    """`pocketlm run`'s table: each measured set's headline figures (as many as its kind's view says), one column
+    per model, and the student − teacher delta."""
+    doc = as_dict(doc)
+    roles = list(doc["models"])
+    lines = [("set", "figure", *roles, "delta (student - teacher) [95% CI]")]
+    for entry, by_role in results_by_entry(doc).items():
+        for r in comparison_rows(by_role)[:view(kind_of(by_role)).summary_rows]:
+            d = r["delta"]
+            delta = "" if not d else fmt_number(d["value"]) + (
+                f" [{fmt_number(d['ci'][0])}, {fmt_number(d['ci'][1])}]" if d.get("ci") else "")
+            lines.append((entry, r["name"], *(fmt_number(r["cells"][x]["value"]) if r["cells"].get(x) else ""
+                                              for x in roles), delta))
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 
 
 def render_report(doc: PipelineDocument | dict[str, Any]) -> str:
