@@ -102,7 +102,8 @@ def worker_prep(spec: dict) -> dict:
     from safetensors.torch import save_file
 
     from pocketlm.data.text import build_blocks
-    from pocketlm.distill.run import build_student, save_student
+    from pocketlm.distill.run import build_student
+    from pocketlm.models.hf_export import save_student_folder
     from pocketlm.models.init import evenly_spaced_layers
     from pocketlm.models.load import load_model
 
@@ -147,7 +148,7 @@ def worker_prep(spec: dict) -> dict:
     for n_layers in spec["layer_list"]:
         scfg = _pocketlm_config({**spec, "layers": n_layers})
         student = build_student(scfg, teacher)
-        save_student(student, tok, work / f"student-{n_layers}")
+        save_student_folder(student, tok, work / f"student-{n_layers}")
         students[n_layers] = {
             "params": sum(p.numel() for p in {id(p): p for p in student.parameters()}.values()),
             "teacher_layers": evenly_spaced_layers(teacher.config.num_hidden_layers, n_layers),
@@ -249,7 +250,7 @@ def worker_trl(spec: dict) -> dict:
     except ImportError:  # pragma: no cover - older TRL
         from trl import GKDConfig, GKDTrainer
 
-    from pocketlm.distill.trainer import batch_indices
+    from pocketlm.training import batch_indices
     from pocketlm.models.load import load_model
 
     work = Path(spec["workdir"])

@@ -37,6 +37,7 @@ from scipy import stats as sps
 from pocketlm.audit.fluency import DISTINCT_N, Fluency, distinct_per_prompt, generation_perplexity
 from pocketlm.audit.prompt_suites import Prompt
 from pocketlm.audit.toxicity import THRESHOLD, ToxicityScorer
+from pocketlm.core.io import atomic_path
 from pocketlm.eval.generate import GenerationSettings, generate
 from pocketlm.core.results import Metric
 from pocketlm.core.stats import _mean, bootstrap_ci, paired_statistic_delta_ci
@@ -271,16 +272,13 @@ def write_generations(path: str | Path, prompts: Sequence[Prompt], model: Scored
                       baseline: Scored | None = None) -> Path:
     """Every prompt's continuations and scores as JSON lines (the report reads them; the terminal never does)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for i, p in enumerate(prompts):
             row = {"id": p.id, "domain": p.domain, "group": p.group, "prompt": p.text,
                    "model": _samples(model, i)}
             if baseline is not None:
                 row["baseline"] = _samples(baseline, i)
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
     return path
 
 

@@ -19,7 +19,6 @@ The rules (docs/RELIABILITY.md, "Output folders"):
 """
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -35,6 +34,8 @@ from typing import Callable, Iterator
 
 from safetensors import SafetensorError
 
+from pocketlm.core.io import as_write_error, replace_folder, write_text_atomic
+from pocketlm.core.io import save_tensors  # noqa: F401  (re-exported: the writers are core.io's)
 from pocketlm.core.version import __version__
 
 MARKER = ".pocketlm.json"
@@ -107,7 +108,7 @@ def _write_marker(folder: Path, kind: str, files: list[str] | None = None) -> No
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if files is not None:
         mark["files"] = sorted(files)
-    (folder / MARKER).write_text(json.dumps(mark, indent=1) + "\n", encoding="utf-8")
+    write_text_atomic(folder / MARKER, json.dumps(mark, indent=1) + "\n")
 
 
 def _foreign(folder: Path, mark: dict | None) -> list[str]:
@@ -334,46 +335,8 @@ def write_folder(out_dir: str | os.PathLike, write: Callable[[Path], None], *, k
             late = _foreign(out_dir, read_marker(out_dir))
             if late or read_marker(out_dir) is None and any(out_dir.iterdir()):
                 raise _refusal(what, out_dir, f"received files pocketlm did not write while it worked ({late})")
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / out_dir.name)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def save_tensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """safetensors' `save_file`, with a failed write (a full disk) removed and raised as an OSError naming `path`.
-    `path` is a file this call creates (callers pass a temporary name in a folder of ours, renamed after)."""
-    from safetensors.torch import save_file
-
-    try:
-        save_file(tensors, str(path), metadata=metadata)
-    except BaseException as e:
-        Path(path).unlink(missing_ok=True)
-        if isinstance(e, SafetensorError):
-            raise as_write_error(e, path) from e
-        raise
-
-
-def as_write_error(e: BaseException, path: str | os.PathLike) -> OSError:
-    """An error from writing `path` as an OSError naming it (safetensors reports a full disk as its own error)."""
-    if isinstance(e, OSError):
-        return e
-    text = str(e)
-    code = errno.ENOSPC if ("StorageFull" in text or "No space" in text) else errno.EIO
-    return OSError(code, f"{os.strerror(code)} ({text})", str(path))
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write through a temporary file and a rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path

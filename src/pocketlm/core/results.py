@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from pocketlm.core.io import write_text_atomic
+
 SCHEMA = "pocketlm.results/1"
 
 
@@ -119,11 +121,7 @@ class Results:
             raise ValueError(f"{path}: not written, the {self.kind} results of {self.model.get('spec', 'the model')} "
                              f"are not finite ({_first_non_finite(doc)}); the model's outputs are NaN or infinite "
                              "(check its weights)") from None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return write_text_atomic(path, text)
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> Results:

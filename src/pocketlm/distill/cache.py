@@ -15,7 +15,6 @@ refuses the cache naming the manifest and the field, before any shard is read or
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
@@ -28,7 +27,7 @@ from tqdm.auto import tqdm
 
 from pocketlm.core import distributed as dist
 from pocketlm.core.integrity import is_sha256, plain_name, read_json, sha256_file
-from pocketlm.core.outdir import save_tensors
+from pocketlm.core.io import save_tensors_atomic, write_json_atomic
 
 CACHE_VERSION = 3  # 3: the teacher fingerprint hashes every weight byte; the key holds its dtype
 
@@ -62,12 +61,6 @@ class CacheManifest:
             "block_size": self.block_size,
             "n_blocks": self.n_blocks,
         }
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 _SHARD = re.compile(r"shard-\d{5,}\.safetensors")
@@ -188,10 +181,8 @@ def build_teacher_cache(
                 idxs.append(i.to(torch.int32).cpu())
                 tails.append(t.cpu())
                 bar.update(min(b + batch_size, end) - b)
-            tmp = out / f".{name}.tmp{os.getpid()}"
             tensors = {"logprobs": torch.cat(vals), "indices": torch.cat(idxs), "tail": torch.cat(tails)}
-            save_tensors({key: t.contiguous() for key, t in tensors.items()}, tmp)
-            os.replace(tmp, path)
+            save_tensors_atomic({key: t.contiguous() for key, t in tensors.items()}, path)
         else:
             bar.update(end - start)
     bar.close()
@@ -201,7 +192,7 @@ def build_teacher_cache(
             name = shard_name(s_idx)
             manifest.shards.append({"file": name, "start": start, "end": min(start + shard_blocks, n),
                                     "sha256": sha256_file(out / name)})
-        _write_json_atomic(mpath, asdict(manifest))
+        write_json_atomic(mpath, asdict(manifest), indent=2)
     dist.barrier()
     return TeacherCache.open(out, expect=manifest.key())
 
@@ -233,7 +224,7 @@ def _prepare_folder(out: Path, mpath: Path, manifest: CacheManifest) -> str:
     out.mkdir(parents=True, exist_ok=True)
     # the manifest (with no shards yet) goes first: shards found beside it later were built for these inputs
     if not mpath.is_file():
-        _write_json_atomic(mpath, asdict(manifest))
+        write_json_atomic(mpath, asdict(manifest), indent=2)
     return "build"
 
 

@@ -32,7 +32,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from pocketlm.core.integrity import is_sha256, plain_name, read_json, sha256_file
-from pocketlm.core.outdir import as_write_error, pid_alive, save_tensors
+from pocketlm.core.io import as_write_error, fsync_path, replace_folder, save_tensors
+from pocketlm.core.outdir import pid_alive
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 _LEFTOVER = re.compile(r"^\.(?:tmp-step-\d{6,}|old-step-\d{6,})-(\d+)$")  # written by process <pid>
@@ -154,7 +155,7 @@ def save_checkpoint(
         # written last: its presence marks the folder complete
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1, default=_json_default))
         _fsync_dir(tmp)
-        replace_dir(tmp, final)
+        replace_folder(tmp, final)  # the old one (if any) as .old-step-N-PID meanwhile; the rename flushed
     except (OSError, SafetensorError) as e:  # a full disk, a quota, an I/O error: say what is intact
         e = as_write_error(e, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -169,18 +170,6 @@ def save_checkpoint(
     for _, old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished folder into place; an existing one is swapped out first, so `final` is never half-written."""
-    if final.exists():
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_path(final.parent)  # the rename itself survives a power loss
 
 
 def remove_leftovers(root: Path) -> list[Path]:
@@ -206,16 +195,8 @@ def _json_default(o):
 
 def _fsync_dir(path: Path) -> None:
     for f in path.iterdir():
-        _fsync_path(f)
-    _fsync_path(path)
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_path(f)
+    fsync_path(path)
 
 
 # ---------------------------------------------------------------------------------------------- reading back

@@ -12,6 +12,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from pocketlm.core.io import atomic_path
+
 
 class StepTelemetry:
     """One optimizer step's router statistics per MoE layer, summed over its micro-batches."""
@@ -93,8 +95,7 @@ def plot_expert_load(history: Sequence[dict[str, Any]], path: str | Path) -> Pat
     fig.suptitle("Expert load per MoE layer over training")
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    tmp.replace(path)
     return path

@@ -9,29 +9,27 @@ import contextlib
 import copy
 import hashlib
 import json
-import os
-import shutil
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 
 from pocketlm.core import distributed as dist
 from pocketlm.distill.config import DistillConfig
 from pocketlm.data.synthetic import teacher_corpus
 from pocketlm.data.books import book_paths, decontaminate_training, read_books, read_text
 from pocketlm.data.text import DataError, TokenBlocks, build_blocks, heldout_indices, read_documents
-from pocketlm.distill.checkpoint import latest_checkpoint, replace_dir
+from pocketlm.distill.checkpoint import latest_checkpoint
 from pocketlm.distill.cache import TeacherCache, build_teacher_cache
 from pocketlm.distill.trainer import Trainer, TrainResult
-from pocketlm.models.hf_export import FolderFormat, write_student_folder
+from pocketlm.models.hf_export import FolderFormat, save_student_folder
 from pocketlm.models.load import (
     check_vocab_compatible, fingerprint_model, fingerprint_tokenizer, folder_shape, load_model, parse_dtype,
 )
-from pocketlm.core.outdir import MIN_FREE, as_write_error, check_space, output_folder
+from pocketlm.core.io import atomic_path, write_text_atomic
+from pocketlm.core.outdir import MIN_FREE, check_space, output_folder
 from pocketlm.core.paths import check_outputs
 
 
@@ -90,12 +88,9 @@ def load_documents(cfg: DistillConfig, teacher, tokenizer, teacher_fp: str, out:
         temperature=s.temperature, top_p=s.top_p, batch_size=s.batch_size, seed=cfg.train.seed, progress=progress,
     )
     del writer
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for doc in docs:
             f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
     return docs
 
 
@@ -168,7 +163,6 @@ def pruned_student(cfg: DistillConfig, teacher, prep: Prepared | None, out: Path
     from pocketlm.core.integrity import RecordError, read_json
     from pocketlm.models.importance import Importance
     from pocketlm.models.pruning import prune_model, source_config
-    from pocketlm.core.outdir import write_text_atomic
 
     if prep is None:
         raise ValueError("student.init: pruned measures importance on the training data; pass the prepared data")
@@ -240,27 +234,6 @@ def get_cache(cfg: DistillConfig, prep: Prepared, progress: bool) -> TeacherCach
     )
 
 
-def save_student(student, tokenizer, dest: Path) -> FolderFormat:
-    """Write the final student as a Hugging Face folder, atomically, in the most standard layout that represents
-    it exactly (`hf_export.write_student_folder`: Llama, Mixtral, else pocketlm's own, with the reason, which is
-    also warned). Checkpoints stay in pocketlm's layout, which resumes training exactly."""
-    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        layout = write_student_folder(tmp, student, tokenizer)
-        replace_dir(tmp, dest)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, SafetensorError):
-            raise as_write_error(e, dest) from e
-        raise
-    if layout.reason:
-        warnings.warn(f"{dest} is written in pocketlm's layout (model_type pocketlm; loading it needs `import "
-                      f"pocketlm`), not a standard one: {layout.reason}", stacklevel=2)
-    return layout
-
-
 @dataclass
 class DistillResult:
     student_dir: str
@@ -314,11 +287,18 @@ def run_distill(
         if resume:
             trainer.resume()  # refuses a checkpoint written by a different config, teacher or data
         if dist.is_main():
-            (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+            write_text_atomic(out / "config.json", json.dumps(cfg.model_dump(mode="json"), indent=2))
         result = trainer.train()
         model = trainer.accelerator.unwrap_model(trainer.student)
-        dest = out / "student"
-        layout = save_student(model, prep.tokenizer, dest) if dist.is_main() else None
+        # the final student as a Hugging Face folder in the most standard layout that represents it exactly
+        # (Llama, Mixtral, else pocketlm's own with the reason); checkpoints stay in pocketlm's layout, which
+        # resumes training exactly. student/ is ours: inside the run folder this run holds
+        dest, layout = out / "student", None
+        if dist.is_main():
+            _, layout = save_student_folder(model, prep.tokenizer, dest, overwrite=True)
+            if layout.reason:
+                warnings.warn(f"{dest} is written in pocketlm's layout (model_type pocketlm; loading it needs "
+                              f"`import pocketlm`), not a standard one: {layout.reason}", stacklevel=2)
         dist.barrier()
     return DistillResult(str(dest), result, prep.teacher_fingerprint, prep.blocks.data_hash, prep.blocks.n_tokens,
                          layout)

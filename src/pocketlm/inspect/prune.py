@@ -22,16 +22,14 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from pocketlm.inspect.attention import HeadImportance, attention_modules, head_importance, is_student
 from pocketlm.core.results import Metric, Results
-
-if TYPE_CHECKING:
-    from pocketlm.models.hf_export import FolderFormat
+from pocketlm.models.hf_export import save_student_folder
 
 
 def plan_pruning(
@@ -121,15 +119,6 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def save_student(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike) -> tuple[Path, FolderFormat]:
-    """The pruned student (and the tokenizer) written into a temporary folder next to `out_dir`, then swapped into
-    place (a folder there that pocketlm did not write is refused: `pocketlm.core.outdir.write_folder`), as a Llama when
-    every layer keeps as many groups, else in pocketlm's layout (`hf_export.write_student_folder`, with the reason)."""
-    from pocketlm.models.hf_export import save_student_folder
-
-    return save_student_folder(model, tokenizer, out_dir)
-
-
 def _exp_ratio(nll: np.ndarray, tokens: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.exp(nll.sum(axis=axis) / tokens.sum(axis=axis))
 
@@ -204,7 +193,9 @@ def prune_heads_results(
     before = document_perplexities(model, tokenizer, val_docs, **ppl_kwargs)
     after = document_perplexities(pruned, tokenizer, val_docs, **ppl_kwargs)
 
-    student_dir, layout = save_student(pruned, tokenizer, Path(out_dir) / "student")
+    # written beside out_dir/student and swapped in (a folder there pocketlm did not write is refused), as a Llama
+    # when every layer keeps as many groups, else in pocketlm's layout with the reason
+    student_dir, layout = save_student_folder(pruned, tokenizer, Path(out_dir) / "student")
     reloaded, _ = load_model(student_dir)
     probe = blocks[:1]
     with torch.no_grad():

@@ -11,6 +11,7 @@ import random
 import time
 from pathlib import Path
 
+from pocketlm.core.io import write_text_atomic
 from pocketlm.inspect.prune import before_after_metrics
 from pocketlm.models.hf_export import export_llama
 from pocketlm.models.pruning import PruneTarget
@@ -50,7 +51,6 @@ def prune_results(
     from pocketlm.eval.perplexity import document_perplexities
     from pocketlm.models.load import load_model
     from pocketlm.models.pruning import choose_target, prune_model, source_config
-    from pocketlm.core.outdir import write_text_atomic
     from pocketlm.core.provenance import provenance
     from pocketlm.models.load import model_info
 

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from pocketlm.core.io import atomic_folder
 from pocketlm.core.outdir import output_folder
 from pocketlm.core.paths import check_outputs
 from pocketlm.core.provenance import provenance
@@ -304,8 +305,9 @@ def run_train(cfg: VLMConfig, *, progress: bool = False, overwrite: bool = False
         if cfg.lm.pretrain_steps:
             texts = stage0_texts(train, cfg.lm.pretrain_with_captions)
             stages["stage0"] = pretrain_lm(vlm, texts, cfg, log=log, progress=progress)
-            vlm.lm.save_pretrained(out / "text_lm")
-            vlm.tokenizer.save_pretrained(out / "text_lm")
+            with atomic_folder(out / "text_lm") as tmp:  # the blind baseline, whole or not at all
+                vlm.lm.save_pretrained(tmp)
+                vlm.tokenizer.save_pretrained(tmp)
         if cfg.stage1.steps:
             stages["stage1"] = run_stage(vlm, "stage1", cfg.stage1, train, val, pixels, cfg, log=log, progress=progress)
             vlm.save(out / "stage1")
