@@ -2,15 +2,17 @@
 gates.
 
 Every input is checked before any model work: the teacher spec, every data path (a missing one is an error, or
-with ``missing_data: skip`` a suite left out with the reason stated), every suite's rows, the gate rules. Then the
-tasks run in the order of :data:`PIPELINE` (each one module of `pocketlm.tasks`). Each stage's record — its typed results, the facts later stages
-need, and the key hashed from its inputs (config section, data hashes, model fingerprints) — is kept in
+with ``missing_data: skip`` a suite left out with the reason stated), every suite's rows, the gate rules (each
+task checks its own data). Then the tasks run in the order of :data:`PIPELINE` (one module of `pocketlm.tasks` each;
+a stage is a task's run). Each stage's record — its typed results, the facts later stages need, and the key hashed
+from its inputs (config section, data hashes, model fingerprints) — is kept in
 ``<output_dir>/stages/<stage>.json``; a stage whose key matches a stored record is not run again, so a re-run after
 a failure continues where it stopped, and ``force`` names stages to redo anyway. A changed input changes the keys
 of every stage that depends on it (a retrained student has a new fingerprint), so nothing stale is reused.
 
-Finally ``results.json`` gathers every record with provenance, the gates are checked, and the report
-(``report.html``) and the model card (``README.md`` in the student folder) are written from that document alone.
+Finally ``results.json`` (the typed `core.pipeline_doc.PipelineDocument`) gathers every record with provenance, the
+gates are checked, and the report (``report.html``) and the model card (``README.md`` in the student folder) are
+written from that document alone.
 Exit code: 0 every gate passed, 1 a gate failed or could not be verified, 2 a config error (a gate naming a
 result that does not exist among them).
 """
