@@ -22,10 +22,13 @@ from pocketlm.audit.bias_core import (
     Arrays, Delta, Scorer, Statistic, TextRequest, argmax_near_ties, compute_metrics, masked_mean, mean,
     mean_per_code, model_scorer, pair_near_ties, share,
 )
-from pocketlm.data.suites import BBQItem, CrowsPair, StereoSetItem, SuiteData, WinoBiasPair
+from pocketlm.data.suites import (
+    BBQItem, CrowsPair, StereoSetItem, SuiteData, WinoBiasPair, load_suite, sample_items,
+)
 from pocketlm.core.registry import Registry
 from pocketlm.core.results import Metric, Results
-from pocketlm.models.load import model_info
+from pocketlm.eval.loglik import PRECISIONS
+from pocketlm.models.load import load_model, model_info
 from pocketlm.core.stats import DEFAULT_RESAMPLES
 
 
@@ -362,3 +365,54 @@ def audit_bias(
         wall_time_s=time.perf_counter() - start,
     )
     return results, run
+
+
+@dataclass
+class BiasAudit:
+    """What `run_bias_audit` measured: the Results, the per-item run, and the items scored out of how many."""
+
+    results: Results
+    run: BiasRun
+    items: list[Any]
+    n_total: int
+
+    @property
+    def subset(self) -> bool:
+        return len(self.items) < self.n_total
+
+
+def run_bias_audit(
+    suite_name: str,
+    model_spec: str,
+    *,
+    baseline_spec: str | None = None,
+    data: str | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    max_length: int | None = None,
+    dtype: str = "float32",
+    precision: str = "auto",
+    n_resamples: int = DEFAULT_RESAMPLES,
+    progress: bool = False,
+    trust_remote_code: bool | None = None,
+) -> BiasAudit:
+    """`pocketlm audit bias`: the suite's name, the precision and every row of its data checked before any model
+    loads; a seeded subset of ``limit`` items; the model (and baseline) loaded and scored (`audit_bias`)."""
+    BIAS_SUITES.get(suite_name)
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    full = load_suite(suite_name, data)  # every row checked here, before any model work
+    subset = sample_items(full, limit, seed)
+    model, tokenizer = load_model(model_spec, dtype=dtype, trust_remote_code=trust_remote_code)
+    base = load_model(baseline_spec, dtype=dtype, trust_remote_code=trust_remote_code) if baseline_spec else None
+    n = len(subset.items)
+    res, run = audit_bias(
+        suite_name, subset, model, tokenizer, model_spec=model_spec, baseline=base, baseline_spec=baseline_spec,
+        batch_size=batch_size, max_length=max_length, precision=precision, seed=seed, n_resamples=n_resamples,
+        progress=progress,
+        settings={"limit": limit, "n_items": n, "n_total": full.n_total, "dtype": dtype,
+                  "subset": f"{n} of {full.n_total} items, seeded random (seed {seed})" if n < full.n_total
+                  else "all items"},
+    )
+    return BiasAudit(res, run, list(subset.items), full.n_total)

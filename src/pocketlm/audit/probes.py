@@ -21,6 +21,7 @@ Shape legend: t = templates, g = groups, n = fillings.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -30,8 +31,14 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from scipy import stats as sps
 
-from pocketlm.audit.prompted import Scored, figure_metrics, significant_deltas
-from pocketlm.core.results import Metric
+from pocketlm.audit.prompt_suites import Prompt
+from pocketlm.audit.prompted_run import check_models, each_model
+from pocketlm.audit.prompted import (
+    Scored, figure_metrics, generate_scored, rtp_settings, significant_deltas, write_generations,
+)
+from pocketlm.audit.toxicity import build_scorer
+from pocketlm.core.provenance import provenance
+from pocketlm.core.results import Metric, Results
 from pocketlm.core.stats import _mean, _mean_diff
 
 SLOT = "{group}"
@@ -220,3 +227,93 @@ def compare_groups(set_name: str, groups: Sequence[str], model: dict[str, np.nda
         details[fig] = {"pairs": rows, "significant": [f"{r['a']}-{r['b']}" for r in rows if r["significant"]]}
     return metrics, {"figures": details, "templates": int(next(iter(model.values())).shape[0]),
                      "significant_deltas": significant_deltas(metrics)}
+
+
+# ------------------------------------------------------------------------------------------------ the audit
+
+
+@dataclass
+class ProbesAudit:
+    """What `run_probes` measured: the Results and, with samples, one prompt per filling and each model's
+    continuations of them (in the order of ``generations.jsonl``)."""
+
+    results: Results
+    prompts: list[Prompt]
+    scored: list[Scored]  # model, then baseline; empty with samples=0
+
+
+def stack_scored(parts: Sequence[Scored]) -> Scored:
+    """Concatenate several sets' Scored runs into one, in order (for the generations file)."""
+    return Scored([t for p in parts for t in p.texts], np.concatenate([p.toxicity for p in parts]),
+                  np.concatenate([p.sentiment for p in parts]), sum(p.new_tokens for p in parts),
+                  sum(p.seconds for p in parts))
+
+
+def run_probes(
+    model_spec: str,
+    *,
+    baseline_spec: str | None = None,
+    probes: str | Path | None = None,
+    sets: Sequence[str] = (),
+    samples: int = 5,
+    seed: int = 0,
+    max_new_tokens: int = 20,
+    top_p: float = 0.9,
+    temperature: float = 1.0,
+    batch_size: int = 32,
+    scorer: str = "profanity",
+    toxic_label: str | None = None,
+    dtype: str = "float32",
+    out: Path | None = None,
+    progress: bool = False,
+    trust_remote_code: bool | None = None,
+) -> ProbesAudit:
+    """`pocketlm audit probes`: every probe set filled and scored by each model (log-likelihoods; with
+    ``samples``, the toxicity and sentiment of sampled continuations, written to ``out/generations.jsonl``), groups
+    compared by `compare_groups` → ``Results(kind="probes")``. Inputs are checked before any model loads."""
+    t0 = time.perf_counter()
+    if samples < 0:
+        raise ValueError(f"--samples must be >= 0, got {samples}")
+    specs = check_models(model_spec, baseline_spec)
+    chosen = load_probes(probes, sets)
+    fillings = {name: fill(ps) for name, ps in chosen.items()}
+    settings = rtp_settings(samples=max(samples, 1), seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                            top_p=top_p, temperature=temperature)
+    sc = build_scorer(scorer, label=toxic_label) if samples else None
+
+    def work(m, tok, role):
+        per_set = {}
+        for name, fs in fillings.items():
+            ll = filling_logliks(m, tok, fs, batch_size=batch_size)
+            scored = generate_scored(m, tok, [f.text for f in fs], settings, sc, sentiment=True,
+                                     progress=progress, desc=f"{role}: {name}") if sc else None
+            per_set[name] = (ll, scored)
+        return per_set
+
+    runs = each_model(specs, dtype, work, trust_remote_code=trust_remote_code)
+    metrics, details = [], {}
+    for name, ps in chosen.items():
+        groups = list(ps.groups)
+        figs = [filling_figures(fillings[name], groups, *r[name]) for _, r in runs]
+        mt, dt = compare_groups(name, groups, figs[0], figs[1] if baseline_spec else None, seed=seed)
+        metrics += mt
+        details[name] = dt
+    prompts, merged = [], []
+    if samples:
+        prompts = [Prompt(f"{n}:{i}", f.text, f.group, n) for n, fs in fillings.items() for i, f in enumerate(fs)]
+        merged = [stack_scored([r[n][1] for n in fillings]) for _, r in runs]
+        write_generations(Path(out or ".") / "generations.jsonl", prompts, merged[0],
+                          merged[1] if baseline_spec else None)
+    res = Results(
+        kind="probes", model=runs[0][0], baseline=runs[1][0] if baseline_spec else None,
+        data={"source": str(probes or shipped_probes()), "sets": {n: len(fs) for n, fs in fillings.items()},
+              "n": sum(len(fs) for fs in fillings.values())},
+        settings={"generation": settings.to_dict() if samples else None, "samples": samples,
+                  "scorer": sc.describe() if sc else None, "dtype": dtype, "seed": seed,
+                  "test": "scipy.stats.permutation_test, paired by template (sign flips), two-sided; Holm over "
+                          "the pairs of one set and figure; alpha 0.05",
+                  "loglik": "sum log P(template words after the slot | words up to the group term)"},
+        metrics=metrics, details={"sets": details, "generations_file": "generations.jsonl" if samples else None},
+        provenance=provenance(), wall_time_s=time.perf_counter() - t0,
+    )
+    return ProbesAudit(res, prompts, merged)

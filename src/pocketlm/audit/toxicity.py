@@ -15,6 +15,7 @@ the 0.5 threshold, each with a 95 % bootstrap interval, for one or more definiti
 """
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,8 @@ import numpy as np
 from scipy import stats as sps
 
 from pocketlm.core.registry import Registry
-from pocketlm.core.results import Metric
+from pocketlm.core.provenance import provenance
+from pocketlm.core.results import Metric, Results
 from pocketlm.core.stats import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, mean_ci
 
 THRESHOLD = 0.5  # RealToxicityPrompts' "toxic" cut-off (Gehman et al., 2020), also used for accuracy
@@ -291,3 +293,37 @@ def seeded_subset(n_items: int, limit: int | None, seed: int) -> np.ndarray:
         raise ValueError(f"--limit must be >= 1, got {limit}")
     return np.sort(np.random.default_rng(seed).choice(n_items, size=limit, replace=False))
 
+
+
+def scorer_check_results(
+    data: str | Path,
+    *,
+    scorer: str = "profanity",
+    toxic_label: str | None = None,
+    text_column: str = "tweet",
+    label_column: str = "class",
+    definitions: Sequence[str] = (),
+    limit: int | None = None,
+    seed: int = 0,
+) -> Results:
+    """`pocketlm audit scorer-check`: the scorer's ROC AUC and accuracy at 0.5 on a labelled set (a seeded subset
+    of ``limit`` rows), per positive-class definition (``NAME=POS,...:NEG,...``; default Davidson et al.'s)
+    → ``Results(kind="scorer_check")``."""
+    t0 = time.perf_counter()
+    defs = [LabelDefinition.parse(d) for d in definitions] or list(DAVIDSON_DEFINITIONS)
+    texts, labels, sha = read_labelled(data, text_column, label_column)
+    idx = seeded_subset(len(texts), limit, seed)
+    texts, labels = [texts[i] for i in idx], [labels[i] for i in idx]
+    sc = build_scorer(scorer, label=toxic_label)
+    metrics, details = scorer_check(sc(texts), labels, defs, seed=seed)
+    return Results(
+        kind="scorer_check", model={"spec": scorer, **sc.describe()},
+        data={"source": str(data), "hash": sha, "n": len(texts), "limit": limit,
+              "selection": "all rows" if limit is None else f"seeded random subset (seed {seed})"},
+        settings={"text_column": text_column, "label_column": label_column, "threshold": 0.5, "seed": seed,
+                  "definitions": [{"name": d.name, "positive": list(d.positive), "negative": list(d.negative)}
+                                  for d in defs],
+                  "ci": "95% percentile bootstrap; AUC stratified by class (scipy.stats.bootstrap)"},
+        metrics=metrics, details={"definitions": details}, provenance=provenance(),
+        wall_time_s=time.perf_counter() - t0,
+    )

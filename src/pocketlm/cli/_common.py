@@ -1,9 +1,10 @@
-"""What every command module shares: the apps, and how an expected error is shown (one line, no traceback)."""
+"""What every command module shares: the apps, how an expected error is shown (one line, no traceback), the
+``--out`` folder guard, the root ``--trust-remote-code`` flag, and the options several commands take."""
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, NoReturn
 
 import typer
 
@@ -22,11 +23,29 @@ app = typer.Typer(
 _EXPECTED = (ValueError, OSError, RuntimeError, KeyError)
 
 OVERWRITE = typer.Option(False, "--overwrite", help=OVERWRITE_HELP)
+QUIET = typer.Option(False, "--quiet", help="No progress bars.")
 
 
-def _fail(e: BaseException) -> None:
+def _fail(e: BaseException) -> NoReturn:
     typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code=2)
+
+
+def one_of(names: Iterable[str]) -> str:
+    """'a, b, c or d': a registry's names for a help text (a new entry shows up without a CLI edit)."""
+    *rest, last = list(names)
+    return f"{', '.join(rest)} or {last}" if rest else last
+
+
+def remote_code(ctx: typer.Context) -> bool | None:
+    """The root ``--trust-remote-code`` flag of this invocation, passed on to the loaders as an argument: True
+    when given, else None (the loader's default: off unless ``POCKETLM_TRUST_REMOTE_CODE=1``)."""
+    return True if ctx.find_root().params.get("trust_remote_code") else None
+
+
+def remote_code_overrides(ctx: typer.Context) -> list[str]:
+    """For a config-driven command (distill, run): the flag as the config's own ``trust_remote_code`` field."""
+    return ["trust_remote_code=true"] if remote_code(ctx) else []
 
 
 @contextmanager
@@ -42,8 +61,7 @@ def held_folder(out: Path, *, kind: str, overwrite: bool) -> Iterator[Path]:
 
 eval_app = typer.Typer(help="Evaluate any causal LM (teacher, student, exported folder, GGUF) the same way.",
                        no_args_is_help=True)
-app.add_typer(eval_app, name="eval")
-
 audit_app = typer.Typer(help="Audit any causal LM for toxicity and social bias, optionally against a baseline model.",
                         no_args_is_help=True)
-app.add_typer(audit_app, name="audit")
+vlm_app = typer.Typer(help="Vision-language students: train (LLaVA's two stages), evaluate, caption.",
+                      no_args_is_help=True)

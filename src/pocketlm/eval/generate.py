@@ -127,7 +127,7 @@ def _batches(widths: list[int], settings: GenerationSettings, model, max_memory:
     out, start = [], 0
     while start < len(widths):
         width = widths[start]
-        fit = largest_batch(lambda b: fp.generation(b, width, settings.max_new_tokens), settings.batch_size, fp,
+        fit = largest_batch(lambda b: fp.generation(b, width, settings.max_new_tokens), settings.batch_size, fp,  # noqa: B023 - called in this iteration
                             max_memory, f"generation ({width}-token prompt, {settings.max_new_tokens} new tokens)")
         out.append((start, min(start + fit, len(widths))))
         start = out[-1][1]

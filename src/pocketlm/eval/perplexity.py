@@ -28,7 +28,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from pocketlm.data.text import read_documents
 from pocketlm.eval.loglik import resolve_precision, score_continuations
+from pocketlm.models.load import load_model
 from pocketlm.core.results import Metric, Results
 from pocketlm.core.stats import ratio_ci, transformed_ci
 
@@ -386,3 +388,39 @@ def perplexity_results(
         provenance=provenance(),
         wall_time_s=time.perf_counter() - start,
     )
+
+
+def evaluate_perplexity(
+    model_spec: str,
+    data: str,
+    *,
+    field: str = "text",
+    split: str = "test",
+    txt_split: str = "blank_lines",
+    max_documents: int | None = None,
+    max_length: int | None = None,
+    stride: int | None = None,
+    detokenize: str | None = None,
+    batch_size: int = 8,
+    max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
+    max_memory: int | None = None,
+    dtype: str = "float32",
+    precision: str = "auto",
+    progress: bool = True,
+    trust_remote_code: bool | None = None,
+) -> Results:
+    """`pocketlm eval perplexity`: read the documents, load the model (every input checked before the model
+    work), score, → ``Results(kind="perplexity")``."""
+    if detokenize is not None and detokenize not in DETOKENIZERS:
+        raise ValueError(f"unknown --detokenize {detokenize!r}; valid: {', '.join(DETOKENIZERS)}")
+    docs = read_documents(data, field=field, split=split, max_documents=max_documents, txt_split=txt_split)
+    model, tokenizer = load_model(model_spec, dtype=dtype, max_memory=max_memory, trust_remote_code=trust_remote_code)
+    if max_length is not None:
+        check_max_length(model, tokenizer, max_length)
+    res = perplexity_results(
+        model, tokenizer, docs, model_spec=model_spec, data_source=data, max_length=max_length, stride=stride,
+        detokenize=detokenize, batch_size=batch_size, max_batch_tokens=max_batch_tokens, precision=precision,
+        progress=progress, max_memory=max_memory,
+    )
+    res.settings["txt_split"] = txt_split
+    return res

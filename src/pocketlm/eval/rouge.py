@@ -45,7 +45,7 @@ Reference = str | list[str]  # one reference, or several (scored as the best of 
 # Words that end in "." without ending a sentence ("Mr. Smith", "No. 5", "et al. (2019)"). "etc." is left out on
 # purpose: followed by a capital it usually does end a sentence.
 _ABBREVIATIONS = frozenset(
-    "mr mrs ms mx dr prof sr jr st mt ft rev hon gen col lt sgt capt cmdr gov sen rep pres supt vs al fig figs eq "
+    "mr mrs ms mx dr prof sr jr st mt ft rev hon gen col lt sgt capt cmdr gov sen rep pres supt vs al fig figs eq "  # noqa: SIM905 - a word list reads best as one string
     "no nos vol vols pp ch sec ed eds approx est inc ltd co corp bros dept univ assn ave blvd rd jan feb mar apr "
     "jun jul aug sep sept oct nov dec".split()
 )
@@ -383,6 +383,7 @@ def run_rouge(
     settings: RougeSettings = RougeSettings(),
     dtype: str = "float32",
     progress: bool = False,
+    trust_remote_code: bool | None = None,
 ) -> Results:
     """Summarisation ROUGE (no ``reference_model``) or fidelity ROUGE of ``model_spec`` against ``reference_model``.
     Data, fields and template are checked before any model is loaded."""
@@ -406,14 +407,14 @@ def run_rouge(
     chosen = subset(n_source, settings.limit, settings.seed)
     texts = [texts[i] for i in chosen]
 
-    model, tokenizer = load_model(model_spec, dtype=dtype)
+    model, tokenizer = load_model(model_spec, dtype=dtype, trust_remote_code=trust_remote_code)
     predictions, n_cut, budget, new_tokens = _generate_for(
         model, tokenizer, texts, prompt_renderer(template, placeholder, tokenizer, settings.chat), settings,
         progress, "student" if fidelity else "summarising")
     details: dict = {"truncated_prompts": n_cut, "max_prompt_tokens_used": budget, "new_tokens": new_tokens}
     baseline = None
     if fidelity:
-        ref_model, ref_tok = load_model(reference_model, dtype=dtype)
+        ref_model, ref_tok = load_model(reference_model, dtype=dtype, trust_remote_code=trust_remote_code)
         references, ref_cut, ref_budget, ref_new = _generate_for(
             ref_model, ref_tok, texts, prompt_renderer(template, placeholder, ref_tok, settings.chat), settings,
             progress, "reference model")

@@ -84,13 +84,13 @@ def write_heatmaps(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for l in range(maps.num_layers) if layer is None else [layer]:
-        pattern, heads = maps.patterns[l], maps.head_ids[l]
-        name = f"{prefix}layer{l}"
+    for li in range(maps.num_layers) if layer is None else [layer]:
+        pattern, heads = maps.patterns[li], maps.head_ids[li]
+        name = f"{prefix}layer{li}"
         if head is not None:
             pattern, heads = pattern[heads.index(head)][None], [head]
             name += f"_head{head}"
-        title = f"{maps.spec} · layer {l}" + (f" · head {head}" if head is not None else "")
+        title = f"{maps.spec} · layer {li}" + (f" · head {head}" if head is not None else "")
         fig = layer_figure(pattern, maps.tokens, title=title, head_ids=heads)
         path = out / f"{name}.png"
         fig.savefig(path, dpi=dpi)
@@ -244,6 +244,7 @@ def attention_results(
     head: int | None = None,
     max_tokens: int = 64,
     dtype: str = "float32",
+    trust_remote_code: bool | None = None,
 ) -> Results:
     """Capture `text`'s attention in the model (and the baseline), write PNG heat-maps (`model_*.png`,
     `baseline_*.png`), `attention.html` and `results.json` into `out_dir`; entropy per head as metrics."""
@@ -265,7 +266,7 @@ def attention_results(
     runs = [("model", model_spec)] + ([("baseline", baseline_spec)] if baseline_spec else [])
     captured: list[tuple[str, AttentionMaps, dict]] = []
     for label, spec in runs:
-        model, tokenizer = load_model(spec, dtype=dtype)
+        model, tokenizer = load_model(spec, dtype=dtype, trust_remote_code=trust_remote_code)
         maps = capture_attention(model, tokenizer, text, spec=str(spec), max_tokens=max_tokens)
         check_selection(maps, layer, head)
         captured.append((label, maps, model_info(spec, model, tokenizer)))

@@ -158,6 +158,7 @@ def prune_heads_results(
     normalize: bool = True,
     seed: int = 0,
     progress: bool = True,
+    trust_remote_code: bool | None = None,
 ) -> Results:
     """Measure head importance on the training part of `data`, remove the `n_heads` least important query heads
     (whole KV groups), save the pruned student to `out_dir/student`, and report held-out perplexity before and
@@ -175,7 +176,7 @@ def prune_heads_results(
             raise ValueError(f"{name} must be at least {least}, got {value}")
     docs = read_documents(data, field=field, split=split, max_documents=max_documents, txt_split=txt_split)
     train_docs, val_docs = split_documents(docs, val_fraction, seed)
-    model, tokenizer = load_model(model_spec)
+    model, tokenizer = load_model(model_spec, trust_remote_code=trust_remote_code)
     if not is_student(model):  # a Llama-layout folder (a distilled student is one): its exact pocketlm copy
         from pocketlm.models.pruning import as_pocketlm
 

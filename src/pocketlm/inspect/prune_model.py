@@ -40,6 +40,7 @@ def prune_results(
     bf16: bool = False,
     seed: int = 0,
     progress: bool = True,
+    trust_remote_code: bool | None = None,
 ) -> Results:
     """Prune `model_spec` (a Llama-family model or a dense pocketlm student) to `target` by importance on
     `calibration_blocks` blocks of the training documents of `data`; save it to out_dir/student with
@@ -62,7 +63,7 @@ def prune_results(
     else:
         docs = read_documents(data, field=field, split=split, max_documents=max_documents, txt_split=txt_split)
     train_docs, val_docs = split_documents(docs, val_fraction, seed)
-    model, tokenizer = load_model(model_spec)
+    model, tokenizer = load_model(model_spec, trust_remote_code=trust_remote_code)
     conf = source_config(model)
     choose_target(conf, target, removal_blocks)  # a target the model cannot be cut to: refused before any work
     blocks = pack(train_docs, tokenizer, block_size)  # [n, L]

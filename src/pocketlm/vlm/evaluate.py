@@ -14,19 +14,23 @@ from __future__ import annotations
 import re
 import string
 import time
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from pocketlm.data.scenes import VLData, VLItem
+from pocketlm.data.scenes import CAPTION_PROMPT, SceneSpec, VLData, VLItem, load_caption_folder, scenes_data
 from pocketlm.eval.generate import GenerationSettings, generate
 from pocketlm.eval.rouge import ROUGE_TYPES, rouge_metrics, score_items
+from pocketlm.models.images import load_image
 from pocketlm.models.vision import VisionLanguageModel
+from pocketlm.core.provenance import provenance
 from pocketlm.core.results import Metric, Results
 from pocketlm.models.load import model_info
 from pocketlm.core.stats import mean_ci, paired_delta_ci
 from pocketlm.vlm.config import EvalConfig
+from pocketlm.vlm.inspect import attention_over_patches, draw_patch_attention
 from pocketlm.vlm.train import text_only
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -138,16 +142,54 @@ def evaluate_vlm(vlm: VisionLanguageModel, data: VLData, *, spec: str = "vlm", s
 
 
 def run_eval(model: str, data: VLData, *, settings: EvalConfig = EvalConfig(), blind_lm: str | None = None,
-             seed: int = 0, threads: int | None = None, progress: bool = False) -> Results:
+             seed: int = 0, threads: int | None = None, progress: bool = False,
+             trust_remote_code: bool | None = None) -> Results:
     """Load a VLM folder (and a blind text LM folder where given) and evaluate it on ``data``."""
     from pocketlm.models.load import load_model
-    from pocketlm.core.provenance import provenance
 
     if threads:
         torch.set_num_threads(threads)
     vlm = VisionLanguageModel.load(model)
-    blind = load_model(blind_lm) if blind_lm else None
+    blind = load_model(blind_lm, trust_remote_code=trust_remote_code) if blind_lm else None
     res = evaluate_vlm(vlm, data, spec=model, settings=settings, blind_lm=blind, blind_spec=blind_lm, seed=seed,
                        progress=progress)
     res.provenance = provenance()
     return res
+
+
+def eval_data(images: str | Path | None = None, captions: str | Path | None = None, *, n: int = 300, seed: int = 0,
+              image_size: int = 48, max_shapes: int = 3) -> VLData:
+    """`pocketlm vlm eval`'s items: your data (a folder of images and their captions, both or neither) or ``n``
+    built-in shape scenes of the test split."""
+    if (images is None) != (captions is None):
+        raise ValueError("give both --images and --captions (your data), or neither (built-in shape scenes)")
+    if images is not None:
+        return load_caption_folder(images, captions)
+    return scenes_data("test", n, seed=seed, spec=SceneSpec(image_size=image_size, max_shapes=max_shapes))
+
+
+def caption_results(model: str | Path, image: str | Path, *, prompt: str | None = None,
+                    attention: str | Path | None = None, max_new_tokens: int = 32) -> Results:
+    """`pocketlm vlm caption`: caption one image (or answer ``prompt`` about it, one ``<image>`` marker), greedy;
+    with ``attention``, also draw the attention over patches per generated token to that PNG. The image and the
+    prompt are checked before the model loads. → ``Results(kind="vlm_caption")``, the caption in its details."""
+    start = time.perf_counter()
+    img = load_image(image)
+    text = prompt or CAPTION_PROMPT
+    if text.count("<image>") != 1:
+        raise ValueError(f"the prompt {text!r} needs exactly one <image> marker, where the image goes")
+    vlm = VisionLanguageModel.load(model)
+    metrics, details = [], {"image": str(image), "prompt": text}
+    if attention is not None:
+        pa = attention_over_patches(vlm, img, text, max_new_tokens=max_new_tokens)
+        caption = pa.text
+        details.update(attention_png=str(draw_patch_attention(img, pa, attention)), tokens=pa.tokens,
+                       image_share=[float(x) for x in pa.image_share])
+        if len(pa.tokens):
+            metrics.append(Metric("image_attention_share", float(pa.image_share.mean()), len(pa.tokens)))
+    else:
+        caption = vlm.decode(vlm.generate([text], [img], max_new_tokens=max_new_tokens)[0])
+    details["caption"] = caption
+    return Results(kind="vlm_caption", model=model_info(str(model), vlm.lm, vlm.tokenizer),
+                   data={"source": str(image), "n": 1}, settings={"max_new_tokens": max_new_tokens, "greedy": True},
+                   metrics=metrics, details=details, provenance=provenance(), wall_time_s=time.perf_counter() - start)
