@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from pocketlm.config_pipeline import PipelineConfig
-from pocketlm.core.outdir import output_folder, write_text_atomic
+from pocketlm.core.io import write_text_atomic
+from pocketlm.core.outdir import output_folder
 from pocketlm.core.paths import check_outputs, confined
 from pocketlm.core.pipeline_doc import SCHEMA, Entry, PipelineDocument, StageStatus
 from pocketlm.core.provenance import provenance

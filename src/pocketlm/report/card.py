@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from pocketlm.core.outdir import write_text_atomic
+from pocketlm.core.io import write_text_atomic
 from pocketlm.core.pipeline_doc import PipelineDocument
 from pocketlm.report.html import (
     as_dict, comparison_rows, deployment_view, fmt_ci, fmt_number, group_names, headlines, kind_of, of_kind,

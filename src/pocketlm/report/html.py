@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from markupsafe import Markup
 
-from pocketlm.core.outdir import write_text_atomic
+from pocketlm.core.io import write_text_atomic
 from pocketlm.core.pipeline_doc import PipelineDocument
 from pocketlm.report import plots
 from pocketlm.tasks import view
