@@ -36,6 +36,7 @@ from safetensors import SafetensorError
 
 from pocketlm.core.io import as_write_error, replace_folder, write_text_atomic
 from pocketlm.core.io import save_tensors  # noqa: F401  (re-exported: the writers are core.io's)
+from pocketlm.core.results import SCHEMA
 from pocketlm.core.version import __version__
 
 MARKER = ".pocketlm.json"
@@ -166,8 +167,6 @@ def check_result_file(path: str | os.PathLike, *, what: str = "--out", overwrite
 def is_results_document(path: Path) -> bool:
     """Whether `path` is a results document pocketlm wrote: `Results.write` puts its schema key first, so the
     file's opening bytes tell, however large the rest is."""
-    from pocketlm.core.results import SCHEMA
-
     try:
         with open(path, "rb") as f:
             head = f.read(4096).decode("utf-8", errors="replace")

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from pocketlm.core import distributed as dist
 from pocketlm.core.integrity import is_sha256, plain_name, read_json, sha256_file
 from pocketlm.core.io import save_tensors_atomic, write_json_atomic
+from pocketlm.memory import Footprint, largest_batch
 
 CACHE_VERSION = 3  # 3: the teacher fingerprint hashes every weight byte; the key holds its dtype
 
@@ -139,8 +140,6 @@ def build_teacher_cache(
     if not 1 <= k <= vocab:
         raise ValueError(f"cache k must be between 1 and the vocabulary size {vocab}, got {k}")
     if max_memory is not None:
-        from pocketlm.memory import Footprint, largest_batch
-
         fp = Footprint.of(teacher)
         batch_size = largest_batch(lambda b: fp.teacher_cache(b, L, k, min(shard_blocks, n)), batch_size, fp,
                                    max_memory, f"the teacher cache ({L}-token blocks, top-{k})")

@@ -25,9 +25,16 @@ from pocketlm.distill.checkpoint import latest_checkpoint
 from pocketlm.distill.cache import TeacherCache, build_teacher_cache
 from pocketlm.distill.trainer import Trainer, TrainResult
 from pocketlm.models.hf_export import FolderFormat, save_student_folder
+from pocketlm.models.importance import Importance
+from pocketlm.models.init import init_student_from_teacher, student_config_from_teacher
 from pocketlm.models.load import (
     check_vocab_compatible, fingerprint_model, fingerprint_tokenizer, folder_shape, load_model, parse_dtype,
 )
+from pocketlm.models.pruning import PruneTarget, PruneTargetError, choose_target, prune_model, source_config
+from pocketlm.models.student import PocketLMForCausalLM
+from pocketlm.models.upcycle import upcycle
+from pocketlm.core.config import ConfigError
+from pocketlm.core.integrity import RecordError, read_json
 from pocketlm.core.io import atomic_path, write_text_atomic
 from pocketlm.core.outdir import MIN_FREE, check_space, output_folder
 from pocketlm.core.paths import check_outputs
@@ -128,18 +135,13 @@ def check_teacher_fields(cfg: DistillConfig, teacher) -> None:
     conf = teacher.config.get_text_config(decoder=True)
     cfg.check_teacher(int(conf.num_hidden_layers), int(teacher.get_output_embeddings().weight.shape[0]))
     if cfg.student.init == "pruned":
-        from pocketlm.core.config import ConfigError
-        from pocketlm.models.pruning import PruneTargetError, choose_target, source_config
-
         try:  # the target and the widths it gives (a target_params no width meets, too)
             choose_target(source_config(teacher), prune_target(cfg), cfg.student.pruning.removal_blocks)
         except PruneTargetError as e:
             raise ConfigError(f"invalid config for the teacher {cfg.teacher}:\n  student.{e}") from None
 
 
-def prune_target(cfg: DistillConfig):
-    from pocketlm.models.pruning import PruneTarget
-
+def prune_target(cfg: DistillConfig) -> PruneTarget:
     s = cfg.student
     return PruneTarget(num_layers=s.num_layers, intermediate_size=s.intermediate_size,
                        num_key_value_heads=s.num_key_value_heads, hidden_size=s.hidden_size,
@@ -160,10 +162,6 @@ def pruned_student(cfg: DistillConfig, teacher, prep: Prepared | None, out: Path
     """The teacher pruned to the student's target by importance on calibration blocks of the training data; the
     scores and the plan go to out/importance.json, and a later run with the same teacher, data and settings reads
     the scores back instead of measuring them again."""
-    from pocketlm.core.integrity import RecordError, read_json
-    from pocketlm.models.importance import Importance
-    from pocketlm.models.pruning import prune_model, source_config
-
     if prep is None:
         raise ValueError("student.init: pruned measures importance on the training data; pass the prepared data")
     p = cfg.student.pruning
@@ -198,11 +196,6 @@ def build_student(cfg: DistillConfig, teacher, *, prep: Prepared | None = None, 
                   progress: bool = False):
     """The student `cfg.student` describes, from the teacher (its layers, a pruned copy, or a fresh model);
     MoE students are upcycled from the dense one. `prep` (the training blocks) is needed by init: pruned."""
-    from pocketlm.models.init import init_student_from_teacher, student_config_from_teacher
-    from pocketlm.models.student import PocketLMForCausalLM
-
-    from pocketlm.models.upcycle import upcycle
-
     s = cfg.student
     check_teacher_fields(cfg, teacher)
     torch.manual_seed(cfg.train.seed)

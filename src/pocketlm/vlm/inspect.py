@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pocketlm.models.images import to_rgb
 from pocketlm.models.vision import VisionLanguageModel
 
 
@@ -77,8 +78,6 @@ def draw_patch_attention(image: Any, result: PatchAttention, path: str | Path, *
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from pocketlm.models.images import to_rgb
 
     rgb = np.asarray(to_rgb(image))
     k = min(len(result.tokens), max_tokens)
