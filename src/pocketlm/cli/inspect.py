@@ -120,6 +120,7 @@ def file_table(spec: str, file: dict) -> Any:
 
 
 def size(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help="A model folder, .gguf, hub id or smollm2-135m-instruct; or a config "
                                           "alone: a config.json or a pocketlm distillation YAML (its student)."),
     model2: Optional[str] = typer.Argument(None, help="A model to compare with, e.g. the teacher: its figures and "
@@ -143,7 +144,8 @@ def size(
     try:
         check_result_file(out, overwrite=overwrite)  # before any work
         res = size_results(model, model2, context=context, batch=batch,
-                           measure_context=measure_context if measure else None)
+                           measure_context=measure_context if measure else None,
+                           trust_remote_code=remote_code(ctx))
         path = res.write(out)
     except _EXPECTED as e:
         _fail(e)

@@ -110,14 +110,16 @@ def _is_config_file(spec: str | Path) -> bool:
     return Path(str(spec)).suffix in (".yaml", ".yml", ".json")
 
 
-def _model_for_measuring(spec: str | Path, config: Any, dtype: str) -> tuple[Any, str]:
+def _model_for_measuring(spec: str | Path, config: Any, dtype: str,
+                         trust_remote_code: bool | None = None) -> tuple[Any, str]:
     """The real model to measure, loaded in `dtype`: its weights, or for a config alone a randomly initialised
     instance of it."""
     if _is_config_file(spec):
         torch_dtype = parse_dtype(dtype)
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation="eager")
         return model.eval(), "random init of the config"
-    return load_model(spec, dtype=dtype, attn_implementation="eager")[0], "weights"
+    return load_model(spec, dtype=dtype, attn_implementation="eager", trust_remote_code=trust_remote_code)[0], \
+        "weights"
 
 
 # the estimate a GGUF file of each type (its header's general.file_type) is checked against
@@ -142,7 +144,8 @@ def gguf_file_figures(spec: str | Path, est: SizeEstimate) -> dict[str, Any] | N
             "rel_error": (guess - real["tensor_bytes"]) / real["tensor_bytes"] if guess else None}
 
 
-def _one(spec: str | Path, context: int, batch: int, measure_context: int | None) -> tuple[dict, SizeEstimate]:
+def _one(spec: str | Path, context: int, batch: int, measure_context: int | None,
+         trust_remote_code: bool | None = None) -> tuple[dict, SizeEstimate]:
     config, raw = load_size_config(spec)
     est = estimate(config, context, batch, raw=raw)
     info: dict[str, Any] = {"spec": str(spec), "family": est.family}
@@ -152,7 +155,7 @@ def _one(spec: str | Path, context: int, batch: int, measure_context: int | None
     if measure_context:
         measured: dict[str, float] = {}
         for dtype in ("float32", "bfloat16"):  # loaded in each (a GGUF-loaded model refuses to be cast)
-            model, source = _model_for_measuring(spec, config, dtype)
+            model, source = _model_for_measuring(spec, config, dtype, trust_remote_code)
             if source == "weights" and dtype == "float32":
                 info.update(model_info(str(spec), model))
             measured.update(measure(model, measure_context, 1, flops=dtype == "float32"))
@@ -167,12 +170,12 @@ def _one(spec: str | Path, context: int, batch: int, measure_context: int | None
 
 
 def size_results(spec: str | Path, baseline: str | Path | None = None, *, context: int = 2048, batch: int = 1,
-                 measure_context: int | None = None):
+                 measure_context: int | None = None, trust_remote_code: bool | None = None):
     """`pocketlm size`'s `Results` (kind "size"): every estimate for `spec`, and with `baseline` the baseline's
     (`baseline_<name>`) and the ratios spec / baseline (`ratio_<name>`); with `measure_context`, the measured
     figures (`measured_<name>`, at that context, batch 1) with the estimates at the same context in `details`."""
     t0 = time.perf_counter()
-    info, est = _one(spec, context, batch, measure_context)
+    info, est = _one(spec, context, batch, measure_context, trust_remote_code)
     metrics = [Metric(k, float(v), 1, unit=unit_of(k)) for k, v in flatten(est).items()]
     metrics += [Metric(f"measured_{k}", float(f["measured"]), 1, unit=unit_of(k))
                 for k, f in info.get("measured", {}).get("figures", {}).items()]
@@ -182,7 +185,7 @@ def size_results(spec: str | Path, baseline: str | Path | None = None, *, contex
     details: dict[str, Any] = {"model": {**est.to_dict(), "measured": info.pop("measured", None), "file": file}}
     base_info = None
     if baseline is not None:
-        base_info, base = _one(baseline, context, batch, measure_context)
+        base_info, base = _one(baseline, context, batch, measure_context, trust_remote_code)
         metrics += [Metric(f"baseline_{k}", float(v), 1, unit=unit_of(k)) for k, v in flatten(base).items()]
         metrics += [Metric(f"ratio_{k}", r, 1, unit="ratio") for k, r in compare(est, base).items()]
         details["baseline"] = {**base.to_dict(), "measured": base_info.pop("measured", None),

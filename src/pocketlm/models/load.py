@@ -126,7 +126,7 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
-REMOTE_CODE_ENV = "POCKETLM_TRUST_REMOTE_CODE"  # set to 1 by `pocketlm --trust-remote-code ...`
+REMOTE_CODE_ENV = "POCKETLM_TRUST_REMOTE_CODE"  # a user may set it to 1; the CLI passes its flag as an argument
 
 
 def remote_code_allowed(trust_remote_code: bool | None) -> bool:
