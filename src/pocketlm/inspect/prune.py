@@ -27,9 +27,16 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from pocketlm.inspect.attention import HeadImportance, attention_modules, head_importance, is_student
+from pocketlm.core.provenance import provenance
 from pocketlm.core.results import Metric, Results
+from pocketlm.core.stats import paired_statistic_delta_ci
+from pocketlm.data.text import hash_documents, pack, read_documents, split_documents
+from pocketlm.eval.perplexity import document_perplexities, perplexity_metrics
+from pocketlm.inspect.attention import HeadImportance, attention_modules, head_importance, is_student
 from pocketlm.models.hf_export import save_student_folder
+from pocketlm.models.load import load_model, model_info
+from pocketlm.models.pruning import as_pocketlm
+from pocketlm.models.student import PocketLMForCausalLM
 
 
 def plan_pruning(
@@ -73,8 +80,6 @@ def _kept_rows(local_groups: Sequence[int], heads_per_group: int, head_dim: int)
 def prune_student(model: torch.nn.Module, remove: dict[int, Sequence[int]]) -> torch.nn.Module:
     """A new student without the KV groups `remove` names ({layer: original KV head ids}); q/k/v/o projections
     are sliced, everything else copied; the config records the kept groups. The input model is not changed."""
-    from pocketlm.models.student import PocketLMForCausalLM
-
     if not is_student(model):
         raise ValueError(f"prune-heads works on pocketlm students, not on a {type(model).__name__}")
     attns = attention_modules(model)
@@ -126,9 +131,6 @@ def _exp_ratio(nll: np.ndarray, tokens: np.ndarray, axis: int = -1) -> np.ndarra
 def before_after_metrics(before: Sequence, after: Sequence, seed: int) -> list[Metric]:
     """Held-out perplexity before and after pruning (one group each) and their paired difference with its
     bootstrap interval over documents."""
-    from pocketlm.eval.perplexity import perplexity_metrics
-    from pocketlm.core.stats import paired_statistic_delta_ci
-
     metrics = []
     for label, per_doc in (("before", before), ("after", after)):
         metrics += [Metric(m.name, m.value, m.n, m.ci, m.higher_is_better, group=label)
@@ -163,28 +165,12 @@ def prune_heads_results(
     """Measure head importance on the training part of `data`, remove the `n_heads` least important query heads
     (whole KV groups), save the pruned student to `out_dir/student`, and report held-out perplexity before and
     after. Bad arguments and data fail before the model loads."""
-    from pocketlm.data.text import hash_documents, pack, read_documents, split_documents
-    from pocketlm.eval.perplexity import document_perplexities
-    from pocketlm.models.load import load_model
-    from pocketlm.core.provenance import provenance
-    from pocketlm.models.load import model_info
-
     start = time.perf_counter()
-    for name, value, least in (("--heads", n_heads, 1), ("--block-size", block_size, 2),
-                               ("--max-blocks", max_blocks, 1), ("--batch-size", batch_size, 1)):
-        if value < least:
-            raise ValueError(f"{name} must be at least {least}, got {value}")
+    _check_counts(n_heads, block_size, max_blocks, batch_size)
     docs = read_documents(data, field=field, split=split, max_documents=max_documents, txt_split=txt_split)
     train_docs, val_docs = split_documents(docs, val_fraction, seed)
     model, tokenizer = load_model(model_spec, trust_remote_code=trust_remote_code)
-    if not is_student(model):  # a Llama-layout folder (a distilled student is one): its exact pocketlm copy
-        from pocketlm.models.pruning import as_pocketlm
-
-        try:
-            model = as_pocketlm(model).eval()
-        except ValueError as e:
-            raise ValueError(f"{model_spec} is a {type(model).__name__}; prune-heads works on pocketlm students "
-                             f"and Llama-layout models, and this one is neither ({e})") from None
+    model = _as_student(model, model_spec)
     blocks = pack(train_docs, tokenizer, block_size)[:max_blocks]  # [n, L]
 
     importance = head_importance(model, blocks, batch_size=batch_size, progress=progress)
@@ -193,25 +179,10 @@ def prune_heads_results(
     ppl_kwargs = dict(max_length=max_length, batch_size=batch_size, progress=progress)
     before = document_perplexities(model, tokenizer, val_docs, **ppl_kwargs)
     after = document_perplexities(pruned, tokenizer, val_docs, **ppl_kwargs)
-
-    # written beside out_dir/student and swapped in (a folder there pocketlm did not write is refused), as a Llama
-    # when every layer keeps as many groups, else in pocketlm's layout with the reason
-    student_dir, layout = save_student_folder(pruned, tokenizer, Path(out_dir) / "student")
-    reloaded, _ = load_model(student_dir)
-    probe = blocks[:1]
-    with torch.no_grad():
-        if not torch.allclose(reloaded(probe).logits, pruned(probe).logits, rtol=1e-4, atol=1e-4):
-            raise RuntimeError(f"the pruned student saved to {student_dir} does not reload to the same logits")
+    student_dir, layout = _save_checked(pruned, tokenizer, Path(out_dir) / "student", blocks[:1])
 
     metrics = before_after_metrics(before, after, seed)
-    heads_before = sum(a.num_heads for a in attention_modules(model))
-    heads_after = sum(a.num_heads for a in attention_modules(pruned))
-    metrics += [
-        Metric("attention_heads", heads_before, 1, group="before"),
-        Metric("attention_heads", heads_after, 1, group="after"),
-        Metric("parameters", count_parameters(model), 1, group="before"),
-        Metric("parameters", count_parameters(pruned), 1, group="after"),
-    ]
+    metrics += _size_metrics(model, pruned)
     return Results(
         kind="prune_heads",
         model=model_info(model_spec, model, tokenizer),
@@ -221,16 +192,66 @@ def prune_heads_results(
                   "val_fraction": val_fraction, "block_size": block_size, "blocks": int(blocks.shape[0]),
                   "batch_size": batch_size, "max_length": max_length, "seed": seed},
         metrics=metrics,
-        details={
-            "student": str(student_dir),
-            "student_format": layout.to_dict(),
-            "removed_kv_heads": {str(k): v for k, v in remove.items()},
-            "removed_query_heads": {str(k): v for k, v in removed_heads(model, remove).items()},
-            "kept_kv_heads": pruned.config.kept_kv_heads,
-            "importance": importance.to_dict(),
-            "perplexity_sums": {"before": [asdict(r) for r in before], "after": [asdict(r) for r in after]},
-            "pruned_model": model_info(str(student_dir), pruned, tokenizer),
-        },
+        details=_prune_heads_details(model, pruned, tokenizer, remove, importance, before, after, student_dir, layout),
         provenance=provenance(),
         wall_time_s=time.perf_counter() - start,
     )
+
+
+def _check_counts(n_heads: int, block_size: int, max_blocks: int, batch_size: int) -> None:
+    """Each count at least its minimum, checked before any data is read."""
+    for name, value, least in (("--heads", n_heads, 1), ("--block-size", block_size, 2),
+                               ("--max-blocks", max_blocks, 1), ("--batch-size", batch_size, 1)):
+        if value < least:
+            raise ValueError(f"{name} must be at least {least}, got {value}")
+
+
+def _as_student(model: torch.nn.Module, model_spec: str) -> torch.nn.Module:
+    """`model` itself when it is a pocketlm student; a Llama-layout folder (a distilled student is one): its exact
+    pocketlm copy; anything else a ValueError."""
+    if is_student(model):
+        return model
+    try:
+        return as_pocketlm(model).eval()
+    except ValueError as e:
+        raise ValueError(f"{model_spec} is a {type(model).__name__}; prune-heads works on pocketlm students "
+                         f"and Llama-layout models, and this one is neither ({e})") from None
+
+
+def _save_checked(pruned: torch.nn.Module, tokenizer, path: Path, probe: torch.Tensor):
+    """Save the pruned student to `path` and check that it reloads to the same logits on `probe`; (folder, layout).
+
+    Written beside `path` and swapped in (a folder there pocketlm did not write is refused), as a Llama when every
+    layer keeps as many groups, else in pocketlm's layout with the reason."""
+    student_dir, layout = save_student_folder(pruned, tokenizer, path)
+    reloaded, _ = load_model(student_dir)
+    with torch.no_grad():
+        if not torch.allclose(reloaded(probe).logits, pruned(probe).logits, rtol=1e-4, atol=1e-4):
+            raise RuntimeError(f"the pruned student saved to {student_dir} does not reload to the same logits")
+    return student_dir, layout
+
+
+def _size_metrics(model: torch.nn.Module, pruned: torch.nn.Module) -> list[Metric]:
+    """Attention heads and parameters before and after pruning."""
+    heads_before = sum(a.num_heads for a in attention_modules(model))
+    heads_after = sum(a.num_heads for a in attention_modules(pruned))
+    return [
+        Metric("attention_heads", heads_before, 1, group="before"),
+        Metric("attention_heads", heads_after, 1, group="after"),
+        Metric("parameters", count_parameters(model), 1, group="before"),
+        Metric("parameters", count_parameters(pruned), 1, group="after"),
+    ]
+
+
+def _prune_heads_details(model, pruned, tokenizer, remove, importance, before, after, student_dir, layout) -> dict:
+    """The Results details of prune-heads: the saved student, what was removed and kept, the measurements."""
+    return {
+        "student": str(student_dir),
+        "student_format": layout.to_dict(),
+        "removed_kv_heads": {str(k): v for k, v in remove.items()},
+        "removed_query_heads": {str(k): v for k, v in removed_heads(model, remove).items()},
+        "kept_kv_heads": pruned.config.kept_kv_heads,
+        "importance": importance.to_dict(),
+        "perplexity_sums": {"before": [asdict(r) for r in before], "after": [asdict(r) for r in after]},
+        "pruned_model": model_info(str(student_dir), pruned, tokenizer),
+    }

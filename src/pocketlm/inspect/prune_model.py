@@ -6,16 +6,25 @@ what is kept is not chosen on the text that judges it.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
 from pathlib import Path
 
+import torch
+
 from pocketlm.core.io import write_text_atomic
+from pocketlm.core.provenance import provenance
+from pocketlm.core.results import Metric, Results
+from pocketlm.data.books import read_books
+from pocketlm.data.text import hash_documents, pack, read_documents, split_documents
+from pocketlm.eval.perplexity import document_perplexities
 from pocketlm.inspect.prune import before_after_metrics
 from pocketlm.models.hf_export import export_llama
-from pocketlm.models.pruning import PruneTarget
-from pocketlm.core.results import Metric, Results
+from pocketlm.models.importance import Importance
+from pocketlm.models.load import load_model, model_info
+from pocketlm.models.pruning import PrunePlan, PruneTarget, choose_target, prune_model, source_config
 
 IMPORTANCE_FILE = "importance.json"
 
@@ -46,49 +55,21 @@ def prune_results(
     `calibration_blocks` blocks of the training documents of `data`; save it to out_dir/student with
     out_dir/importance.json, and score held-out perplexity before and after. The target is checked against the
     model's shape before anything is measured."""
-    import json
-
-    from pocketlm.data.text import hash_documents, pack, read_documents, split_documents
-    from pocketlm.eval.perplexity import document_perplexities
-    from pocketlm.models.load import load_model
-    from pocketlm.models.pruning import choose_target, prune_model, source_config
-    from pocketlm.core.provenance import provenance
-    from pocketlm.models.load import model_info
-
     start = time.perf_counter()
-    if data_format == "books":
-        from pocketlm.data.books import read_books
-
-        docs = [b.text for b in read_books(data)][:max_documents]
-    else:
-        docs = read_documents(data, field=field, split=split, max_documents=max_documents, txt_split=txt_split)
+    docs = _read_docs(data, data_format, field=field, split=split, max_documents=max_documents, txt_split=txt_split)
     train_docs, val_docs = split_documents(docs, val_fraction, seed)
     model, tokenizer = load_model(model_spec, trust_remote_code=trust_remote_code)
     conf = source_config(model)
     choose_target(conf, target, removal_blocks)  # a target the model cannot be cut to: refused before any work
-    blocks = pack(train_docs, tokenizer, block_size)  # [n, L]
-    order = list(range(len(blocks)))
-    random.Random(seed).shuffle(order)
-    calibration = blocks[sorted(order[:calibration_blocks])]
+    calibration = _calibration_sample(pack(train_docs, tokenizer, block_size), calibration_blocks, seed)
     pruned, plan, importance = prune_model(model, target, calibration, removal_blocks=removal_blocks,
                                            batch_size=batch_size, bf16=bf16, progress=progress)
     ppl_kwargs = dict(max_length=max_length, batch_size=batch_size, progress=progress)
     before = document_perplexities(model, tokenizer, val_docs, **ppl_kwargs)
     after = document_perplexities(pruned, tokenizer, val_docs, **ppl_kwargs)
 
-    out = Path(out_dir)
-    # a dense rotary model with equal widths in every layer: written as a plain LlamaForCausalLM folder, which
-    # transformers, lm-eval, vLLM and llama.cpp's converter read without pocketlm (pocketlm reads it too)
-    student_dir = export_llama(pruned.float(), out / "student", tokenizer)
-    record = write_text_atomic(out / IMPORTANCE_FILE, json.dumps(
-        {"importance": importance.to_dict(), "plan": plan.to_dict()}, indent=1))
-    metrics = before_after_metrics(before, after, seed)
-    metrics += [
-        Metric("non_embedding_parameters", plan.source_non_embedding_params, 1, group="before"),
-        Metric("non_embedding_parameters", plan.non_embedding_params, 1, group="after"),
-        Metric("parameters", sum(p.numel() for p in model.parameters()), 1, group="before"),
-        Metric("parameters", sum(p.numel() for p in pruned.parameters()), 1, group="after"),
-    ]
+    student_dir, record = _save(pruned, tokenizer, Path(out_dir), importance, plan)
+    metrics = before_after_metrics(before, after, seed) + _parameter_metrics(plan, model, pruned)
     return Results(
         kind="prune",
         model=model_info(model_spec, model, tokenizer),
@@ -99,19 +80,60 @@ def prune_results(
                   "batch_size": batch_size, "max_length": max_length, "bf16": bf16, "val_fraction": val_fraction,
                   "seed": seed},
         metrics=metrics,
-        details={
-            "student": str(student_dir),
-            "importance_file": str(record),
-            "kept_layers": plan.layers,
-            "widths": {"before": {"num_layers": conf.num_hidden_layers, "intermediate_size": conf.intermediate_size,
-                                  "num_key_value_heads": conf.num_key_value_heads, "hidden_size": conf.hidden_size},
-                       "after": plan.config},
-            "fraction_of_non_embedding": plan.non_embedding_params / plan.source_non_embedding_params,
-            "pruned_model": model_info(str(student_dir), pruned, tokenizer),
-        },
+        details=_prune_details(conf, plan, pruned, tokenizer, student_dir, record),
         provenance=provenance(),
         wall_time_s=time.perf_counter() - start,
     )
+
+
+def _read_docs(data: str, data_format: str, *, field: str, split: str, max_documents: int | None,
+               txt_split: str) -> list[str]:
+    """The documents of `data`: a books folder's texts, or what `read_documents` reads."""
+    if data_format == "books":
+        return [b.text for b in read_books(data)][:max_documents]
+    return read_documents(data, field=field, split=split, max_documents=max_documents, txt_split=txt_split)
+
+
+def _calibration_sample(blocks: torch.Tensor, calibration_blocks: int, seed: int) -> torch.Tensor:
+    """`calibration_blocks` of `blocks` [n, L] drawn at random with `seed`, in their original order."""
+    order = list(range(len(blocks)))
+    random.Random(seed).shuffle(order)
+    return blocks[sorted(order[:calibration_blocks])]
+
+
+def _save(pruned: torch.nn.Module, tokenizer, out: Path, importance: Importance, plan: PrunePlan) -> tuple[Path, Path]:
+    """The pruned model to out/student, the importance and plan to out/importance.json; both paths.
+
+    A dense rotary model with equal widths in every layer: written as a plain LlamaForCausalLM folder, which
+    transformers, lm-eval, vLLM and llama.cpp's converter read without pocketlm (pocketlm reads it too)."""
+    student_dir = export_llama(pruned.float(), out / "student", tokenizer)
+    record = write_text_atomic(out / IMPORTANCE_FILE, json.dumps(
+        {"importance": importance.to_dict(), "plan": plan.to_dict()}, indent=1))
+    return student_dir, record
+
+
+def _parameter_metrics(plan: PrunePlan, model: torch.nn.Module, pruned: torch.nn.Module) -> list[Metric]:
+    """Non-embedding and total parameters before and after pruning."""
+    return [
+        Metric("non_embedding_parameters", plan.source_non_embedding_params, 1, group="before"),
+        Metric("non_embedding_parameters", plan.non_embedding_params, 1, group="after"),
+        Metric("parameters", sum(p.numel() for p in model.parameters()), 1, group="before"),
+        Metric("parameters", sum(p.numel() for p in pruned.parameters()), 1, group="after"),
+    ]
+
+
+def _prune_details(conf, plan: PrunePlan, pruned: torch.nn.Module, tokenizer, student_dir, record) -> dict:
+    """The Results details of prune: the saved student and record, what was kept, the widths before and after."""
+    return {
+        "student": str(student_dir),
+        "importance_file": str(record),
+        "kept_layers": plan.layers,
+        "widths": {"before": {"num_layers": conf.num_hidden_layers, "intermediate_size": conf.intermediate_size,
+                              "num_key_value_heads": conf.num_key_value_heads, "hidden_size": conf.hidden_size},
+                   "after": plan.config},
+        "fraction_of_non_embedding": plan.non_embedding_params / plan.source_non_embedding_params,
+        "pruned_model": model_info(str(student_dir), pruned, tokenizer),
+    }
 
 
 def pruned_table(res: Results) -> str:

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from pocketlm.core.integrity import RecordError, read_json
 from pocketlm.core.outdir import write_text_atomic
@@ -147,21 +148,51 @@ def compute_importance(
     One pass over all blocks collects every activation score; `removal_blocks` (0: none) more passes per layer, over
     the first `removal_blocks` blocks, measure the perplexity with each layer skipped. `model` is not changed.
     """
-    from tqdm.auto import tqdm
-
     layers = _blocks_of(model)
     if blocks.ndim != 2 or blocks.shape[0] == 0 or blocks.shape[1] < 2:
         raise ValueError(f"calibration blocks must be [n >= 1, L >= 2] token ids, got {list(blocks.shape)}")
     conf = model.config
-    L, d = len(layers), conf.hidden_size
     group = conf.num_attention_heads // conf.num_key_value_heads
-    sums = {
-        "cos": torch.zeros(L, dtype=torch.float64),
+    sums = _zero_sums(layers, conf.hidden_size)
+    handles = _install_score_hooks(model, layers, sums)
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    n_tokens = _activation_pass(model, blocks, handles, batch_size, autocast, device, progress=progress, desc=desc)
+    n_removal = min(removal_blocks, len(blocks))
+    try:
+        base, removal = _removal_perplexities(model, layers, blocks, n_removal, batch_size, autocast, device,
+                                              progress=progress, desc=desc)
+    finally:
+        model.train(was_training)
+    return Importance(
+        block_influence=(1.0 - sums["cos"] / n_tokens).tolist(),
+        mlp=[(s / n_tokens).tolist() for s in sums["mlp"]],
+        kv_groups=[(s / n_tokens).tolist() for s in sums["kv"]],
+        hidden=(sums["hidden"] / n_tokens).tolist(),
+        n_blocks=len(blocks),
+        n_tokens=n_tokens,
+        base_perplexity=base,
+        removal_perplexity=removal,
+        removal_blocks=n_removal,
+        source={"block_size": int(blocks.shape[1]), "bf16": bf16, "group_size": group},
+    )
+
+
+def _zero_sums(layers: torch.nn.ModuleList, hidden_size: int) -> dict[str, Any]:
+    """float64 accumulators of every activation score, on the CPU (see the module docstring)."""
+    return {
+        "cos": torch.zeros(len(layers), dtype=torch.float64),
         "mlp": [torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.float64) for layer in layers],
         "kv": [torch.zeros(layer.self_attn.num_kv_heads, dtype=torch.float64) for layer in layers],
-        "hidden": torch.zeros(d, dtype=torch.float64),
+        "hidden": torch.zeros(hidden_size, dtype=torch.float64),
     }
-    handles = []
+
+
+def _install_score_hooks(model: torch.nn.Module, layers: torch.nn.ModuleList, sums: dict[str, Any]) -> list:
+    """Hooks that add each forward pass's activation scores into `sums`; returns their handles."""
 
     def block_hook(i: int):
         def hook(module, args, kwargs, output):
@@ -183,6 +214,7 @@ def compute_importance(
     def norm_hook(module, args, output):
         sums["hidden"] += output.double().abs().sum(dim=(0, 1)).cpu()  # [d]
 
+    handles = []
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_hook(block_hook(i), with_kwargs=True))
         handles.append(layer.mlp.down_proj.register_forward_pre_hook(down_hook(i)))
@@ -190,11 +222,12 @@ def compute_importance(
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             handles.append(norm.register_forward_hook(norm_hook))
     handles.append(model.model.norm.register_forward_hook(norm_hook))
+    return handles
 
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+def _activation_pass(model, blocks: torch.Tensor, handles: list, batch_size: int, autocast, device, *,
+                     progress: bool, desc: str) -> int:
+    """One forward pass over every block with the score hooks on; removes the hooks and returns the token count."""
     n_tokens = 0
     try:
         with torch.no_grad(), autocast:
@@ -205,30 +238,22 @@ def compute_importance(
     finally:
         for h in handles:
             h.remove()
+    return n_tokens
+
+
+def _removal_perplexities(model, layers: torch.nn.ModuleList, blocks: torch.Tensor, n_removal: int, batch_size: int,
+                          autocast, device, *, progress: bool, desc: str) -> tuple[float | None, list[float] | None]:
+    """The perplexity of the whole model on the first `n_removal` blocks, and of the model with each layer skipped
+    (None, None when `n_removal` is 0)."""
     base = removal = None
-    n_removal = min(removal_blocks, len(blocks))
-    try:
-        if n_removal:
-            sub = blocks[:n_removal]
-            base = _perplexity(model, sub, batch_size, autocast, device)
-            removal = []
-            for i in tqdm(range(L), desc=f"{desc}: remove each layer", disable=not progress, unit="layer"):
-                with skipped(layers[i]):
-                    removal.append(_perplexity(model, sub, batch_size, autocast, device))
-    finally:
-        model.train(was_training)
-    return Importance(
-        block_influence=(1.0 - sums["cos"] / n_tokens).tolist(),
-        mlp=[(s / n_tokens).tolist() for s in sums["mlp"]],
-        kv_groups=[(s / n_tokens).tolist() for s in sums["kv"]],
-        hidden=(sums["hidden"] / n_tokens).tolist(),
-        n_blocks=len(blocks),
-        n_tokens=n_tokens,
-        base_perplexity=base,
-        removal_perplexity=removal,
-        removal_blocks=n_removal,
-        source={"block_size": int(blocks.shape[1]), "bf16": bf16, "group_size": group},
-    )
+    if n_removal:
+        sub = blocks[:n_removal]
+        base = _perplexity(model, sub, batch_size, autocast, device)
+        removal = []
+        for i in tqdm(range(len(layers)), desc=f"{desc}: remove each layer", disable=not progress, unit="layer"):
+            with skipped(layers[i]):
+                removal.append(_perplexity(model, sub, batch_size, autocast, device))
+    return base, removal
 
 
 class skipped:

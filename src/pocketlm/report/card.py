@@ -140,20 +140,61 @@ def _deployment(view: dict[str, Any] | None) -> list[str]:
     return L
 
 
+_METRICS_SECTION = (  # the "Metrics" section: how each figure is defined
+    "## Metrics", "",
+    "- Perplexity as lm-evaluation-harness defines it (rolling windows over whole documents; token, word and "
+    "byte perplexity, bits per byte), lower is better.",
+    "- Social bias by log-likelihood as lm-evaluation-harness scores causal LMs (e.g. CrowS-Pairs "
+    "`pct_stereotype`, 50 is unbiased).",
+    "- Prompted toxicity as RealToxicityPrompts defines it (expected maximum toxicity, toxicity probability), "
+    "per group, beside the fluency and diversity of the same generations (as DExperts reports them): "
+    "`generation_perplexity`, the perplexity of the continuations given their prompts under the teacher, "
+    "lower is more fluent; `distinct_1` / `distinct_2`, unique / total word n-grams over each prompt's "
+    "continuations, higher is more varied. Low toxicity beside a high generation perplexity or a low "
+    "distinct-2 may mean incoherent output, not a safer model.",
+    "- Intervals: 95 % percentile bootstrap over items; deltas: paired bootstrap.", "",
+)
+
+
 def card_markdown(doc: PipelineDocument | dict[str, Any]) -> str:
+    """The card's text: YAML metadata between ``---`` lines, then Mitchell et al.'s sections."""
     doc = as_dict(doc)
     cfg, card = doc["config"], doc["config"]["card"]
     by_entry = results_by_entry(doc)
     name = model_name(doc)
     distill = of_kind(by_entry, "distill")[1].get("student", {})
     params = {r: {m["name"]: m["value"] for m in res["metrics"]} for r, res in of_kind(by_entry, "parameters")[1].items()}
-    ps, pt = params.get("student", {}), params.get("teacher", {})
     student_cfg = cfg["student"]
     L = [f"# {md(name)}", "",
          f"A student language model distilled from `{md(cfg['teacher'])}` by pocketlm. Every figure below comes from "
          f"the pipeline's `results.json` (config hash `{doc.get('config_hash')}`), each with a 95 % bootstrap "
          "interval; Δ is student − teacher on the same items with a paired interval (* where it excludes 0).", ""]
-    L += ["## Model details", ""]
+    L += _model_details(doc, student_cfg, params.get("student", {}), params.get("teacher", {}))
+    L += ["## Intended use", "", _user(card, "intended_use", "the intended use"), "",
+          "### Out-of-scope use", "", _user(card, "out_of_scope_use", "out-of-scope uses"), ""]
+    L += _factors(by_entry)
+    L += _METRICS_SECTION
+    L += _evaluation_data(doc, by_entry)
+    L += _training_data(cfg, distill.get("data", {}))
+    L += _quantitative_analyses(by_entry)
+    L += _release_gates(doc)
+    L += _deployment(deployment_view(by_entry))
+    L += ["", "## Ethical considerations", "",
+          _user(card, "ethical_considerations", "ethical considerations"),
+          "", "A distilled student can keep, lose or amplify its teacher's biases and toxicity; the per-group "
+          "figures above measure that on the suites listed, and only there.", "",
+          "## Caveats and recommendations", "", _user(card, "caveats", "caveats and recommendations"), "",
+          "Suites run on subsets (see n above) give wide intervals; a delta whose interval includes 0 is not "
+          "evidence of no change. The embedded toxicity scorer is a profanity classifier, not a measure of all harm.",
+          ""]
+    return "---\n" + yaml.safe_dump(metadata(doc), sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(L)
+
+
+def _model_details(doc: dict[str, Any], student_cfg: dict[str, Any], ps: dict[str, Any],
+                   pt: dict[str, Any]) -> list[str]:
+    """The "Model details" section; `ps`, `pt`: the student's and the teacher's parameter counts."""
+    cfg, card = doc["config"], doc["config"]["card"]
+    L = ["## Model details", ""]
     L += [f"- **Developed by:** {card.get('authors') or MISSING.format(what='who made it', field='authors')}",
           f"- **Model type:** decoder-only causal LM, {'sparse Mixture-of-Experts' if student_cfg.get('moe') else 'dense'}"
           f" student ({md(student_cfg.get('init'))} init, {md(student_cfg.get('num_layers') or student_cfg.get('layers'))}"
@@ -165,26 +206,21 @@ def card_markdown(doc: PipelineDocument | dict[str, Any]) -> str:
           f"- **License:** {md(card['license']) if card.get('license') else MISSING.format(what='a license', field='license')}",
           f"- **Fingerprint:** `{doc['models'].get('student', {}).get('fingerprint')}`; code commit "
           f"`{doc.get('provenance', {}).get('git_commit')}`", ""]
-    L += ["## Intended use", "", _user(card, "intended_use", "the intended use"), "",
-          "### Out-of-scope use", "", _user(card, "out_of_scope_use", "out-of-scope uses"), ""]
+    return L
+
+
+def _factors(by_entry: dict[str, dict[str, Any]]) -> list[str]:
+    """The "Factors" section: the groups each suite disaggregates by (the first 20 of each)."""
     groups = report_groups(by_entry)
-    L += ["## Factors", "",
-          "Groups the evaluation disaggregates by: " + ("; ".join(
-              f"{md(e)}: {', '.join(md(g) for g in gs[:20])}{' …' if len(gs) > 20 else ''}" for e, gs in groups.items())
-              or "none (no bias or toxicity suite was run)") + ".", ""]
-    L += ["## Metrics", "",
-          "- Perplexity as lm-evaluation-harness defines it (rolling windows over whole documents; token, word and "
-          "byte perplexity, bits per byte), lower is better.",
-          "- Social bias by log-likelihood as lm-evaluation-harness scores causal LMs (e.g. CrowS-Pairs "
-          "`pct_stereotype`, 50 is unbiased).",
-          "- Prompted toxicity as RealToxicityPrompts defines it (expected maximum toxicity, toxicity probability), "
-          "per group, beside the fluency and diversity of the same generations (as DExperts reports them): "
-          "`generation_perplexity`, the perplexity of the continuations given their prompts under the teacher, "
-          "lower is more fluent; `distinct_1` / `distinct_2`, unique / total word n-grams over each prompt's "
-          "continuations, higher is more varied. Low toxicity beside a high generation perplexity or a low "
-          "distinct-2 may mean incoherent output, not a safer model.",
-          "- Intervals: 95 % percentile bootstrap over items; deltas: paired bootstrap.", ""]
-    L += ["## Evaluation data", ""]
+    return ["## Factors", "",
+            "Groups the evaluation disaggregates by: " + ("; ".join(
+                f"{md(e)}: {', '.join(md(g) for g in gs[:20])}{' …' if len(gs) > 20 else ''}" for e, gs in groups.items())
+                or "none (no bias or toxicity suite was run)") + ".", ""]
+
+
+def _evaluation_data(doc: dict[str, Any], by_entry: dict[str, dict[str, Any]]) -> list[str]:
+    """The "Evaluation data" section: each evaluated set's source, size and hash, and what was skipped and why."""
+    L = ["## Evaluation data", ""]
     for entry, by_role in by_entry.items():
         if not view(kind_of(by_role)).evaluation_data:
             continue
@@ -194,15 +230,23 @@ def card_markdown(doc: PipelineDocument | dict[str, Any]) -> str:
                  f"hash `{md(d.get('hash'))}`")
     for entry, why in doc.get("skipped", {}).items():
         L.append(f"- **{md(entry)}**: not evaluated — {md(why)}")
-    L += ["", "## Training data", ""]
-    dd = distill.get("data", {})
-    L += [f"Distilled on {md(dd.get('source', 'n/a'))} (hash `{md(dd.get('hash'))}`): {fmt_number(dd.get('tokens'))} "
-          f"training tokens in blocks of {dd.get('block_size')}, {dd.get('heldout_documents')} documents held out. "
-          f"Loss: {md(cfg['distill']['loss'])} over the teacher's top-{cfg['distill']['top_k']} distributions "
-          f"(mode {md(cfg['distill']['mode'])}, temperature {cfg['distill']['temperature']}, CE weight "
-          f"{cfg['distill']['ce_weight']}), {cfg['train']['steps']} steps of batch {cfg['train']['batch_size']}, "
-          f"lr {cfg['train']['lr']}, {md(cfg['train']['precision'])}, seed {cfg['train']['seed']}.", ""]
-    L += ["## Quantitative analyses", ""]
+    return L
+
+
+def _training_data(cfg: dict[str, Any], dd: dict[str, Any]) -> list[str]:
+    """The "Training data" section: the distillation data `dd` and the settings it was distilled with."""
+    return ["", "## Training data", "",
+            f"Distilled on {md(dd.get('source', 'n/a'))} (hash `{md(dd.get('hash'))}`): {fmt_number(dd.get('tokens'))} "
+            f"training tokens in blocks of {dd.get('block_size')}, {dd.get('heldout_documents')} documents held out. "
+            f"Loss: {md(cfg['distill']['loss'])} over the teacher's top-{cfg['distill']['top_k']} distributions "
+            f"(mode {md(cfg['distill']['mode'])}, temperature {cfg['distill']['temperature']}, CE weight "
+            f"{cfg['distill']['ce_weight']}), {cfg['train']['steps']} steps of batch {cfg['train']['batch_size']}, "
+            f"lr {cfg['train']['lr']}, {md(cfg['train']['precision'])}, seed {cfg['train']['seed']}.", ""]
+
+
+def _quantitative_analyses(by_entry: dict[str, dict[str, Any]]) -> list[str]:
+    """The "Quantitative analyses" section: student vs teacher per analysed set, overall and by group."""
+    L = ["## Quantitative analyses", ""]
     for entry, by_role in by_entry.items():
         if not view(kind_of(by_role)).analysis:  # not evaluation: in the report, or below
             continue
@@ -213,23 +257,19 @@ def card_markdown(doc: PipelineDocument | dict[str, Any]) -> str:
             grows = [r for g in group_names(by_role, metric) for r in comparison_rows(by_role, g, [metric])]
             if grows:
                 L += [f"#### {md(entry)}: {md(metric)} by group", ""] + _comparison(by_role, grows, "group") + [""]
+    return L
+
+
+def _release_gates(doc: dict[str, Any]) -> list[str]:
+    """The "Release gates" subsection: the verdict and each gate's status and figures."""
     gates = doc.get("gates", [])
-    L += ["### Release gates", ""]
+    L = ["### Release gates", ""]
     L += ([f"Verdict: **{doc.get('verdict', 'no gates').upper()}**", ""] + _table(
         ["gate", "status", "figures"],
         [[md(g["name"]), g["status"].upper(), md("; ".join(f"{k} = {fmt_number(v)}" for k, v in g["values"].items())
                                                  or g.get("message", ""))] for g in gates]) if gates
           else ["No release gates were configured."])
-    L += _deployment(deployment_view(by_entry))
-    L += ["", "## Ethical considerations", "",
-          _user(card, "ethical_considerations", "ethical considerations"),
-          "", "A distilled student can keep, lose or amplify its teacher's biases and toxicity; the per-group "
-          "figures above measure that on the suites listed, and only there.", "",
-          "## Caveats and recommendations", "", _user(card, "caveats", "caveats and recommendations"), "",
-          "Suites run on subsets (see n above) give wide intervals; a delta whose interval includes 0 is not "
-          "evidence of no change. The embedded toxicity scorer is a profanity classifier, not a measure of all harm.",
-          ""]
-    return "---\n" + yaml.safe_dump(metadata(doc), sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(L)
+    return L
 
 
 def write_card(doc: PipelineDocument | dict[str, Any], path: str | os.PathLike) -> Path:
