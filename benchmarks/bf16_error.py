@@ -235,7 +235,7 @@ def sweep(raw: dict) -> None:
     fp32's — the trade-off the constant in the code is chosen on; and the smallest c that covers every measured
     decision statistic (``c_decisions``: |error of the compared difference| <= c (√n_i + √n_j))."""
     grid = (0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5)
-    print(f"\n== bound c·√n: items re-scored (%) / decisions still differing from fp32 ==")
+    print("\n== bound c·√n: items re-scored (%) / decisions still differing from fp32 ==")
     print(f"{'model / suite':<34}" + "".join(f"{c:>12g}" for c in grid) + f"{'c_decisions':>13}{'c_requests':>12}")
     for name, m in raw["models"].items():
         for suite_name, s in m["suites"].items():

@@ -35,7 +35,6 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
 
 from pocketlm.config import DistillConfig
 from pocketlm.distill.run import build_student, get_cache, prepare

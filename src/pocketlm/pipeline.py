@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from pocketlm.config_pipeline import PipelineConfig
-from pocketlm.core.io import write_text_atomic
+from pocketlm.core.io import write_json_atomic
 from pocketlm.core.outdir import output_folder
 from pocketlm.core.paths import check_outputs, confined
 from pocketlm.core.pipeline_doc import SCHEMA, Entry, PipelineDocument, StageStatus
@@ -72,7 +72,7 @@ class PipelineOutcome:
 
 
 def _write_json(path: Path, doc: dict[str, Any]) -> Path:
-    return write_text_atomic(path, json.dumps(doc, indent=2, allow_nan=False, default=str) + "\n")
+    return write_json_atomic(path, doc, indent=2, allow_nan=False, default=str)
 
 
 def stage_key(name: str, inputs: dict[str, Any]) -> str:

@@ -102,7 +102,7 @@ def test_the_iid_test_split_repeats_training_captions():
     """The reason for the compositional split (#17 item 7): 153 of 300 i.i.d. test captions occur in training,
     and every test question with its answer does."""
     train, test = scenes_data("train", 3000, seed=0), scenes_data("test", 300, seed=0)
-    (tc, _, tqa), (c, _, qa) = _item_texts(train), _item_texts(test)
+    (tc, _, tqa), (_, _, qa) = _item_texts(train), _item_texts(test)
     assert sum(it.target in tc for it in test.select("caption")) == 153
     assert qa <= tqa
 

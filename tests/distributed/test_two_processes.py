@@ -19,7 +19,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from safetensors.torch import load_file
 

@@ -288,7 +288,7 @@ def test_a_rule_with_an_undefined_figure_is_never_a_pass(rule, data):
     try:
         result = check_gate("g", rule, ns)
     except GateNameError:
-        raise AssertionError("every name the rule uses is in the namespace")
+        raise AssertionError("every name the rule uses is in the namespace") from None
     undefined = [v for v in result.values.values() if v is None or not math.isfinite(v)]
     assert result.status in ("pass", "fail", "unverified")
     if undefined:

@@ -216,9 +216,8 @@ def test_a_stale_lock_is_taken_over_and_another_hosts_is_refused(tmp_path):
     d.mkdir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (d / LOCK).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "since": "then"}))
-    with pytest.warns(UserWarning, match="no longer running"):
-        with folder_lock(d):
-            assert json.loads((d / LOCK).read_text())["pid"] == os.getpid()
+    with pytest.warns(UserWarning, match="no longer running"), folder_lock(d):
+        assert json.loads((d / LOCK).read_text())["pid"] == os.getpid()
     assert (d / LOCK).read_text() == ""
     (d / LOCK).write_text(json.dumps({"pid": 1234, "host": "gpu-node-7", "since": "then"}))
     with pytest.raises(FolderLockedError, match=r"locked by pid 1234 on host gpu-node-7 .* delete .*pocketlm\.lock"):
@@ -227,10 +226,8 @@ def test_a_stale_lock_is_taken_over_and_another_hosts_is_refused(tmp_path):
 
 
 def test_the_same_process_cannot_hold_a_folder_twice(tmp_path):
-    with folder_lock(tmp_path):
-        with pytest.raises(FolderLockedError, match=f"pid {os.getpid()}"):
-            with folder_lock(tmp_path):
-                pass
+    with folder_lock(tmp_path), pytest.raises(FolderLockedError, match=f"pid {os.getpid()}"), folder_lock(tmp_path):
+        pass
 
 
 # ---------------------------------------------------------------------------------------------- item 7: before any work

@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from pocketlm.config import ConfigError

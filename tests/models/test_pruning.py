@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from pocketlm.models.importance import Importance, compute_importance
 from pocketlm.models.pruning import (
-    PruneTarget, PruneTargetError, apply_plan, choose_target, non_embedding_params, plan_pruning, prune,
+    PruneTarget, PruneTargetError, choose_target, non_embedding_params, plan_pruning, prune,
 )
 from pocketlm.models.student import PocketLMConfig, PocketLMForCausalLM
 

@@ -10,10 +10,13 @@ Which folders pocketlm may write into at all, and when it may replace one, is `p
 """
 from __future__ import annotations
 
+import base64
 import errno
+import io
 import json
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -118,10 +121,8 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     block ends, removed when it fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))  # a new name: nothing is removed
     try:
-        tmp.mkdir()
         yield tmp
         replace_folder(tmp, path)
     except BaseException as e:
@@ -129,3 +130,11 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         if isinstance(e, SafetensorError):
             raise as_write_error(e, path) from e
         raise
+
+
+# ---------------------------------------------------------------------------------------------- figures
+def figure_data_uri(fig, dpi: int = 90) -> str:
+    """A matplotlib figure as an inline PNG (``data:image/png;base64,...``), for self-contained HTML pages."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")

@@ -26,7 +26,7 @@ from safetensors import safe_open
 
 from pocketlm.core.fingerprint import fingerprint_tokenizer
 from pocketlm.core.integrity import sha256_tensors
-from pocketlm.core.outdir import save_tensors
+from pocketlm.core.io import save_tensors_atomic
 
 
 class DataError(ValueError):
@@ -283,7 +283,7 @@ def pack(docs: Sequence[str], tokenizer, block_size: int) -> torch.Tensor:
 def within_budget(blocks: torch.Tensor, max_tokens: int, seed: int) -> torch.Tensor:
     """The first ceil(max_tokens / L) blocks of a seeded shuffle (all of them, shuffled, when there are fewer).
 
-    The trainer (`distill.trainer.batch_indices`) draws each epoch as a fresh seeded permutation of whatever blocks
+    The trainer (`pocketlm.training.batch_indices`) draws each epoch as a fresh seeded permutation of whatever blocks
     it is given and drops the last partial batch, so a run of S steps reads S · grad_accum · batch_size blocks:
     a budget below that repeats blocks (more epochs), one above it leaves blocks (and their teacher cache) unread.
     """
@@ -341,11 +341,9 @@ def build_blocks(
         train = within_budget(train, max_train_tokens, seed)
     val = pack(val_docs, tokenizer, block_size) if val_docs else torch.empty(0, block_size, dtype=torch.long)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
         tensors = {"train": train.contiguous(), "val": val.contiguous()}
-        save_tensors(tensors, tmp, metadata={"sha256": sha256_tensors(tensors)})
-        os.replace(tmp, path)  # a symlink in its place is replaced, never followed
+        # through a temporary file and a rename: a symlink in its place is replaced, never followed
+        save_tensors_atomic(tensors, path, metadata={"sha256": sha256_tensors(tensors)})
     return TokenBlocks(train, val, key, block_size, val_docs, decontamination)
 
 

@@ -20,6 +20,7 @@ import torch
 from matplotlib.figure import Figure
 
 from pocketlm.inspect.attention import AttentionMaps, capture_attention, mean_entropy
+from pocketlm.core.io import write_text_atomic
 from pocketlm.core.results import Metric, Results
 
 MAX_LABELS = 48  # more tokens than this: label every k-th so the axis stays legible
@@ -225,10 +226,7 @@ def render_html(views: Sequence[tuple[str, AttentionMaps]], *, text: str, title:
 
 def write_html(path: str | os.PathLike, views: Sequence[tuple[str, AttentionMaps]], *, text: str,
                title: str = "pocketlm attention") -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_html(views, text=text, title=title), encoding="utf-8")
-    return path
+    return write_text_atomic(path, render_html(views, text=text, title=title))
 
 
 # --- the `pocketlm attention` command's API ---------------------------------------------------------------------

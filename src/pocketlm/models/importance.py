@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pocketlm.core.integrity import RecordError, read_json
-from pocketlm.core.outdir import write_text_atomic
+from pocketlm.core.io import write_text_atomic
 from pocketlm.models.student import BlockOutput, PocketLMForCausalLM
 
 

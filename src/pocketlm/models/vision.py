@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocketlm.core.integrity import RecordError, read_json
+from pocketlm.core.io import atomic_folder
 from pocketlm.models.projectors import ProjectorParams, build_projector
 from pocketlm.models.student import IGNORE_INDEX, causal_lm_loss
 from pocketlm.models.vit import VIT_KIND, HFVisionEncoder, ViT
@@ -257,25 +256,13 @@ class VisionLanguageModel(nn.Module):
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
+        with atomic_folder(folder) as tmp:
             (tmp / "vlm_config.json").write_text(json.dumps(self.config_dict(), indent=2) + "\n")
             self.encoder.save(tmp / "encoder")
             save_file({k: v.detach().contiguous() for k, v in self.projector.state_dict().items()},
                       str(tmp / "projector.safetensors"))
             self.lm.save_pretrained(tmp / "lm")
             self.tokenizer.save_pretrained(tmp / "lm")
-            if folder.exists():
-                old = folder.with_name(f".{folder.name}.old{os.getpid()}")
-                folder.rename(old)
-                tmp.rename(folder)
-                shutil.rmtree(old)
-            else:
-                tmp.rename(folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return folder
 
     @classmethod

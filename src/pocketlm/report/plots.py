@@ -6,10 +6,11 @@ draw). Text in figures is rasterised, so nothing a model wrote can become markup
 from __future__ import annotations
 
 import base64
-import io
 import math
 from pathlib import Path
 from typing import Any, Sequence
+
+from pocketlm.core.io import figure_data_uri
 
 ROLE_COLORS = {"teacher": "#7f7f7f", "student": "#1f77b4", "ce_baseline": "#ff7f0e"}
 Interval = tuple[float, float] | None
@@ -25,11 +26,9 @@ def _plt():
 
 
 def to_data_uri(fig) -> str:
-    plt = _plt()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    uri = figure_data_uri(fig)
+    _plt().close(fig)
+    return uri
 
 
 def png_file_uri(path: str | Path) -> str | None:

@@ -2,14 +2,13 @@
 (``inspect.attention``)."""
 from __future__ import annotations
 
-import base64
-import io
 import time
 from typing import Any, Optional
 
 from pydantic import Field
 
 from pocketlm.core.config import StrictModel
+from pocketlm.core.io import figure_data_uri
 from pocketlm.core.provenance import provenance
 from pocketlm.core.results import Metric, Results
 from pocketlm.tasks.base import Context, Entry, StageOutput, Task, View, register
@@ -23,14 +22,6 @@ class AttentionProbe(StrictModel):
     max_heads: int = Field(4, ge=1)  # heat-maps per layer
 
 
-def png_data_uri(fig) -> str:
-    """A heat-map figure (a plain `matplotlib.figure.Figure`, no pyplot state) as an inline PNG, drawn as
-    `report.plots.to_data_uri` draws the report's own."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def heatmap_uris(maps, layers: list[int], max_heads: int, label: str) -> list[dict[str, str]]:
     from pocketlm.inspect.heatmap import layer_figure
 
@@ -39,7 +30,7 @@ def heatmap_uris(maps, layers: list[int], max_heads: int, label: str) -> list[di
         pattern, heads = maps.patterns[layer][:max_heads], maps.head_ids[layer][:max_heads]
         title = f"{label} · layer {layer}"
         out.append({"title": title, "layer": layer,
-                    "png": png_data_uri(layer_figure(pattern, maps.tokens, title=title, head_ids=heads))})
+                    "png": figure_data_uri(layer_figure(pattern, maps.tokens, title=title, head_ids=heads))})
     return out
 
 

@@ -20,7 +20,7 @@ import hashlib
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from pocketlm.core.pipeline_doc import Entry
 from pocketlm.core.registry import Registry
@@ -104,6 +104,45 @@ class Task:
 
     def run(self, ctx: Context) -> StageOutput:
         raise NotImplementedError
+
+
+class SetsTask(Task):
+    """A task over a list of configured sets or suites (``eval.perplexity``, ``audit.bias``, ...), each with a
+    ``data`` path and an entry name (the field ``entry_field``); on when the list is not empty."""
+
+    section: str = ""  # the config list, dotted: "eval.perplexity"
+    entry_field: str = "name"
+
+    def sets(self, cfg: Any) -> list:
+        node = cfg
+        for part in self.section.split("."):
+            node = getattr(node, part)
+        return list(node)
+
+    def entry(self, item: Any) -> str:
+        return getattr(item, self.entry_field)
+
+    def enabled(self, cfg: Any) -> bool:
+        return bool(self.sets(cfg))
+
+    def measures(self, cfg: Any) -> list[str]:
+        return [self.entry(x) for x in self.sets(cfg)]
+
+    def present(self, ctx: Context) -> Iterator[tuple[Any, Path]]:
+        """(set, its data path) for each set whose data is there; an absent one goes to ``ctx.missing``, named by
+        its field; a set without data of its own (``data: null`` where the task allows it) is passed over."""
+        for i, item in enumerate(self.sets(ctx.cfg)):
+            path = ctx.cfg.data_path(item.data)
+            if path is None:
+                continue
+            if not path.exists():
+                ctx.missing(self.entry(item), f"{self.section}.{i}.data", path)
+                continue
+            yield item, path
+
+    def measured(self, ctx: Context) -> list:
+        """The sets whose data is there (the skipped ones are left out, with their reason)."""
+        return [x for x in self.sets(ctx.cfg) if self.entry(x) not in ctx.skipped]
 
 
 TASKS: Registry[Task] = Registry("pipeline stage")

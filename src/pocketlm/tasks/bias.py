@@ -9,7 +9,7 @@ from pydantic import Field
 
 from pocketlm.core.config import StrictModel
 from pocketlm.tasks.base import (
-    NAME_PATTERN, Context, Entry, StageOutput, Task, View, audit_inputs, measured, register, scoring_version,
+    NAME_PATTERN, audit_inputs, Context, Entry, register, scoring_version, SetsTask, StageOutput, View,
 )
 
 
@@ -30,25 +30,19 @@ class BiasSuiteConfig(StrictModel):
         return self.name or self.suite
 
 
-class BiasTask(Task):
+class BiasTask(SetsTask):
     name, phase = "bias", "audit"
+    section = "audit.bias"
+    entry_field = "entry"
     views = (View("bias", group_headlines=(), card_task=("text-generation", "Social bias")),)
 
-    def enabled(self, cfg: Any) -> bool:
-        return bool(cfg.audit.bias)
 
-    def measures(self, cfg: Any) -> list[str]:
-        return [b.entry for b in cfg.audit.bias]
 
     def check(self, ctx: Context) -> None:
         from pocketlm.data.suites import load_suite, sample_items
 
         cfg = ctx.cfg
-        for i, b in enumerate(cfg.audit.bias):
-            path = cfg.data_path(b.data)
-            if not path.exists():
-                ctx.missing(b.entry, f"audit.bias.{i}.data", path)
-                continue
+        for b, path in self.present(ctx):
             data = sample_items(load_suite(b.suite, path), b.limit, cfg.train.seed)
             ctx.inputs[b.entry] = {"data": data, "hash": data.hash}
 
@@ -62,7 +56,7 @@ class BiasTask(Task):
         from pocketlm.audit.bias_core import compute_metrics
 
         entries = []
-        for b in measured(ctx, ctx.cfg.audit.bias, lambda x: x.entry):
+        for b in self.measured(ctx):
             data = ctx.inputs[b.entry]["data"]
             student, tok = ctx.model("student")
             teacher = ctx.model("teacher")

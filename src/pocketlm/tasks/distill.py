@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pocketlm.core.io import write_text_atomic
 from pocketlm.core.provenance import provenance
 from pocketlm.core.results import Metric, Results
 from pocketlm.tasks.base import Context, Entry, StageOutput, Task, View, model_identity, path_identity, register, \
@@ -57,7 +58,7 @@ def train(ctx: Context, stage_name: str, role: str) -> StageOutput:
             shutil.rmtree(run_dir / sub, ignore_errors=True)
         resume = False
     subfolder(run_dir, kind="distill")  # ours, so the distill run may use it
-    stamp.write_text(ctx.keys[stage_name])
+    write_text_atomic(stamp, ctx.keys[stage_name])
     prep = ctx.prepared()
     result = run_distill(dcfg, resume=resume, progress=ctx.progress, prepared=prep, desc=role)
     student, tok = load_model(result.student_dir)
@@ -67,8 +68,8 @@ def train(ctx: Context, stage_name: str, role: str) -> StageOutput:
     entries = []
     if role == "student":
         heldout = run_dir / "heldout.jsonl"
-        heldout.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in prep.blocks.val_docs),
-                           encoding="utf-8")
+        write_text_atomic(heldout, "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n"
+                                           for d in prep.blocks.val_docs))
         facts |= {"teacher_fingerprint": prep.teacher_fingerprint, "heldout_file": ctx.rel(heldout),
                   "heldout_hash": hash_documents(prep.blocks.val_docs), "tokenizer_fingerprint":
                   prep.tokenizer_fingerprint}

@@ -13,8 +13,7 @@ from pocketlm.core.config import StrictModel
 from pocketlm.core.integrity import RecordError
 from pocketlm.core.results import Metric, Results
 from pocketlm.tasks.base import (
-    NAME_PATTERN, Context, StageOutput, Task, View, against_teacher, measured, register, role_entries,
-    scoring_version,
+    NAME_PATTERN, against_teacher, Context, register, role_entries, scoring_version, SetsTask, StageOutput, View,
 )
 
 
@@ -76,34 +75,24 @@ def heldout(ctx: Context) -> tuple[list[str], str]:
     return docs, "held-out documents of the distillation data"
 
 
-class PerplexityTask(Task):
+class PerplexityTask(SetsTask):
     name, phase = "perplexity", "evaluate"
+    section = "eval.perplexity"
     views = (View("perplexity", card_task=("text-generation", "Language modelling")),)
 
-    def enabled(self, cfg: Any) -> bool:
-        return bool(cfg.eval.perplexity)
 
-    def measures(self, cfg: Any) -> list[str]:
-        return [p.name for p in cfg.eval.perplexity]
 
     def check(self, ctx: Context) -> None:
         from pocketlm.data.text import hash_documents, read_documents
 
-        cfg = ctx.cfg
-        for i, p in enumerate(cfg.eval.perplexity):
-            path = cfg.data_path(p.data)
-            if path is None:
-                continue
-            if not path.exists():
-                ctx.missing(p.name, f"eval.perplexity.{i}.data", path)
-                continue
+        for p, path in self.present(ctx):
             docs = read_documents(path, field=p.field, split=p.split, max_documents=p.max_documents,
                                   txt_split=p.txt_split)
             ctx.inputs[p.name] = {"docs": docs, "source": str(path), "hash": hash_documents(docs)}
 
     def inputs(self, ctx: Context) -> dict[str, Any]:
         sets = []
-        for p in measured(ctx, ctx.cfg.eval.perplexity, lambda x: x.name):
+        for p in self.measured(ctx):
             data = ctx.fact("heldout_hash") if p.data is None else ctx.inputs[p.name]["hash"]
             sets.append({**p.model_dump(mode="json"), "data_hash": data})
         return {"sets": sets, "batch_size": ctx.cfg.eval.batch_size, "precision": ctx.cfg.eval.precision,
@@ -113,7 +102,7 @@ class PerplexityTask(Task):
         from pocketlm.eval.perplexity import perplexity_results
 
         entries = []
-        for p in measured(ctx, ctx.cfg.eval.perplexity, lambda x: x.name):
+        for p in self.measured(ctx):
             docs, source = heldout(ctx) if p.data is None else (ctx.inputs[p.name]["docs"],
                                                                 ctx.inputs[p.name]["source"])
             by_role = {}

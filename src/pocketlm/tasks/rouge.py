@@ -12,7 +12,7 @@ from pydantic import Field
 from pocketlm.core.config import StrictModel
 from pocketlm.core.results import Metric, Results
 from pocketlm.tasks.base import (
-    NAME_PATTERN, Context, StageOutput, Task, View, against_teacher, measured, register, role_entries,
+    NAME_PATTERN, against_teacher, Context, register, role_entries, SetsTask, StageOutput, View,
 )
 
 
@@ -55,26 +55,18 @@ def _samples(role: str, res: dict[str, Any]) -> list[dict[str, Any]]:
              "text": x.get("prediction", "")} for x in res.get("details", {}).get("items", [])[:3]]
 
 
-class RougeTask(Task):
+class RougeTask(SetsTask):
     name, phase = "rouge", "evaluate"
+    section = "eval.rouge"
     views = (View("rouge", samples=_samples, card_task=("summarization", "Summarization")),)
 
-    def enabled(self, cfg: Any) -> bool:
-        return bool(cfg.eval.rouge)
 
-    def measures(self, cfg: Any) -> list[str]:
-        return [r.name for r in cfg.eval.rouge]
 
     def check(self, ctx: Context) -> None:
         from pocketlm.data.text import hash_documents
         from pocketlm.eval.rouge import read_prompts, read_summarization_data
 
-        cfg = ctx.cfg
-        for i, r in enumerate(cfg.eval.rouge):
-            path = cfg.data_path(r.data)
-            if not path.exists():
-                ctx.missing(r.name, f"eval.rouge.{i}.data", path)
-                continue
+        for r, path in self.present(ctx):
             if r.task == "fidelity":
                 texts = read_prompts(str(path), prompt_field=r.prompt_field, document_field=r.document_field,
                                      split=r.split)
@@ -86,14 +78,14 @@ class RougeTask(Task):
 
     def inputs(self, ctx: Context) -> dict[str, Any]:
         return {"sets": [{**r.model_dump(mode="json"), "data": ctx.inputs[r.name]["hash"]}
-                         for r in measured(ctx, ctx.cfg.eval.rouge, lambda x: x.name)],
+                         for r in self.measured(ctx)],
                 "models": ctx.fingerprints(), "seed": ctx.seed, "teacher_dtype": ctx.cfg.teacher_dtype}
 
     def run(self, ctx: Context) -> StageOutput:
         from pocketlm.eval.rouge import RougeSettings, run_rouge
 
         entries = []
-        for r in measured(ctx, ctx.cfg.eval.rouge, lambda x: x.name):
+        for r in self.measured(ctx):
             base = RougeSettings()
             settings = RougeSettings(template=r.template, chat=r.chat, stem=r.stem, limit=r.limit, seed=ctx.seed,
                                      generation=dataclasses.replace(base.generation, max_new_tokens=r.max_new_tokens,

@@ -15,7 +15,7 @@ from pocketlm.core.config import StrictModel
 from pocketlm.core.provenance import provenance
 from pocketlm.core.results import Results
 from pocketlm.tasks.base import (
-    AUDIT_ROLES, NAME_PATTERN, Context, Entry, StageOutput, Task, View, audit_inputs, measured, register,
+    AUDIT_ROLES, NAME_PATTERN, audit_inputs, Context, Entry, register, SetsTask, StageOutput, View,
 )
 
 
@@ -96,8 +96,10 @@ def _samples(role: str, res: dict[str, Any]) -> list[dict[str, Any]]:
              "text": x["text"]} for x in res.get("details", {}).get("most_toxic", [])]
 
 
-class ToxicityTask(Task):
+class ToxicityTask(SetsTask):
     name, phase = "toxicity", "audit"
+    section = "audit.toxicity"
+    entry_field = "entry"
     # figures drawn per group: the headline statistics with the fluency and diversity of the same generations beside
     # them (a model can be harmless by being incoherent)
     views = (View("toxicity", group_headlines=("expected_max_toxicity", "toxicity_probability",
@@ -106,11 +108,7 @@ class ToxicityTask(Task):
                   samples_note="; the highest-scoring continuations — may be offensive", report_note=REPORT_NOTE,
                   card_task=("text-generation", "Prompted toxicity"), summary_rows=2),)
 
-    def enabled(self, cfg: Any) -> bool:
-        return bool(cfg.audit.toxicity)
 
-    def measures(self, cfg: Any) -> list[str]:
-        return [t.entry for t in cfg.audit.toxicity]
 
     def check(self, ctx: Context) -> None:
         from pocketlm.audit.prompt_suites import load_suite, select
@@ -118,11 +116,7 @@ class ToxicityTask(Task):
         from pocketlm.data.text import hash_documents
 
         cfg = ctx.cfg
-        for i, t in enumerate(cfg.audit.toxicity):
-            path = cfg.data_path(t.data)
-            if not path.exists():
-                ctx.missing(t.entry, f"audit.toxicity.{i}.data", path)
-                continue
+        for t, path in self.present(ctx):
             suite = load_suite(t.suite, path)
             prompts = select(suite.prompts, t.limit, cfg.train.seed)
             scorer = build_scorer(t.scorer, label=t.toxic_label)
@@ -141,7 +135,7 @@ class ToxicityTask(Task):
         from pocketlm.audit.prompted import generate_scored, most_toxic, rtp_settings, write_generations
 
         entries = []
-        for t in measured(ctx, ctx.cfg.audit.toxicity, lambda x: x.entry):
+        for t in self.measured(ctx):
             got = ctx.inputs[t.entry]
             loaded, prompts, scorer = got["suite"], got["prompts"], got["scorer"]
             settings = rtp_settings(samples=t.samples, seed=ctx.seed, batch_size=t.batch_size,
