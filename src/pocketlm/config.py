@@ -29,8 +29,6 @@ from pocketlm.distill.config import (
 )
 from pocketlm.models.config import MoEConfig, PruningConfig, StudentConfig
 
-_Strict = StrictModel
-_registered = registered
 
 __all__ = [
     "SEED_MAX", "ConfigError", "DataConfig", "DistillConfig", "LossConfig", "MoEConfig", "PruningConfig",

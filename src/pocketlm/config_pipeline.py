@@ -13,7 +13,8 @@ from typing import Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from pocketlm.config import DistillConfig, _Strict, load_config
+from pocketlm.config import DistillConfig, load_config
+from pocketlm.core.config import StrictModel
 from pocketlm.tasks import TASKS
 from pocketlm.tasks.attention import AttentionProbe
 from pocketlm.tasks.bias import BiasSuiteConfig
@@ -36,25 +37,25 @@ def _reserved() -> set[str]:
 
 
 # each section's own model lives with its task (pocketlm.tasks.<task>); these group them as the YAML does
-class EvalConfig(_Strict):
+class EvalConfig(StrictModel):
     perplexity: list[PerplexitySet] = [PerplexitySet()]
     rouge: list[RougeSet] = []
     batch_size: int = Field(8, ge=1)
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
 
 
-class AuditConfig(_Strict):
+class AuditConfig(StrictModel):
     bias: list[BiasSuiteConfig] = []
     toxicity: list[ToxicitySuiteConfig] = []
     n_resamples: int = Field(1000, ge=100)
 
 
-class InspectConfig(_Strict):
+class InspectConfig(StrictModel):
     size: SizeProbe = SizeProbe()
     attention: AttentionProbe = AttentionProbe()
 
 
-class Gate(_Strict):
+class Gate(StrictModel):
     rule: str
     name: Optional[str] = None  # default: the rule itself
 
@@ -67,7 +68,7 @@ class Gate(_Strict):
         return v
 
 
-class CardConfig(_Strict):
+class CardConfig(StrictModel):
     """What only the user can say; the card states plainly what is missing."""
 
     model_name: Optional[str] = None

@@ -112,8 +112,12 @@ def _stored(path: Path, key: str, out: Path) -> dict[str, Any] | None:
     if not isinstance(rec, dict) or rec.get("schema") != STAGE_SCHEMA or rec.get("key") != key:
         return None
     facts = rec.get("facts", {})
-    if not isinstance(facts, dict):
+    if not isinstance(facts, dict) or not isinstance(rec.get("wall_time_s"), (int, float)):
         return None  # not the shape we write: redone, like a damaged record
+    try:
+        [Entry.from_dict(e) for e in rec.get("entries", [])]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None  # entries we cannot read back: redone
     for name, value in facts.items():
         if name.endswith(("_dir", "_file")) and not isinstance(value, str):
             return None

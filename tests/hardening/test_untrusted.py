@@ -202,3 +202,36 @@ def test_source_never_unpickles_or_evals():
             if re.search(r"trust_remote_code\s*=\s*True", code):
                 bad.append(where)
     assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("command", ["size", "attention", "vlm caption"])
+def test_the_flag_reaches_the_loader_of_every_command_that_loads(monkeypatch, tmp_path, teacher_dir, command):
+    """`--trust-remote-code` is an argument now, not process state: each command must pass it on itself (the size
+    measurement and the VLM commands once dropped it)."""
+    import transformers
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from pocketlm.cli import app
+    from pocketlm.models import load
+    from pocketlm.models.vision import VisionLanguageModel
+
+    seen: list = []
+
+    def fake(*args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        raise OSError("stop here")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake)
+    monkeypatch.setattr(VisionLanguageModel, "load", classmethod(lambda cls, *a, **k: fake(*a, **k)))
+    monkeypatch.delenv(load.REMOTE_CODE_ENV, raising=False)
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(image)
+    argv = {"size": ["size", str(teacher_dir), "--measure", "--out", str(tmp_path / "s.json")],
+            "attention": ["attention", "--model", str(teacher_dir), "--text", "a b c", "--out", str(tmp_path / "a")],
+            "vlm caption": ["vlm", "caption", str(image), "--model", str(tmp_path), "--out", str(tmp_path / "c.json")],
+            }[command]
+    for flag in ([], ["--trust-remote-code"]):
+        result = CliRunner().invoke(app, [*flag, *argv])
+        assert result.exit_code != 0 and "stop here" in result.output, result.output
+    assert [bool(s) for s in seen] == [False, True]

@@ -93,6 +93,9 @@ def test_missing_provenance_is_said_not_hidden():
     doc = make_doc()
     doc.provenance = {}
     assert "No provenance was recorded" in render_report(doc)
+    raw = make_doc().to_dict()  # a document written without the key at all (an older or a hand-made one)
+    del raw["provenance"]
+    assert "No provenance was recorded" in render_report(raw)
 
 
 def test_fluency_and_diversity_shown_beside_toxicity():

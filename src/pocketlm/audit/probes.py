@@ -302,8 +302,9 @@ def run_probes(
     if samples:
         prompts = [Prompt(f"{n}:{i}", f.text, f.group, n) for n, fs in fillings.items() for i, f in enumerate(fs)]
         merged = [stack_scored([r[n][1] for n in fillings]) for _, r in runs]
-        write_generations(Path(out or ".") / "generations.jsonl", prompts, merged[0],
-                          merged[1] if baseline_spec else None)
+        if out is not None:  # only into the folder the caller names (never the working directory by default)
+            write_generations(Path(out) / "generations.jsonl", prompts, merged[0],
+                              merged[1] if baseline_spec else None)
     res = Results(
         kind="probes", model=runs[0][0], baseline=runs[1][0] if baseline_spec else None,
         data={"source": str(probes or shipped_probes()), "sets": {n: len(fs) for n, fs in fillings.items()},
@@ -313,7 +314,8 @@ def run_probes(
                   "test": "scipy.stats.permutation_test, paired by template (sign flips), two-sided; Holm over "
                           "the pairs of one set and figure; alpha 0.05",
                   "loglik": "sum log P(template words after the slot | words up to the group term)"},
-        metrics=metrics, details={"sets": details, "generations_file": "generations.jsonl" if samples else None},
+        metrics=metrics, details={"sets": details, "generations_file": "generations.jsonl" if samples and out is not None
+                                                   else None},
         provenance=provenance(), wall_time_s=time.perf_counter() - t0,
     )
     return ProbesAudit(res, prompts, merged)

@@ -17,6 +17,7 @@ def _show_conversions() -> None:
 
 
 def vlm_train(
+    ctx: typer.Context,
     config: Path = typer.Argument(..., help="YAML VLM config (see configs/vlm_shapes.yaml)."),
     set_: List[str] = typer.Option([], "--set", help="Override a config field: --set stage2.steps=100."),
     quiet: bool = QUIET,
@@ -30,7 +31,7 @@ def vlm_train(
     _show_conversions()
     try:
         cfg = load_config(VLMConfig, config, set_)
-        res = run_train(cfg, progress=not quiet, overwrite=overwrite)
+        res = run_train(cfg, progress=not quiet, overwrite=overwrite, trust_remote_code=remote_code(ctx))
     except _EXPECTED as e:
         _fail(e)
     typer.echo(res.table())
@@ -74,6 +75,7 @@ def vlm_eval(
 
 
 def vlm_caption(
+    ctx: typer.Context,
     image: Path = typer.Argument(..., help="An image file."),
     model: Path = typer.Option(..., "--model", help="A VLM folder."),
     prompt: Optional[str] = typer.Option(None, help="Prompt with one <image> marker (default: the caption "
@@ -89,7 +91,8 @@ def vlm_caption(
     _show_conversions()
     try:
         check_result_file(out, overwrite=overwrite)  # before any work
-        res = caption_results(model, image, prompt=prompt, attention=attention, max_new_tokens=max_new_tokens)
+        res = caption_results(model, image, prompt=prompt, attention=attention, max_new_tokens=max_new_tokens,
+                              trust_remote_code=remote_code(ctx))
         path = res.write(out)
     except _EXPECTED as e:
         _fail(e)

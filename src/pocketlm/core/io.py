@@ -101,12 +101,16 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def replace_folder(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
-    """Move the finished folder `tmp` to `final` (beside it); an existing `final` is moved aside first
-    (``.old-NAME-PID``) and removed after, so `final` is never half-written. The rename is flushed to disk."""
+def replace_folder(tmp: str | os.PathLike, final: str | os.PathLike, *, aside: str | None = None) -> None:
+    """Move the finished folder `tmp` to `final` (beside it); an existing `final` is moved aside first (to a new
+    name, or to `aside` — a name the caller owns, e.g. the checkpoints' ``.old-step-N-PID``) and removed after, so
+    `final` is never half-written. The caller answers for `final` being its own to replace. The rename is flushed
+    to disk."""
     tmp, final = Path(tmp), Path(final)
     if final.exists():
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        # os.replace onto the empty folder mkdtemp makes: nothing of anyone else's is at that name
+        old = final.with_name(aside) if aside else Path(tempfile.mkdtemp(prefix=f".old-{final.name}-",
+                                                                          dir=final.parent))
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
@@ -116,12 +120,20 @@ def replace_folder(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
 
 
 @contextmanager
-def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_folder(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
     """A new temporary folder beside `path` for the block to fill; swapped into place (`replace_folder`) when the
-    block ends, removed when it fails."""
+    block ends, removed when it fails. With ``replace=False`` an existing `path` (one that is not ours to replace:
+    a user's folder written into with ``--overwrite``) is written in place instead — same-named files replaced,
+    nothing deleted."""
     path = Path(path)
+    if path.exists() and not replace:
+        yield path
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))  # a new name: nothing is removed
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the folder it becomes gets the usual mode
     try:
         yield tmp
         replace_folder(tmp, path)

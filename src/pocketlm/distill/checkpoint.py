@@ -155,7 +155,8 @@ def save_checkpoint(
         # written last: its presence marks the folder complete
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1, default=_json_default))
         _fsync_dir(tmp)
-        replace_folder(tmp, final)  # the old one (if any) as .old-step-N-PID meanwhile; the rename flushed
+        # the old one (if any) as .old-step-N-PID meanwhile (cleaned up by _LEFTOVER); the rename flushed
+        replace_folder(tmp, final, aside=f".old-{final.name}-{os.getpid()}")
     except (OSError, SafetensorError) as e:  # a full disk, a quota, an I/O error: say what is intact
         e = as_write_error(e, tmp)
         shutil.rmtree(tmp, ignore_errors=True)

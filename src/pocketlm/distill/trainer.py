@@ -58,7 +58,8 @@ class TrainResult:
 
 
 # settings that may change between a run and its resumption without changing what is computed
-_RESUME_FREE = {"train.eval_every", "train.save_every", "train.keep_checkpoints", "train.eval_batch_size", "max_memory"}
+_RESUME_FREE = {"train.eval_every", "train.save_every", "train.keep_checkpoints", "train.eval_batch_size", "max_memory",
+                "trust_remote_code"}  # how a run is watched or loaded, not what it computes
 
 
 def _differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:

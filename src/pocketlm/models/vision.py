@@ -251,12 +251,13 @@ class VisionLanguageModel(nn.Module):
                 "processor": self.processor.to_dict(), "image_token": IMAGE_TOKEN,
                 "num_image_tokens": self.num_image_tokens}
 
-    def save(self, folder: str | os.PathLike) -> Path:
-        """Write the whole model into ``folder`` (a temporary folder renamed into place: never half written)."""
+    def save(self, folder: str | os.PathLike, *, replace: bool = True) -> Path:
+        """Write the whole model into ``folder`` (a temporary folder renamed into place: never half written); with
+        ``replace=False`` an existing folder (not ours to replace) is written into, deleting nothing."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        with atomic_folder(folder) as tmp:
+        with atomic_folder(folder, replace=replace) as tmp:
             (tmp / "vlm_config.json").write_text(json.dumps(self.config_dict(), indent=2) + "\n")
             self.encoder.save(tmp / "encoder")
             save_file({k: v.detach().contiguous() for k, v in self.projector.state_dict().items()},
@@ -266,7 +267,8 @@ class VisionLanguageModel(nn.Module):
         return folder
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, *, dtype: str = "float32") -> VisionLanguageModel:
+    def load(cls, folder: str | os.PathLike, *, dtype: str = "float32",
+             trust_remote_code: bool | None = None) -> VisionLanguageModel:
         from safetensors.torch import load_file
 
         folder = Path(folder)
@@ -286,7 +288,7 @@ class VisionLanguageModel(nn.Module):
         else:
             layer = enc.get("feature_layer")  # 0 (the embeddings) is a layer, not "unset"
             encoder = HFVisionEncoder.from_folder(folder / "encoder", -1 if layer is None else layer)
-        lm, tokenizer = load_model(folder / "lm", dtype=dtype)
+        lm, tokenizer = load_model(folder / "lm", dtype=dtype, trust_remote_code=trust_remote_code)
         pcfg = dict(cfg["projector"])
         kind = pcfg.pop("kind")
         params = ProjectorParams(**pcfg)

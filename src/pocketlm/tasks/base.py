@@ -27,7 +27,7 @@ from pocketlm.core.registry import Registry
 from pocketlm.core.results import Metric, Results
 
 __all__ = ["AUDIT_ROLES", "NAME_PATTERN", "Context", "Entry", "StageOutput", "StageUnavailable", "TASKS", "Task", "VIEWS", "View",
-           "against_teacher", "audit_inputs", "measured", "model_identity", "path_identity", "register",
+           "against_teacher", "audit_inputs", "model_identity", "path_identity", "register",
            "role_entries", "say", "scoring_version", "stamp_matches", "unavailable", "view"]
 
 
@@ -272,10 +272,6 @@ def against_teacher(by_role: dict[str, Results], deltas: Callable[[Results, Resu
             res.baseline = by_role["teacher"].model
 
 
-def measured(ctx: Context, items: list, name: Callable[[Any], str]) -> list:
-    """The configured sets or suites whose data is there (the skipped ones are left out, with their reason)."""
-    return [x for x in items if name(x) not in ctx.skipped]
-
 
 def scoring_version() -> dict[str, Any]:
     """What log-likelihood arithmetic a stored figure was made with (part of the keys of the tasks that score):
@@ -289,9 +285,8 @@ def scoring_version() -> dict[str, Any]:
 AUDIT_ROLES = ("teacher", "student")  # the audits compare these two on the same items
 
 
-def audit_inputs(ctx: Context, kind: str) -> dict[str, Any]:
-    """The key inputs of an audit task (``kind``: its list in the ``audit`` config section)."""
-    suites = getattr(ctx.cfg.audit, kind)
+def audit_inputs(ctx: Context, task: SetsTask) -> dict[str, Any]:
+    """The key inputs of an audit task (its suites in the ``audit`` config section)."""
     return {"suites": [{**s.model_dump(mode="json"), "data": ctx.inputs[s.entry]["hash"]}
-                       for s in measured(ctx, suites, lambda x: x.entry)],
+                       for s in task.measured(ctx)],
             "models": ctx.fingerprints(list(AUDIT_ROLES)), "seed": ctx.seed, "n_resamples": ctx.cfg.audit.n_resamples}

@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from pocketlm.core.config import StrictModel
+from pocketlm.core.config import StrictModel, registered
+from pocketlm.data.suites import SUITES
 from pocketlm.tasks.base import (
     NAME_PATTERN, audit_inputs, Context, Entry, register, scoring_version, SetsTask, StageOutput, View,
 )
@@ -16,7 +17,7 @@ from pocketlm.tasks.base import (
 class BiasSuiteConfig(StrictModel):
     """One log-likelihood bias suite (pocketlm.audit.bias), scored for teacher and student on the same items."""
 
-    suite: Literal["crows_pairs", "stereoset", "bbq", "winobias"]
+    suite: str  # a name of the suite registry (pocketlm.data.suites.SUITES)
     data: str  # the suite's file or folder (a relative path is under data_root)
     name: Optional[str] = Field(None, pattern=NAME_PATTERN)  # default: the suite's name
     limit: Optional[int] = Field(None, ge=1)  # a seeded random subset of this many items
@@ -24,6 +25,11 @@ class BiasSuiteConfig(StrictModel):
     # auto: bf16, then fp32 again for the items whose decision lies within the bf16 error bound (where bf16 is
     # native; else fp32): every decision fp32's (pocketlm.audit.bias)
     precision: Literal["fp32", "bf16", "auto"] = "auto"
+
+    @field_validator("suite")
+    @classmethod
+    def _known_suite(cls, v: str) -> str:
+        return registered(SUITES, v)
 
     @property
     def entry(self) -> str:
@@ -36,8 +42,6 @@ class BiasTask(SetsTask):
     entry_field = "entry"
     views = (View("bias", group_headlines=(), card_task=("text-generation", "Social bias")),)
 
-
-
     def check(self, ctx: Context) -> None:
         from pocketlm.data.suites import load_suite, sample_items
 
@@ -47,7 +51,7 @@ class BiasTask(SetsTask):
             ctx.inputs[b.entry] = {"data": data, "hash": data.hash}
 
     def inputs(self, ctx: Context) -> dict[str, Any]:
-        return {**audit_inputs(ctx, "bias"), "scoring": scoring_version()}
+        return {**audit_inputs(ctx, self), "scoring": scoring_version()}
 
     def run(self, ctx: Context) -> StageOutput:
         """Teacher and student on the same items, once each: the student's Results carry the paired deltas, the

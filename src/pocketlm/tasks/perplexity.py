@@ -80,8 +80,6 @@ class PerplexityTask(SetsTask):
     section = "eval.perplexity"
     views = (View("perplexity", card_task=("text-generation", "Language modelling")),)
 
-
-
     def check(self, ctx: Context) -> None:
         from pocketlm.data.text import hash_documents, read_documents
 

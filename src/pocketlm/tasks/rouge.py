@@ -60,8 +60,6 @@ class RougeTask(SetsTask):
     section = "eval.rouge"
     views = (View("rouge", samples=_samples, card_task=("summarization", "Summarization")),)
 
-
-
     def check(self, ctx: Context) -> None:
         from pocketlm.data.text import hash_documents
         from pocketlm.eval.rouge import read_prompts, read_summarization_data

@@ -7,11 +7,12 @@ the same per-item seeds, beside the fluency and diversity of the same generation
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from pocketlm.core.config import StrictModel
+from pocketlm.audit.prompt_suites import SUITES as PROMPT_SUITES
+from pocketlm.core.config import StrictModel, registered
 from pocketlm.core.provenance import provenance
 from pocketlm.core.results import Results
 from pocketlm.tasks.base import (
@@ -23,7 +24,7 @@ class ToxicitySuiteConfig(StrictModel):
     """Prompted toxicity (RealToxicityPrompts' figures) per group, teacher and student continuing the same
     prompts with the same per-item seeds."""
 
-    suite: Literal["toxigen", "rtp", "bold", "file"]
+    suite: str  # a name of the prompt-suite registry (pocketlm.audit.prompt_suites.SUITES)
     data: str
     name: Optional[str] = Field(None, pattern=NAME_PATTERN)
     limit: Optional[int] = Field(None, ge=1)  # a seeded subset stratified by (domain, group)
@@ -35,6 +36,11 @@ class ToxicitySuiteConfig(StrictModel):
     scorer: str = "profanity"  # profanity | hf:FOLDER
     toxic_label: Optional[str] = None
     sentiment: Optional[bool] = None  # VADER sentiment; null: on for bold
+
+    @field_validator("suite")
+    @classmethod
+    def _known_suite(cls, v: str) -> str:
+        return registered(PROMPT_SUITES, v)
 
     @property
     def entry(self) -> str:
@@ -108,8 +114,6 @@ class ToxicityTask(SetsTask):
                   samples_note="; the highest-scoring continuations — may be offensive", report_note=REPORT_NOTE,
                   card_task=("text-generation", "Prompted toxicity"), summary_rows=2),)
 
-
-
     def check(self, ctx: Context) -> None:
         from pocketlm.audit.prompt_suites import load_suite, select
         from pocketlm.audit.toxicity import build_scorer
@@ -125,7 +129,7 @@ class ToxicityTask(SetsTask):
 
     def inputs(self, ctx: Context) -> dict[str, Any]:
         # the figures are part of the key: records stored before fluency and diversity were measured are re-run
-        return {**audit_inputs(ctx, "toxicity"), "figures": [FLUENCY_FIGURE, DIVERSITY_FIGURE]}
+        return {**audit_inputs(ctx, self), "figures": [FLUENCY_FIGURE, DIVERSITY_FIGURE]}
 
     def run(self, ctx: Context) -> StageOutput:
         """Teacher and student continue the same prompts with the same per-item seeds; the teacher scores both

@@ -9,14 +9,14 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from pocketlm.config import _registered, _Strict
+from pocketlm.core.config import StrictModel, registered
 from pocketlm.data.scenes import COLOURS, KINDS
 
 Part = Literal["projector", "lm", "encoder"]
 Task = Literal["caption", "vqa"]
 
 
-class EncoderConfig(_Strict):
+class EncoderConfig(StrictModel):
     """``vit``: our own ViT, trained from scratch; ``hf``: any HF vision model folder (CLIP/SigLIP towers)."""
 
     kind: Literal["vit", "hf"] = "vit"
@@ -45,7 +45,7 @@ class EncoderConfig(_Strict):
         return self
 
 
-class ProjectorConfig(_Strict):
+class ProjectorConfig(StrictModel):
     kind: str = "mlp"
     num_tokens: int = Field(16, ge=1)  # resampler
     depth: int = Field(2, ge=1)  # resampler
@@ -58,10 +58,10 @@ class ProjectorConfig(_Strict):
     def _known(cls, v: str) -> str:
         from pocketlm.models.projectors import PROJECTORS
 
-        return _registered(PROJECTORS, v)
+        return registered(PROJECTORS, v)
 
 
-class LMConfig(_Strict):
+class LMConfig(StrictModel):
     """``path``: any causal LM (folder, .gguf, hub id, smollm2-135m-instruct) with its tokenizer. Without it, a new
     pocketlm student of the given shape over a word-level tokenizer built on the training text, first trained on
     that text alone for ``pretrain_steps`` (an LM has to know the language before LLaVA's stages)."""
@@ -88,7 +88,7 @@ class LMConfig(_Strict):
         return self
 
 
-class ShapesConfig(_Strict):
+class ShapesConfig(StrictModel):
     n_train: int = Field(3000, ge=1)  # images; each has a caption and several questions
     n_val: int = Field(100, ge=1)
     n_test: int = Field(300, ge=1)
@@ -116,12 +116,12 @@ class ShapesConfig(_Strict):
         return tuple(tuple(p.split()) for p in self.held_out)  # type: ignore[misc]
 
 
-class FolderSource(_Strict):
+class FolderSource(StrictModel):
     images: str
     captions: str  # COCO-style .json or .jsonl
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     kind: Literal["shapes", "folder"] = "shapes"
     shapes: ShapesConfig = ShapesConfig()
     train: Optional[FolderSource] = None  # folder
@@ -137,7 +137,7 @@ class DataConfig(_Strict):
         return self
 
 
-class StageConfig(_Strict):
+class StageConfig(StrictModel):
     """One training stage; the defaults are LLaVA's stage 1: the projector alone, on captions."""
 
     steps: int = Field(200, ge=0)
@@ -166,14 +166,14 @@ class Stage2Config(StageConfig):
     train: list[Part] = ["projector", "lm"]
 
 
-class EvalConfig(_Strict):
+class EvalConfig(StrictModel):
     max_new_tokens: int = Field(24, ge=1)
     batch_size: int = Field(64, ge=1)
     limit: Optional[int] = Field(None, ge=1)  # items per task
     blind: bool = True  # also answer without the image (the LM alone)
 
 
-class VLMConfig(_Strict):
+class VLMConfig(StrictModel):
     output_dir: str = "runs/vlm"
     seed: int = 0
     threads: Optional[int] = Field(None, ge=1)

@@ -149,7 +149,7 @@ def run_eval(model: str, data: VLData, *, settings: EvalConfig = EvalConfig(), b
 
     if threads:
         torch.set_num_threads(threads)
-    vlm = VisionLanguageModel.load(model)
+    vlm = VisionLanguageModel.load(model, trust_remote_code=trust_remote_code)
     blind = load_model(blind_lm, trust_remote_code=trust_remote_code) if blind_lm else None
     res = evaluate_vlm(vlm, data, spec=model, settings=settings, blind_lm=blind, blind_spec=blind_lm, seed=seed,
                        progress=progress)
@@ -169,7 +169,8 @@ def eval_data(images: str | Path | None = None, captions: str | Path | None = No
 
 
 def caption_results(model: str | Path, image: str | Path, *, prompt: str | None = None,
-                    attention: str | Path | None = None, max_new_tokens: int = 32) -> Results:
+                    attention: str | Path | None = None, max_new_tokens: int = 32,
+                    trust_remote_code: bool | None = None) -> Results:
     """`pocketlm vlm caption`: caption one image (or answer ``prompt`` about it, one ``<image>`` marker), greedy;
     with ``attention``, also draw the attention over patches per generated token to that PNG. The image and the
     prompt are checked before the model loads. → ``Results(kind="vlm_caption")``, the caption in its details."""
@@ -178,7 +179,7 @@ def caption_results(model: str | Path, image: str | Path, *, prompt: str | None 
     text = prompt or CAPTION_PROMPT
     if text.count("<image>") != 1:
         raise ValueError(f"the prompt {text!r} needs exactly one <image> marker, where the image goes")
-    vlm = VisionLanguageModel.load(model)
+    vlm = VisionLanguageModel.load(model, trust_remote_code=trust_remote_code)
     metrics, details = [], {"image": str(image), "prompt": text}
     if attention is not None:
         pa = attention_over_patches(vlm, img, text, max_new_tokens=max_new_tokens)

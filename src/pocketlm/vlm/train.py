@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pocketlm.core.io import atomic_folder
-from pocketlm.core.outdir import output_folder
+from pocketlm.core.outdir import output_folder, read_marker
 from pocketlm.core.paths import check_outputs
 from pocketlm.core.provenance import provenance
 from pocketlm.core.results import Metric, Results
@@ -87,7 +87,8 @@ def stage0_texts(data: VLData, with_captions: bool = False) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- building
-def build_vlm(cfg: VLMConfig, train_texts: Sequence[str]) -> VisionLanguageModel:
+def build_vlm(cfg: VLMConfig, train_texts: Sequence[str], *,
+              trust_remote_code: bool | None = None) -> VisionLanguageModel:
     """A new VLM as the config says: encoder (new ViT or HF folder), projector, LM (folder or new student)."""
     torch.manual_seed(cfg.seed)
     e = cfg.encoder
@@ -98,7 +99,7 @@ def build_vlm(cfg: VLMConfig, train_texts: Sequence[str]) -> VisionLanguageModel
         encoder = HFVisionEncoder.from_folder(e.path, e.feature_layer)
         processor = _hf_processor(Path(e.path), encoder.image_size)
     if cfg.lm.path:
-        lm, tokenizer = load_model(cfg.lm.path)
+        lm, tokenizer = load_model(cfg.lm.path, trust_remote_code=trust_remote_code)
     else:
         tokenizer = word_tokenizer(train_texts)
         m = cfg.lm
@@ -274,7 +275,8 @@ def run_stage(vlm: VisionLanguageModel, name: str, stage: StageConfig, train: VL
     return result
 
 
-def run_train(cfg: VLMConfig, *, progress: bool = False, overwrite: bool = False) -> Results:
+def run_train(cfg: VLMConfig, *, progress: bool = False, overwrite: bool = False,
+              trust_remote_code: bool | None = None) -> Results:
     """Build, train (stage 0 when asked, stages 1 and 2) and save; returns the training results."""
     start = time.perf_counter()
     if cfg.threads:
@@ -286,7 +288,10 @@ def run_train(cfg: VLMConfig, *, progress: bool = False, overwrite: bool = False
     train, val = data["train"], data.get("val")
     # held for the run (new or a VLM folder of ours, locked); bad input leaves no empty folder behind
     with output_folder(out, kind="vlm", what="output_dir", overwrite=overwrite):
-        vlm = build_vlm(cfg, train.texts()).to(cfg.device)
+        # our own folder: its subfolders are swapped in whole; a user's folder (--overwrite) is written into,
+        # same-named files replaced and nothing deleted
+        ours = read_marker(out) is not None
+        vlm = build_vlm(cfg, train.texts(), trust_remote_code=trust_remote_code).to(cfg.device)
         pixels = {k: vlm.processor.to_uint8(v.images) for k, v in data.items()}
         log_path = out / "metrics.jsonl"
         log_path.write_text("")
@@ -305,15 +310,15 @@ def run_train(cfg: VLMConfig, *, progress: bool = False, overwrite: bool = False
         if cfg.lm.pretrain_steps:
             texts = stage0_texts(train, cfg.lm.pretrain_with_captions)
             stages["stage0"] = pretrain_lm(vlm, texts, cfg, log=log, progress=progress)
-            with atomic_folder(out / "text_lm") as tmp:  # the blind baseline, whole or not at all
+            with atomic_folder(out / "text_lm", replace=ours) as tmp:  # the blind baseline, whole or not at all
                 vlm.lm.save_pretrained(tmp)
                 vlm.tokenizer.save_pretrained(tmp)
         if cfg.stage1.steps:
             stages["stage1"] = run_stage(vlm, "stage1", cfg.stage1, train, val, pixels, cfg, log=log, progress=progress)
-            vlm.save(out / "stage1")
+            vlm.save(out / "stage1", replace=ours)
         if cfg.stage2.steps:
             stages["stage2"] = run_stage(vlm, "stage2", cfg.stage2, train, val, pixels, cfg, log=log, progress=progress)
-        final = vlm.save(out / "model")
+        final = vlm.save(out / "model", replace=ours)
         metrics = []
         for name, r in stages.items():
             metrics.append(Metric("train_loss", r["final_loss"], r["steps"], higher_is_better=False, group=name))
