@@ -17,7 +17,7 @@ temporary) plus the shard's top-k held until it is written (twice while it is co
 hidden states + the fp32 output rows of one chunk and logsumexp's temporary); generation, the prefill (body, KV
 cache, last-position logits) or the decoding (the whole KV cache and ~16 [b, V] fp32 rows for sampling), whichever
 is larger. MoE layers count the k active experts' intermediate width. Measured with torch's profiler on CPU, these
-are upper bounds within 1.6× of the real peak (tests/hardening/test_memory_guard.py); the Python interpreter, the
+are upper bounds within 1.6× of the real peak (tests/test_memory.py); the Python interpreter, the
 tokenizer and CUDA's context are not in the budget.
 
 Shape legend: b batch rows, t tokens per row, V vocabulary, d hidden size, f MLP width, n_h / n_kv query / key-value
