@@ -112,18 +112,20 @@ def _stored(path: Path, key: str, out: Path) -> dict[str, Any] | None:
     if not isinstance(rec, dict) or rec.get("schema") != STAGE_SCHEMA or rec.get("key") != key:
         return None
     facts = rec.get("facts", {})
-    if not isinstance(facts, dict) or not isinstance(rec.get("wall_time_s"), (int, float)):
+    if not isinstance(facts, dict):
         return None  # not the shape we write: redone, like a damaged record
-    try:
-        [Entry.from_dict(e) for e in rec.get("entries", [])]
-    except (KeyError, TypeError, ValueError, AttributeError):
-        return None  # entries we cannot read back: redone
     for name, value in facts.items():
         if name.endswith(("_dir", "_file")) and not isinstance(value, str):
             return None
         # a record is a file in the output folder, not to be trusted with paths that lead out of it
         if name.endswith(("_dir", "_file")) and value and not confined(out, value, f"{path} facts.{name}").exists():
             return None
+    if not isinstance(rec.get("wall_time_s"), (int, float)):
+        return None
+    try:
+        [Entry.from_dict(e) for e in rec.get("entries", [])]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None  # entries we cannot read back: redone, like a damaged record
     return rec
 
 

@@ -85,6 +85,23 @@ def test_a_stage_record_cannot_point_out_of_the_folder(out):
             _stored(rec, "k", out)
 
 
+def test_a_stage_record_whose_entries_cannot_be_read_back_is_redone(out):
+    """A record with the right key but entries of another shape is not trusted: the stage runs again (a None from
+    `_stored`), where reading it back would crash the run."""
+    from pocketlm.pipeline import STAGE_SCHEMA, _stored
+
+    rec = out / "stages" / "perplexity.json"
+    rec.parent.mkdir(exist_ok=True)
+    good = {"schema": STAGE_SCHEMA, "key": "k", "facts": {}, "wall_time_s": 1.0, "entries": []}
+    rec.write_text(json.dumps(good))
+    assert _stored(rec, "k", out) == good
+    for entries in ([{"role": "student"}], [{"role": "student", "entry": "x", "results": 3}], "not a list"):
+        rec.write_text(json.dumps({**good, "entries": entries}))
+        assert _stored(rec, "k", out) is None, entries
+    rec.write_text(json.dumps({**good, "wall_time_s": "soon"}))
+    assert _stored(rec, "k", out) is None
+
+
 def test_runs_refuse_an_output_folder_whose_subfolders_lead_out(tmp_path, teacher_dir, corpus_file):
     """distill (checkpoints), the pipeline (stages) and VLM training (model): refused before any work."""
     from pocketlm.config import DistillConfig
