@@ -134,6 +134,11 @@ def test_scoring_batches_fit_the_budget_and_score_the_same(teacher, tokenizer, m
                         lambda f, batch, *rest: sizes.append(len(batch)) or real_score(f, batch, *rest))
     guarded_peak, guarded = torch_peak(lambda: score_continuations(teacher, reqs, batch_size=64, max_memory=budget))
     batches = list(sizes)
+    # one full-suite run measured a third of the usual peak here (cause not found; alone it never did): the
+    # largest of three measurements is taken as the peak (a stricter check of "within the budget", too)
+    for _ in range(2):
+        guarded_peak = max(guarded_peak, torch_peak(
+            lambda: score_continuations(teacher, reqs, batch_size=64, max_memory=budget))[0])
     assert sum(batches) == len(reqs) and max(batches) < 64, batches
     unguarded_peak, unguarded = torch_peak(lambda: score_continuations(teacher, reqs, batch_size=64))
     one = score_continuations(teacher, reqs, batch_size=1)
