@@ -20,13 +20,16 @@ from pocketlm.tasks.attention import AttentionProbe
 from pocketlm.tasks.bias import BiasSuiteConfig
 from pocketlm.tasks.export import ExportConfig
 from pocketlm.tasks.perplexity import PerplexitySet
+from pocketlm.tasks.probes import ProbesConfig
+from pocketlm.tasks.prune_heads import PruneHeadsProbe
 from pocketlm.tasks.rouge import RougeSet
+from pocketlm.tasks.scorer_check import ScorerCheckConfig
 from pocketlm.tasks.size import SizeProbe
 from pocketlm.tasks.toxicity import ToxicitySuiteConfig
 
 __all__ = ["AttentionProbe", "AuditConfig", "BiasSuiteConfig", "CardConfig", "EvalConfig", "ExportConfig", "Gate",
-           "InspectConfig", "PerplexitySet", "PipelineConfig", "ROLES", "RougeSet", "SizeProbe", "ToxicitySuiteConfig",
-           "load_pipeline_config"]
+           "InspectConfig", "PerplexitySet", "PipelineConfig", "ProbesConfig", "PruneHeadsProbe", "ROLES", "RougeSet",
+           "ScorerCheckConfig", "SizeProbe", "ToxicitySuiteConfig", "load_pipeline_config"]
 
 ROLES = ("teacher", "student", "ce_baseline")  # the models a pipeline measures
 
@@ -47,12 +50,15 @@ class EvalConfig(StrictModel):
 class AuditConfig(StrictModel):
     bias: list[BiasSuiteConfig] = []
     toxicity: list[ToxicitySuiteConfig] = []
+    probes: list[ProbesConfig] = []
+    scorer_check: ScorerCheckConfig = ScorerCheckConfig()
     n_resamples: int = Field(1000, ge=100)
 
 
 class InspectConfig(StrictModel):
     size: SizeProbe = SizeProbe()
     attention: AttentionProbe = AttentionProbe()
+    prune_heads: PruneHeadsProbe = PruneHeadsProbe()
 
 
 class Gate(StrictModel):
@@ -118,6 +124,10 @@ class PipelineConfig(DistillConfig):
         scopes = set(entries) | set(self.roles()) | {e for name in TASKS for e in TASKS.get(name).scopes(self)}
         if self.export.enabled:
             self._check_exportable()
+        heads = self.inspect.prune_heads
+        if heads.enabled and "ce_baseline" in heads.roles and not self.ce_baseline:
+            raise ValueError("inspect.prune_heads.roles: ce_baseline is named, but ce_baseline is false (no such "
+                             "model is trained)")
         from pocketlm.report.gates import parse, refs
 
         for i, gate in enumerate(self.gates):
@@ -154,7 +164,8 @@ class PipelineConfig(DistillConfig):
     def entries(self) -> list[str]:
         """Names of the measured sets and suites (the middle part of result names)."""
         return ([p.name for p in self.eval.perplexity] + [r.name for r in self.eval.rouge]
-                + [b.entry for b in self.audit.bias] + [t.entry for t in self.audit.toxicity])
+                + [b.entry for b in self.audit.bias] + [t.entry for t in self.audit.toxicity]
+                + [p.name for p in self.audit.probes])
 
     def data_path(self, path: Optional[str]) -> Optional[Path]:
         """A config data path: as given when absolute (or ~), else under `data_root`."""

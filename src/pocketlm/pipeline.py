@@ -34,7 +34,9 @@ from pocketlm.core.provenance import provenance
 from pocketlm.report.card import write_card
 from pocketlm.report.gates import GateNameError, check_gate, namespace_from_entries
 from pocketlm.report.html import write_report
-from pocketlm.tasks import attention, bias, distill, export, perplexity, rouge, size, toxicity
+from pocketlm.tasks import (
+    attention, bias, distill, export, perplexity, probes, prune_heads, rouge, scorer_check, size, toxicity,
+)
 from pocketlm.tasks.base import Context, StageUnavailable, Task, say, unavailable
 
 # the run order: a task reads the facts of those before it (the students' folders, the held-out documents)
@@ -45,8 +47,11 @@ PIPELINE: tuple[Task, ...] = (
     rouge.TASK,
     bias.TASK,
     toxicity.TASK,
+    probes.TASK,
+    scorer_check.TASK,
     size.TASK,
     attention.TASK,
+    prune_heads.TASK,
     export.TASK,
 )
 ORDER = [t.name for t in PIPELINE]
@@ -55,7 +60,7 @@ __all__ = ["ORDER", "PIPELINE", "PipelineOutcome", "SCHEMA", "STAGE_SCHEMA", "as
            "check_inputs", "run_pipeline", "stage_key"]
 
 STAGE_SCHEMA = "pocketlm.stage/1"
-OUTPUTS = ("stages", "distill", "ce_baseline", "audit", "deploy", "results.json", "report.html")  # written in out
+OUTPUTS = ("stages", "distill", "ce_baseline", "audit", "inspect", "deploy", "results.json", "report.html")  # written in out
 
 
 @dataclass
