@@ -1,6 +1,7 @@
 """Adding a measurement is one file, one registration line and its tests: a tiny task registered here runs in the
 pipeline in the place it is given, is reused on a re-run with the same inputs, can be named by a gate, and the
-report shows its results by their kind."""
+report shows its results by their kind: a section drawn from its view, and a part its view draws itself (with no
+edit to the report's code or template)."""
 from __future__ import annotations
 
 import json
@@ -13,17 +14,28 @@ from pocketlm.core.pipeline_doc import PipelineDocument
 from pocketlm.core.results import Metric, Results
 from pocketlm.pipeline import PIPELINE, run_pipeline
 from pocketlm.tasks import TASKS, VIEWS, Context, Entry, StageOutput, Task, View, register
+from pocketlm.tasks.base import ReportPart
+from pocketlm.tasks.present import of_kind, results_by_entry
 
 
 def _wrote(role: str, res: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"role": role, "label": "echoed", "prompt": "say something", "text": res["details"]["said"]}]
 
 
+def _echo_part(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """Its own part of the report: what the teacher said, in a section of its own."""
+    by_role = of_kind(results_by_entry(doc), "echo")[1]
+    return {"said": by_role["teacher"]["details"]["said"]} if by_role else None
+
+
+ECHO_PART = '<section id="echo-said">\n<h2>Echo</h2>\n<p>The teacher said: {{ said }}</p>\n</section>\n'
+
+
 class EchoTask(Task):
     """The dummy measurement: one figure of the teacher, no model work."""
 
     name, phase = "echo", "inspect"
-    views = (View("echo", samples=_wrote),)
+    views = (View("echo", samples=_wrote, report_parts=(ReportPart(_echo_part, source=ECHO_PART),)),)
     fixed_entries = ("echo",)
 
     def __init__(self) -> None:
@@ -68,6 +80,8 @@ def test_a_registered_task_is_ordered_reused_gated_and_reported(echo, teacher_di
     section = page[page.index('id="entry-echo"'):]
     assert "(echo, n = 3, nothing)" in section and "echo_score" in section
     assert "hello from the echo task" in section  # the samples hook of the "echo" view
+    part = page[page.index('<section id="echo-said">'):page.index('<section id="provenance">')]
+    assert "<p>The teacher said: hello from the echo task</p>" in part  # the part the "echo" view draws
 
     again = run_pipeline(cfg, progress=False, tasks=tasks, overwrite=True)
     assert again.ran == [] and again.reused == ["echo"] and echo.runs == 1  # same inputs: the stored record

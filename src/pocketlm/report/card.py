@@ -6,7 +6,9 @@ Reporting": model details, intended use, factors, metrics, evaluation data, trai
 (disaggregated by group), ethical considerations, caveats and recommendations. What only the person releasing the
 model can say comes from the config's ``card`` section; where it is missing the card says so plainly.
 Data-derived text in tables is escaped (``|``, ``<``, ``>``, ``&``, newlines), so no cell can break the table or
-become markup.
+become markup. After the release gates come the sections the views of the Results kinds write themselves
+(`tasks.base.CardPart`: the deployment figures when the export stage ran), so a task with a section of its own
+needs no edit here.
 """
 from __future__ import annotations
 
@@ -19,23 +21,16 @@ import yaml
 
 from pocketlm.core.io import write_text_atomic
 from pocketlm.core.pipeline_doc import PipelineDocument
-from pocketlm.report.html import (
-    as_dict, comparison_rows, deployment_view, fmt_ci, fmt_number, group_names, headlines, kind_of, of_kind,
-    report_groups, results_by_entry,
-)
+from pocketlm.report.html import group_names, headlines, report_groups
 from pocketlm.tasks import view
+from pocketlm.tasks.base import card_parts
+from pocketlm.tasks.present import (
+    as_dict, comparison_rows, fmt_ci, fmt_number, kind_of, md, md_table, of_kind, results_by_entry,
+)
 
 HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # embedded teachers' hub originals
 MISSING = "**Not provided.** The person releasing this model did not state {what} (set `card.{field}` in the " \
           "pipeline config)."
-
-
-def md(text: Any) -> str:
-    """Text safe inside a Markdown table cell or line: no HTML, no cell breaks, one line."""
-    s = str(text)
-    for a, b in (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"), ("|", "\\|"), ("`", "'")):
-        s = s.replace(a, b)
-    return " ".join(s.split())
 
 
 def _value(x: Any) -> float | None:
@@ -97,10 +92,6 @@ def _user(card: dict[str, Any], field: str, what: str) -> str:
     return card.get(field) or MISSING.format(what=what, field=field)
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-
-
 def _cell(m: dict[str, Any] | None) -> str:
     if not m:
         return ""
@@ -113,31 +104,7 @@ def _comparison(by_role: dict[str, dict[str, Any]], rows: list[dict[str, Any]], 
     header = [first] + roles + ["Δ student − teacher [95 % CI]"]
     body = [[md(r["group"] if first == "group" else r["name"])] + [_cell(r["cells"].get(x)) for x in roles]
             + [_cell(r["delta"]) + (" *" if r["significant"] else "")] for r in rows]
-    return _table(header, body)
-
-
-def _deployment(view: dict[str, Any] | None) -> list[str]:
-    """The "Deployment" section: the GGUF files and their llama.cpp speed (nothing when the export stage was off)."""
-    if view is None:
-        return []
-    st = view["settings"]
-    L = ["", "## Deployment", ""]
-    if view["headline"]:
-        L += [f"**{md(view['headline'])}**", ""]
-    if view["perplexity"]:
-        p = view["perplexity"]
-        L += [f"Perplexity before quantisation ({md(p['entry'])}, token perplexity): teacher "
-              f"{fmt_number(p['teacher'])}, student {fmt_number(p['student'])}.", ""]
-    L += _table(["model", "quant", *view["figures"], "decode × teacher", "× smaller", "file"],
-                [[md(r["role"]), md(r["quant"]), *[md(c) for c in r["cells"]],
-                  "" if r["speedup"] is None else f"{r['speedup']:.2f}×",
-                  "" if r["smaller"] is None else f"{r['smaller']:.2f}×", f"`{md(r['file'])}`"] for r in view["rows"]])
-    L += ["", f"GGUF files written by pocketlm and run in llama.cpp (llama-cpp-python "
-          f"{md(st.get('versions', {}).get('llama_cpp_python', ''))}): batch 1, {st.get('threads')} threads, greedy "
-          f"decoding of {st.get('new_tokens')} tokens after each of {view['data'].get('n')} prompts; the median of "
-          f"{st.get('repeats')} timed passes. Peak memory is the resident high-water mark of the process that ran the "
-          "file." + ("" if view["teacher_measured"] else " The teacher was not exported (`export.teacher: false`).")]
-    return L
+    return md_table(header, body)
 
 
 _METRICS_SECTION = (  # the "Metrics" section: how each figure is defined
@@ -178,7 +145,8 @@ def card_markdown(doc: PipelineDocument | dict[str, Any]) -> str:
     L += _training_data(cfg, distill.get("data", {}))
     L += _quantitative_analyses(by_entry)
     L += _release_gates(doc)
-    L += _deployment(deployment_view(by_entry))
+    for part in card_parts():  # the sections the views write themselves (the deployment figures, ...)
+        L += part.lines(doc)
     L += ["", "## Ethical considerations", "",
           _user(card, "ethical_considerations", "ethical considerations"),
           "", "A distilled student can keep, lose or amplify its teacher's biases and toxicity; the per-group "
@@ -264,7 +232,7 @@ def _release_gates(doc: dict[str, Any]) -> list[str]:
     """The "Release gates" subsection: the verdict and each gate's status and figures."""
     gates = doc.get("gates", [])
     L = ["### Release gates", ""]
-    L += ([f"Verdict: **{doc.get('verdict', 'no gates').upper()}**", ""] + _table(
+    L += ([f"Verdict: **{doc.get('verdict', 'no gates').upper()}**", ""] + md_table(
         ["gate", "status", "figures"],
         [[md(g["name"]), g["status"].upper(), md("; ".join(f"{k} = {fmt_number(v)}" for k, v in g["values"].items())
                                                  or g.get("message", ""))] for g in gates]) if gates

@@ -11,7 +11,8 @@ from pocketlm.core.config import StrictModel
 from pocketlm.core.io import figure_data_uri
 from pocketlm.core.provenance import provenance
 from pocketlm.core.results import Metric, Results
-from pocketlm.tasks.base import Context, Entry, StageOutput, Task, View, register
+from pocketlm.tasks.base import Context, Document, Entry, ReportPart, StageOutput, Task, View, register
+from pocketlm.tasks.present import of_kind, results_by_entry, stage_off
 from pocketlm.tasks.size import probe_inputs
 
 
@@ -34,10 +35,22 @@ def heatmap_uris(maps, layers: list[int], max_heads: int, label: str) -> list[di
     return out
 
 
+def attention_part(doc: Document) -> dict[str, Any]:
+    """The report's "Attention": every model's heat-maps (only PNG data URIs are shown), whether the stage was off."""
+    maps = []
+    for role, res in of_kind(results_by_entry(doc), "attention")[1].items():
+        for h in res.get("details", {}).get("heatmaps", []):
+            uri = h.get("png")
+            if isinstance(uri, str) and uri.startswith("data:image/png;base64,"):
+                maps.append({"role": role, "title": h.get("title", ""), "uri": uri})
+    return {"attention": maps, "stage_off": stage_off(doc, AttentionTask.name)}
+
+
 class AttentionTask(Task):
     name, phase = "attention", "inspect"
     requires = "pocketlm.inspect.attention"
-    views = (View("attention", section=False, analysis=False, summary_rows=0),)  # the report's heat-maps
+    views = (View("attention", section=False, analysis=False, summary_rows=0,  # the report's heat-maps
+                  report_parts=(ReportPart(attention_part, "part_attention.html.j2", place=40),)),)
     fixed_entries = ("attention",)
 
     def enabled(self, cfg: Any) -> bool:

@@ -8,7 +8,9 @@ A task owns
 * its cache key (``inputs``: what its results depend on; the pipeline hashes them into the stage key),
 * ``run`` → a :class:`StageOutput`: typed ``Results`` per model role and entry (its paired deltas against the
   teacher included), plus facts for later tasks,
-* how the report and the card show its results: one :class:`View` per Results ``kind`` it writes.
+* how the report and the card show its results: one :class:`View` per Results ``kind`` it writes — a
+  teacher-vs-student section drawn from the view, or parts the view draws itself (:class:`ReportPart`,
+  :class:`CardPart`: a template and the function that prepares its variables from the pipeline document).
 
 Tasks share a :class:`Context` within a run (the config, the checked data, the models loaded once, the facts earlier
 tasks recorded). ``register`` puts a task in :data:`TASKS` (its stable name) and its views in :data:`VIEWS`
@@ -26,9 +28,10 @@ from pocketlm.core.pipeline_doc import Entry
 from pocketlm.core.registry import Registry
 from pocketlm.core.results import Metric, Results
 
-__all__ = ["AUDIT_ROLES", "NAME_PATTERN", "Context", "Entry", "StageOutput", "StageUnavailable", "TASKS", "Task", "VIEWS", "View",
-           "against_teacher", "audit_inputs", "model_identity", "path_identity", "register",
-           "role_entries", "say", "scoring_version", "stamp_matches", "unavailable", "view"]
+__all__ = ["AUDIT_ROLES", "NAME_PATTERN", "CardPart", "Context", "Document", "Entry", "ReportPart", "StageOutput",
+           "StageUnavailable", "TASKS", "Task", "VIEWS", "View", "against_teacher", "audit_inputs", "card_parts",
+           "model_identity", "path_identity", "register", "report_parts", "role_entries", "say", "scoring_version",
+           "stamp_matches", "unavailable", "view"]
 
 
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"  # names of sets and suites: result names are gate identifiers
@@ -45,6 +48,39 @@ class StageOutput:
 
 
 # ---------------------------------------------------------------------------------------------------- views
+Document = dict[str, Any]  # the pipeline document in results.json's form (what the report and the card read)
+
+
+@dataclass(frozen=True)
+class ReportPart:
+    """A part of the report that a view draws itself (the training curves, the size table, the deployment figures):
+    a Jinja template, autoescaped like the page, and the function that prepares its variables from the document.
+
+    Every registered part is drawn, each after a blank line, in the order of ``place`` (ties: by Results kind);
+    those placed below 0 come before the teacher-vs-student sections, the others after them. A part whose
+    ``context`` returns None, or whose template renders to nothing, leaves only its blank line. Today's: training
+    −10; size 10, deployment 20, expert load 30, attention 40 (an explicit place, not the task order: the expert
+    load, drawn from the distill results, sits between deployment and attention); a new part's default comes last."""
+
+    context: Callable[[Document], dict[str, Any] | None]
+    template: str | None = None  # a file in pocketlm/report/templates/ (by convention ``part_<name>.html.j2``)
+    source: str | None = None  # or the template's source itself
+    place: int = 100
+
+    def __post_init__(self) -> None:
+        if (self.template is None) == (self.source is None):
+            raise ValueError("a report part has a template file or a template source, one of the two")
+
+
+@dataclass(frozen=True)
+class CardPart:
+    """A section of the model card that a view writes itself, after the release gates: Markdown lines from the
+    document (``[]``: nothing), in the order of ``place``. Text from the document goes through `present.md`."""
+
+    lines: Callable[[Document], list[str]]
+    place: int = 100
+
+
 @dataclass(frozen=True)
 class View:
     """How the report, the model card and the run summary show Results of one ``kind``."""
@@ -60,6 +96,8 @@ class View:
     evaluation_data: bool = True  # listed under the card's "Evaluation data"
     analysis: bool = True  # a table under the card's "Quantitative analyses"
     summary_rows: int = 1  # headline figures in `pocketlm run`'s summary (0: none)
+    report_parts: tuple[ReportPart, ...] = ()  # parts of the report it draws itself
+    card_parts: tuple[CardPart, ...] = ()  # sections of the card it writes itself
 
 
 VIEWS: Registry[View] = Registry("results kind")
@@ -68,6 +106,16 @@ VIEWS: Registry[View] = Registry("results kind")
 def view(kind: str) -> View:
     """The registered view of a Results kind (a plain teacher-vs-student section for an unknown one)."""
     return VIEWS.get(kind) if kind in VIEWS else View(kind)
+
+
+def report_parts() -> list[ReportPart]:
+    """Every registered view's report parts, in the order they are drawn (by place; ties by kind, then as listed)."""
+    return sorted((p for kind in VIEWS for p in VIEWS.get(kind).report_parts), key=lambda p: p.place)
+
+
+def card_parts() -> list[CardPart]:
+    """Every registered view's card sections, in the order they are written (as :func:`report_parts`)."""
+    return sorted((p for kind in VIEWS for p in VIEWS.get(kind).card_parts), key=lambda p: p.place)
 
 
 # ---------------------------------------------------------------------------------------------------- the contract

@@ -12,8 +12,10 @@ from typing import Any
 from pocketlm.core.io import write_text_atomic
 from pocketlm.core.provenance import provenance
 from pocketlm.core.results import Metric, Results
-from pocketlm.tasks.base import Context, Entry, StageOutput, Task, View, model_identity, path_identity, register, \
-    stamp_matches
+from pocketlm.tasks import plots
+from pocketlm.tasks.base import Context, Document, Entry, ReportPart, StageOutput, Task, View, model_identity, \
+    path_identity, register, stamp_matches
+from pocketlm.tasks.present import comparison_rows, of_kind, results_by_entry
 
 
 def distill_inputs(ctx: Context, ce_only: bool = False) -> dict[str, Any]:
@@ -103,12 +105,34 @@ def train(ctx: Context, stage_name: str, role: str) -> StageOutput:
     return StageOutput(entries, facts)
 
 
+# ---------------------------------------------------------------------------------------------------- its report parts
+def _histories(doc: Document) -> dict[str, list[dict[str, Any]]]:
+    """Each trained model's logged history (role → rows), from its distill Results."""
+    distill = of_kind(results_by_entry(doc), "distill")[1]
+    return {role: res["details"].get("history", []) for role, res in distill.items()}
+
+
+def training_part(doc: Document) -> dict[str, Any]:
+    """The report's "Training": the curves of every trained model and its final figures."""
+    distill = of_kind(results_by_entry(doc), "distill")[1]
+    return {"training_plot": plots.training_curves(_histories(doc)),
+            "distill_rows": comparison_rows(distill) if distill else []}
+
+
+def expert_load_part(doc: Document) -> dict[str, Any]:
+    """The report's "Mixture-of-Experts load": the student's router telemetry over training (a dense one: none)."""
+    return {"moe_plot": plots.expert_load(_histories(doc).get("student", []))}
+
+
 class DistillTask(Task):
     """The student, distilled from the teacher as `pocketlm distill` does."""
 
     name, phase = "distill", "distill"
-    # the report draws the training curves and the size table from these; the card's training data and parameters
-    views = (View("distill", section=False, evaluation_data=False, summary_rows=0),
+    # the report's training curves (first) and expert load; the card's training data and parameters read these
+    # kinds too, and the size part shows the parameter counts
+    views = (View("distill", section=False, evaluation_data=False, summary_rows=0, report_parts=(
+                 ReportPart(training_part, "part_training.html.j2", place=-10),
+                 ReportPart(expert_load_part, "part_moe.html.j2", place=30))),
              View("parameters", section=False, evaluation_data=False, analysis=False, summary_rows=0))
     fixed_entries = ("distill", "parameters")
 

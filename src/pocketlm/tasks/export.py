@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any
 
 from pydantic import Field, field_validator
 
 from pocketlm.core.config import StrictModel
-from pocketlm.tasks.base import Context, Entry, StageOutput, Task, View, register
+from pocketlm.tasks.base import CardPart, Context, Document, Entry, ReportPart, StageOutput, Task, View, register
+from pocketlm.tasks.present import fmt_number, fmt_unit, md, md_table, metric_map, of_kind, results_by_entry
 
 
 class ExportConfig(StrictModel):
@@ -46,11 +48,108 @@ class ExportConfig(StrictModel):
         return names
 
 
+# ---------------------------------------------------------------------------------------------------- its report and card parts
+DEPLOY_FIGURES = (("file_bytes", "file size"), ("prompt_tokens_per_s", "prompt tokens/s"),
+                  ("decode_tokens_per_s", "decode tokens/s"), ("ttft_s", "time to first token"),
+                  ("peak_rss_bytes", "peak memory"))
+
+
+def _deploy_cell(name: str, value: Any) -> str:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return ""
+    if name.endswith("_bytes"):
+        return fmt_unit(value, "bytes")
+    return f"{1000 * value:.1f} ms" if name == "ttft_s" else f"{value:,.1f}"
+
+
+def _headline_quant(student: dict[str, Any], teacher: dict[str, Any]) -> str | None:
+    both = [q for q in student["settings"]["quants"] if q in teacher["settings"]["quants"]]
+    return "q4_0" if "q4_0" in both else (both[-1] if both else None)
+
+
+def _headline(student: dict[str, Any], teacher: dict[str, Any]) -> str | None:
+    q = _headline_quant(student, teacher)
+    if not q:
+        return None
+    s, t = ({k: v.get("value") for k, v in metric_map(r).items()} for r in (student, teacher))
+    return (f"At {q} in llama.cpp the student decodes {s[('decode_speedup', q)]:.2f}× as fast as the "
+            f"teacher ({s[('decode_tokens_per_s', q)]:,.1f} against {t[('decode_tokens_per_s', q)]:,.1f} "
+            f"tokens/s), and its file is {s[('times_smaller', q)]:.2f}× smaller "
+            f"({fmt_unit(s[('file_bytes', q)], 'bytes')} against {fmt_unit(t[('file_bytes', q)], 'bytes')}).")
+
+
+def _perplexity(by_entry: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any] | None:
+    """The first perplexity set both models were scored on: its token perplexity of each (before quantisation)."""
+    for entry, ppl in by_entry.items():
+        if {"teacher", "student"} <= set(ppl) and ppl["student"]["kind"] == "perplexity":
+            v = {r: metric_map(ppl[r]).get(("token_perplexity", None), {}).get("value") for r in ("teacher",
+                                                                                             "student")}
+            if None not in v.values():
+                return {"entry": entry, **v}
+    return None
+
+
+def deployment_view(doc: Document) -> dict[str, Any] | None:
+    """The export stage's figures for the report and the card: a row per (model, quant type), the student against
+    the teacher at q4_0 (or the last quant type both were written at), the perplexity of the models before
+    quantisation where a perplexity set was scored; None when the stage did not run."""
+    by_entry = results_by_entry(doc)
+    _, by_role = of_kind(by_entry, "deployment")
+    if not by_role:
+        return None
+    rows = []
+    for role, res in by_role.items():
+        m = {key: v.get("value") for key, v in metric_map(res).items()}
+        for q in res["settings"]["quants"]:
+            rows.append({"role": role, "quant": q, "file": res["details"].get("files", {}).get(q),
+                         "cells": [_deploy_cell(name, m.get((name, q))) for name, _ in DEPLOY_FIGURES],
+                         "speedup": m.get(("decode_speedup", q)), "smaller": m.get(("times_smaller", q))})
+    student, teacher = by_role.get("student"), by_role.get("teacher")
+    ref = student or next(iter(by_role.values()))
+    return {"rows": rows, "headline": _headline(student, teacher) if student and teacher else None,
+            "perplexity": _perplexity(by_entry), "settings": ref["settings"], "data": ref.get("data", {}),
+            "figures": [label for _, label in DEPLOY_FIGURES], "teacher_measured": teacher is not None}
+
+
+def deployment_part(doc: Document) -> dict[str, Any] | None:
+    """The report's "Deployment" (None when the export stage did not run)."""
+    v = deployment_view(doc)
+    return None if v is None else {"deployment": v}
+
+
+def deployment_card(doc: Document) -> list[str]:
+    """The card's "Deployment": the GGUF files and their llama.cpp speed (nothing when the export stage was off)."""
+    view = deployment_view(doc)
+    if view is None:
+        return []
+    st = view["settings"]
+    L = ["", "## Deployment", ""]
+    if view["headline"]:
+        L += [f"**{md(view['headline'])}**", ""]
+    if view["perplexity"]:
+        p = view["perplexity"]
+        L += [f"Perplexity before quantisation ({md(p['entry'])}, token perplexity): teacher "
+              f"{fmt_number(p['teacher'])}, student {fmt_number(p['student'])}.", ""]
+    L += md_table(["model", "quant", *view["figures"], "decode × teacher", "× smaller", "file"],
+                  [[md(r["role"]), md(r["quant"]), *[md(c) for c in r["cells"]],
+                    "" if r["speedup"] is None else f"{r['speedup']:.2f}×",
+                    "" if r["smaller"] is None else f"{r['smaller']:.2f}×", f"`{md(r['file'])}`"]
+                   for r in view["rows"]])
+    L += ["", f"GGUF files written by pocketlm and run in llama.cpp (llama-cpp-python "
+          f"{md(st.get('versions', {}).get('llama_cpp_python', ''))}): batch 1, {st.get('threads')} threads, greedy "
+          f"decoding of {st.get('new_tokens')} tokens after each of {view['data'].get('n')} prompts; the median of "
+          f"{st.get('repeats')} timed passes. Peak memory is the resident high-water mark of the process that ran the "
+          "file." + ("" if view["teacher_measured"] else " The teacher was not exported (`export.teacher: false`).")]
+    return L
+
+
 class ExportTask(Task):
     name, phase = "export", "deploy"
     requires = "llama_cpp"
     # the report's and the card's deployment section; not an evaluation set of the model-index
-    views = (View("deployment", section=False, evaluation_data=False, analysis=False),)
+    views = (View("deployment", section=False, evaluation_data=False, analysis=False,
+                  report_parts=(ReportPart(deployment_part, "part_deployment.html.j2", place=20),),
+                  card_parts=(CardPart(deployment_card),)),)
     fixed_entries = ("deployment",)
 
     @property

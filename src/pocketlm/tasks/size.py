@@ -7,7 +7,9 @@ from typing import Any, Optional
 from pydantic import Field
 
 from pocketlm.core.config import StrictModel
-from pocketlm.tasks.base import Context, Entry, StageOutput, Task, View, register
+from pocketlm.tasks import plots
+from pocketlm.tasks.base import Context, Document, Entry, ReportPart, StageOutput, Task, View, register
+from pocketlm.tasks.present import comparison_rows, of_kind, results_by_entry, stage_off
 
 
 class SizeProbe(StrictModel):
@@ -22,10 +24,42 @@ def probe_inputs(ctx: Context, probe: str) -> dict[str, Any]:
     return {"probe": getattr(ctx.cfg.inspect, probe).model_dump(mode="json"), "models": ctx.fingerprints()}
 
 
+# ---------------------------------------------------------------------------------------------------- its report part
+SIZE_HEADLINES = ("n_params", "params_active", "weight_bytes_bf16", "kv_cache_per_token_bf16", "flops_forward",
+                  "training_bytes_mixed_total")  # drawn as bars
+
+
+def size_rows(by_entry: dict[str, dict[str, dict[str, Any]]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Size and memory figures (measured parameter counts, then `pocketlm size`'s estimates), one column per model,
+    with the student / teacher ratio."""
+    rows, roles = [], []
+    for kind in ("parameters", "size"):
+        entry, by_role = of_kind(by_entry, kind)
+        roles += [r for r in by_role if r not in roles]
+        for row in comparison_rows(by_role):
+            if row["name"].startswith("ratio_"):
+                continue
+            t, s_ = row["cells"].get("teacher"), row["cells"].get("student")
+            ok = t and s_ and isinstance(t["value"], (int, float)) and t["value"] and s_["value"] is not None
+            rows.append({**row, "entry": entry, "ratio": s_["value"] / t["value"] if ok else None})
+    return rows, roles
+
+
+def size_part(doc: Document) -> dict[str, Any]:
+    """The report's "Size and memory": the table, bars of the headline figures, and whether the stage was off."""
+    rows, roles = size_rows(results_by_entry(doc))
+    return {"size_rows": rows, "size_roles": roles, "stage_off": stage_off(doc, SizeTask.name),
+            "size_plot": plots.metric_bars(
+                [(r["name"], {role: (c["value"], None) for role, c in r["cells"].items() if c}) for r in rows
+                 if r["name"] in SIZE_HEADLINES], "size and memory (estimates at the configured context)")}
+
+
 class SizeTask(Task):
     name, phase = "size", "inspect"
     requires = "pocketlm.inspect.size"
-    views = (View("size", section=False, analysis=False, summary_rows=0),)  # the report's size and memory table
+    # the report's size and memory table (the parameter counts of every run among it)
+    views = (View("size", section=False, analysis=False, summary_rows=0,
+                  report_parts=(ReportPart(size_part, "part_size.html.j2", place=10),)),)
     fixed_entries = ("size",)
 
     def enabled(self, cfg: Any) -> bool:

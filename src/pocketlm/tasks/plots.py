@@ -1,6 +1,6 @@
 """The report's figures: matplotlib (Agg) → PNG → ``data:`` URI, so the HTML page is one self-contained file.
 
-Each function takes plain numbers from results.json and returns a data URI (or None when there is nothing to
+Here, below the report, so that a task's own report part (`tasks.base.ReportPart`) can draw them. Each function takes plain numbers from results.json and returns a data URI (or None when there is nothing to
 draw). Text in figures is rasterised, so nothing a model wrote can become markup through a plot.
 """
 from __future__ import annotations
