@@ -301,6 +301,21 @@ def test_export_without_llama_cpp_is_refused_before_any_work(teacher_dir, corpus
     assert not (out / "stages").exists() and not (out / "distill").exists()
 
 
+def test_an_unavailable_list_task_says_to_empty_its_list(teacher_dir, corpus_file, suite_dir, tmp_path, monkeypatch):
+    """A task over a list of sets is turned off by emptying the list, and the refusal says so."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    missing = "pocketlm.audit.probes"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a))
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, tiny_args(teacher_dir, corpus_file, suite_dir, out,
+                                          "audit.probes=[{name: probes}]"))
+    assert r.exit_code == 2, r.output
+    assert f"stage 'probes' is not available: {missing}" in r.output and "(audit.probes: [])" in r.output
+    assert not (out / "stages").exists() and not (out / "distill").exists()
+
+
 def test_missing_data_skipped_with_reason_leaves_its_gates_unverified(teacher_dir, corpus_file, suite_dir, tmp_path):
     out = tmp_path / "out"
     args = tiny_args(teacher_dir, corpus_file, suite_dir, out, "missing_data=skip", "eval.rouge=[]",
@@ -372,6 +387,9 @@ def test_task_registry_order_and_unavailable_tasks():
     assert unavailable(TASKS.get("size")) is None and unavailable(TASKS.get("attention")) is None
     assert ORDER[-1] == "export" and TASKS.get("export").switch == "export.enabled"
     assert TASKS.get("size").switch == "inspect.size.enabled"
+    # a task over a list of sets is turned off by emptying the list
+    assert TASKS.get("toxicity").turn_off == "audit.toxicity: []" and TASKS.get("probes").turn_off == "audit.probes: []"
+    assert TASKS.get("export").turn_off == "export.enabled: false"
 
 
 def test_unknown_force_names_the_stages(teacher_dir, corpus_file, suite_dir, tmp_path):

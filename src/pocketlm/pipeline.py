@@ -102,7 +102,7 @@ def check_inputs(ctx: Context, tasks: Sequence[Task] = PIPELINE) -> None:
     for task in tasks:
         why = unavailable(task) if task.enabled(cfg) else None
         if why:
-            raise StageUnavailable(f"{why}; turn it off in the config ({task.switch}: false)")
+            raise StageUnavailable(f"{why}; turn it off in the config ({task.turn_off})")
 
 
 # ---------------------------------------------------------------------------------------------------- running

@@ -133,6 +133,11 @@ class Task:
         """The config field that turns it off (named when it cannot run here)."""
         return f"inspect.{self.name}.enabled"
 
+    @property
+    def turn_off(self) -> str:
+        """What to write in the config to turn it off."""
+        return f"{self.switch}: false"
+
     def enabled(self, cfg: Any) -> bool:
         return True
 
@@ -160,6 +165,14 @@ class SetsTask(Task):
 
     section: str = ""  # the config list, dotted: "eval.perplexity"
     entry_field: str = "name"
+
+    @property
+    def switch(self) -> str:
+        return self.section
+
+    @property
+    def turn_off(self) -> str:
+        return f"{self.section}: []"
 
     def sets(self, cfg: Any) -> list:
         node = cfg

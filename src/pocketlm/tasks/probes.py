@@ -65,10 +65,6 @@ class ProbesTask(SetsTask):
                                              "sentiment_diff"),
                   group_label="set/group", summary_rows=0),)
 
-    @property
-    def switch(self) -> str:
-        return "audit.probes"
-
     def check(self, ctx: Context) -> None:
         """Each probe file loaded and checked (its sets named, the scorer built), before any model work."""
         from pocketlm.audit.probes import load_probes, shipped_probes
