@@ -135,11 +135,13 @@ def measure(args) -> dict:
             }
             print(f"{name} {suite_name}: {len(items)} items, {len(encoded)} requests, fp32 {seconds['fp32']:.0f} s, "
                   f"bf16 {seconds['bf16']:.0f} s (load {os.getloadavg()[0]:.1f})", flush=True)
-        crows = BIAS_SUITES.get("crows_pairs")
-        pairs = sample_items(load_suite("crows_pairs", SUITES["crows_pairs"]), args.token_items, args.seed).items
-        enc = encode_requests(tok, [r for it in pairs for r in crows.requests(it)])
-        err, pos = token_errors(model, enc, args.batch_size)
-        entry["token_abs_error"], entry["token_position"] = err.tolist(), pos.tolist()
+        entry["token_abs_error"], entry["token_position"] = [], []
+        if args.token_items:  # 0: per-token errors not measured
+            crows = BIAS_SUITES.get("crows_pairs")
+            pairs = sample_items(load_suite("crows_pairs", SUITES["crows_pairs"]), args.token_items, args.seed).items
+            enc = encode_requests(tok, [r for it in pairs for r in crows.requests(it)])
+            err, pos = token_errors(model, enc, args.batch_size)
+            entry["token_abs_error"], entry["token_position"] = err.tolist(), pos.tolist()
         raw["models"][name] = entry
         del model
     return raw
@@ -305,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--suites", default="crows_pairs,bbq", help=f"comma-separated, of {', '.join(SUITES)}")
     ap.add_argument("--no-pack", dest="pack", action="store_false",
                     help="score every request in its own row (the path of models whose packing probe fails)")
-    ap.add_argument("--token-items", type=int, default=300, help="CrowS pairs whose per-token errors are measured")
+    ap.add_argument("--token-items", type=int, default=300, help="CrowS pairs whose per-token errors are measured (0: none)")
     ap.add_argument("--batch-size", type=int, default=16, help="requests per forward (the bias suites' default)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

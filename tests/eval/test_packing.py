@@ -61,6 +61,31 @@ def test_packed_scores_equal_one_request_at_a_time(attn, batch_size):
         assert greedy == ref_greedy
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_bf16_scoring_packs_as_fp32_does(attn, monkeypatch):
+    """Whether packing is the same model is probed in fp32 whatever the precision: bf16's rounding must not hide
+    it (it did: every bf16 run scored BBQ's three answers as three rows, slower than fp32 packed). The packed bf16
+    answers are those of bf16 on plain rows, within bf16's own noise."""
+    model = make_model(attn)
+    reqs = multiple_choice(6, seed=11)
+    fp32, bf16 = (loglik._Forward(model, p, torch.device("cpu")) for p in ("fp32", "bf16"))
+    probed = []  # the precision of each forward the probe makes (on a 2-layer model bf16's noise stays under the
+    real_scored = loglik._Forward.scored  # probe's 1e-4; on SmolLM2's 30 layers it did not, so the mechanism is tested)
+    monkeypatch.setattr(loglik._Forward, "scored", lambda self, *a: probed.append(self.bf16) or real_scored(self, *a))
+    assert bf16.bf16 and bf16.mask_kind() == fp32.mask_kind() == ("additive" if attn == "eager" else "bool")
+    assert probed and not any(probed)
+    monkeypatch.setattr(loglik._Forward, "scored", real_scored)
+    assert len(loglik._rows(reqs, None, bf16, pack=True)) == len(loglik._rows(reqs, None, fp32, pack=True)) < len(reqs)
+    seen = []
+    real = loglik._score_batch
+    monkeypatch.setattr(loglik, "_score_batch", lambda f, rows, *a: seen.extend(rows) or real(f, rows, *a))
+    packed = score_continuations(model, reqs, batch_size=8, precision="bf16")
+    assert any(r.segments is not None for r in seen)
+    plain = score_continuations(model, reqs, batch_size=8, precision="bf16", pack=False)
+    for (a, _), (b, _), (_, cont) in zip(packed, plain, reqs):
+        assert a == pytest.approx(b, rel=0.02, abs=0.05 * len(cont))
+
+
 def test_packing_under_max_length_truncation_and_unpacked_agree():
     model = make_model("sdpa")
     reqs = multiple_choice(4, seed=7)

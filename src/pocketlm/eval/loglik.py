@@ -21,9 +21,10 @@ Shape legend: b = requests in a batch, t = padded input length, v = vocabulary, 
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -149,6 +150,15 @@ class _Forward:
     def _fp32(self):
         return torch.autocast(self.device.type, enabled=False)
 
+    @contextlib.contextmanager
+    def exact(self) -> Iterator[None]:
+        """The same forward wholly in fp32 for the duration (also inside a bf16 session)."""
+        bf16, self.bf16 = self.bf16, False
+        try:
+            yield
+        finally:
+            self.bf16 = bf16
+
     def _split(self, model: torch.nn.Module):
         get_decoder = getattr(model, "get_decoder", None)
         get_head = getattr(model, "get_output_embeddings", None)
@@ -205,7 +215,9 @@ class _Forward:
         packed = packing.pack_requests(inputs, targets, max_row_tokens=shared + 8)
         if len(packed) != 1:
             return False
-        with self._fp32():
+        # in fp32 whatever the precision: whether packing is the same model is a property of its masking, and
+        # bf16's rounding (~1e-2) would hide it behind noise and refuse packing to every bf16 run
+        with self.exact():
             alone = [self.scored(*packing.batch_tensors([r], self.device, None))[0] for r in rows]
             together = self.scored(*packing.batch_tensors(packed, self.device, kind, window=self.window))[0]
         return torch.allclose(torch.cat(alone), together, rtol=1e-4, atol=1e-4)
@@ -271,8 +283,7 @@ def _exact_early(forward: _Forward, inputs: list[list[int]], targets: list[list[
         return {}
     keys = list(starts)
     out: dict[tuple[int, int], tuple[float, bool]] = {}
-    bf16, forward.bf16 = forward.bf16, False  # the same forward, autocast off (also inside a bf16 session)
-    try:
+    with forward.exact():  # the same forward, autocast off (also inside a bf16 session)
         for lo in range(0, len(keys), rows_per_forward):
             rows, meta = [], []
             for key in keys[lo:lo + rows_per_forward]:
@@ -283,8 +294,6 @@ def _exact_early(forward: _Forward, inputs: list[list[int]], targets: list[list[
             token_lp, misses = forward.log_probs(ids, *reads[1:])  # in the order of `meta`
             for (i, q), lp, miss in zip(meta, token_lp.tolist(), misses.tolist()):
                 out[(i, q)] = (lp, miss)
-    finally:
-        forward.bf16 = bf16
     return out
 
 
