@@ -336,11 +336,13 @@ def against_teacher(by_role: dict[str, Results], deltas: Callable[[Results, Resu
 
 def scoring_version() -> dict[str, Any]:
     """What log-likelihood arithmetic a stored figure was made with (part of the keys of the tasks that score):
-    the positions bf16 computes in fp32, and the bf16 error bound near ties are re-scored within."""
+    the positions bf16 computes in fp32, the bf16 error bound near ties are re-scored within, and whether bf16 runs
+    pack shared prefixes (since the packing probe runs in fp32: their bf16 answers differ in the last digits)."""
     from pocketlm.eval.bf16_bound import BF16_ERROR_PER_SQRT_TOKEN
     from pocketlm.eval.loglik import EXACT_POSITIONS
 
-    return {"bf16_exact_positions": EXACT_POSITIONS, "bf16_error_per_sqrt_token": BF16_ERROR_PER_SQRT_TOKEN}
+    return {"bf16_exact_positions": EXACT_POSITIONS, "bf16_error_per_sqrt_token": BF16_ERROR_PER_SQRT_TOKEN,
+            "bf16_packed": True}
 
 
 AUDIT_ROLES = ("teacher", "student")  # the audits compare these two on the same items
