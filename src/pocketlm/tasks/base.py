@@ -334,15 +334,17 @@ def against_teacher(by_role: dict[str, Results], deltas: Callable[[Results, Resu
 
 
 
-def scoring_version() -> dict[str, Any]:
+def scoring_version(*, packs_bf16: bool = False) -> dict[str, Any]:
     """What log-likelihood arithmetic a stored figure was made with (part of the keys of the tasks that score):
-    the positions bf16 computes in fp32, the bf16 error bound near ties are re-scored within, and whether bf16 runs
-    pack shared prefixes (since the packing probe runs in fp32: their bf16 answers differ in the last digits)."""
+    the positions bf16 computes in fp32 and the bf16 error bound near ties are re-scored within; and, for a task
+    whose bf16 runs pack shared prefixes (``packs_bf16``: bias suites in bf16 or auto), that they do (they did
+    not before the packing probe ran in fp32; their bf16 answers differ in the last digits). fp32 runs and
+    perplexity, which has no shared prefixes, keep their keys."""
     from pocketlm.eval.bf16_bound import BF16_ERROR_PER_SQRT_TOKEN
     from pocketlm.eval.loglik import EXACT_POSITIONS
 
-    return {"bf16_exact_positions": EXACT_POSITIONS, "bf16_error_per_sqrt_token": BF16_ERROR_PER_SQRT_TOKEN,
-            "bf16_packed": True}
+    version = {"bf16_exact_positions": EXACT_POSITIONS, "bf16_error_per_sqrt_token": BF16_ERROR_PER_SQRT_TOKEN}
+    return {**version, "bf16_packed": True} if packs_bf16 else version
 
 
 AUDIT_ROLES = ("teacher", "student")  # the audits compare these two on the same items

@@ -51,7 +51,8 @@ class BiasTask(SetsTask):
             ctx.inputs[b.entry] = {"data": data, "hash": data.hash}
 
     def inputs(self, ctx: Context) -> dict[str, Any]:
-        return {**audit_inputs(ctx, self), "scoring": scoring_version()}
+        packs_bf16 = any(b.precision != "fp32" for b in self.measured(ctx))
+        return {**audit_inputs(ctx, self), "scoring": scoring_version(packs_bf16=packs_bf16)}
 
     def run(self, ctx: Context) -> StageOutput:
         """Teacher and student on the same items, once each: the student's Results carry the paired deltas, the
