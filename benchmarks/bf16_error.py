@@ -132,9 +132,11 @@ def measure(args) -> dict:
                 "ids": [it.id for it in items], "k": len(requests) // len(items),
                 "tokens": [len(c) for _, c in encoded], "context": [len(c) for c, _ in encoded],
                 "fp32": scores["fp32"], "bf16": scores["bf16"], "seconds": seconds,
+                "model_tokens": row_tokens(model, encoded, limit, args.pack),  # what each precision ran
             }
             print(f"{name} {suite_name}: {len(items)} items, {len(encoded)} requests, fp32 {seconds['fp32']:.0f} s, "
-                  f"bf16 {seconds['bf16']:.0f} s (load {os.getloadavg()[0]:.1f})", flush=True)
+                  f"bf16 {seconds['bf16']:.0f} s, tokens run {entry['suites'][suite_name]['model_tokens']} "
+                  f"(load {os.getloadavg()[0]:.1f})", flush=True)
         entry["token_abs_error"], entry["token_position"] = [], []
         if args.token_items:  # 0: per-token errors not measured
             crows = BIAS_SUITES.get("crows_pairs")
@@ -145,6 +147,16 @@ def measure(args) -> dict:
         raw["models"][name] = entry
         del model
     return raw
+
+
+def row_tokens(model, encoded, limit: int, pack: bool) -> dict[str, int]:
+    """Tokens the model runs for these requests under each precision (packed rows hold a shared prefix once), so
+    the record shows whether bf16 packed as fp32 did (it did not before the packing probe ran in fp32)."""
+    from pocketlm.eval.loglik import _Forward, _rows, model_device
+
+    with torch.no_grad():
+        return {p: sum(len(r) for r in _rows(encoded, limit, _Forward(model, p, model_device(model)), pack))
+                for p in ("fp32", "bf16")}
 
 
 # ---------------------------------------------------------------------------------------------------- analysis
