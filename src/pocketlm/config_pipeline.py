@@ -34,9 +34,11 @@ __all__ = ["AttentionProbe", "AuditConfig", "BiasSuiteConfig", "CardConfig", "Ev
 ROLES = ("teacher", "student", "ce_baseline")  # the models a pipeline measures
 
 
-def _reserved() -> set[str]:
-    """Names a set or suite may not take: the roles, every task's fixed entries, and the gate words."""
-    return set(ROLES) | {e for name in TASKS for e in TASKS.get(name).fixed_entries} | {"delta", "gates"}
+def _reserved(cfg: "PipelineConfig") -> set[str]:
+    """Names a set or suite may not take: the roles, every task's fixed entries and the other names its gates start
+    with (the scorer check's role ``scorer``), and the gate words."""
+    tasks = [TASKS.get(name) for name in TASKS]
+    return set(ROLES) | {e for t in tasks for e in (*t.fixed_entries, *t.scopes(cfg))} | {"delta", "gates"}
 
 
 # each section's own model lives with its task (pocketlm.tasks.<task>); these group them as the YAML does
@@ -112,7 +114,7 @@ class PipelineConfig(DistillConfig):
     def _check(self) -> "PipelineConfig":
         entries = self.entries()
         seen: set[str] = set()
-        reserved = _reserved()
+        reserved = _reserved(self)
         for entry in entries:
             if entry in reserved:
                 raise ValueError(f"the result name {entry!r} is reserved; give that set or suite another name")

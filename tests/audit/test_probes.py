@@ -153,3 +153,16 @@ def test_cli_probes_end_to_end(teacher_dir, tmp_path):
     res = CliRunner().invoke(app, ["audit", "probes", "--model", str(teacher_dir), "--probes", str(probes),
                                    "--set", "colour", "--out", str(tmp_path / "o2")])
     assert res.exit_code == 2 and "no probe set ['colour']" in res.output
+
+
+def test_run_probes_passes_n_resamples_to_the_intervals(teacher_dir, tmp_path, monkeypatch):
+    """``n_resamples`` reaches `compare_groups` (the bootstrap intervals); left out, the default 1000 as before."""
+    import pocketlm.audit.probes as probes_mod
+
+    seen, real = [], probes_mod.compare_groups
+    monkeypatch.setattr(probes_mod, "compare_groups", lambda *a, **kw: seen.append(kw.get("n_resamples")) or real(*a, **kw))
+    probes = _write(tmp_path, {"pets": {"templates": ["The {group} sat on the mat", "A {group} runs on rails"],
+                                        "groups": {"cats": ["cat"], "dogs": ["dog"]}}})
+    probes_mod.run_probes(str(teacher_dir), probes=probes, samples=0, n_resamples=300)
+    probes_mod.run_probes(str(teacher_dir), probes=probes, samples=0)
+    assert seen == [300, 1000]

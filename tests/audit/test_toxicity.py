@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from conftest import SHARED_DATA
 from pocketlm.audit.toxicity import (
     DAVIDSON_DEFINITIONS, HFClassifierScorer, LabelDefinition, ProfanityScorer, auc_ci, auc_mann_whitney,
-    build_scorer, read_labelled, scorer_check, seeded_subset,
+    build_scorer, check_definitions, read_labelled, scorer_check, seeded_subset,
 )
 
 DAVIDSON = SHARED_DATA / "hate_speech_davidson" / "labeled_data.csv"
@@ -160,3 +160,14 @@ def test_cli_scorer_check(tmp_path):
     bad = CliRunner().invoke(app, ["audit", "scorer-check", "--data", str(data), "--text-column", "body",
                                    "--out", str(tmp_path / "o2")])
     assert bad.exit_code == 2 and "no column 'body'" in bad.output
+
+
+def test_check_definitions_counts_each_class_and_names_what_to_fix():
+    """The count check the pipeline runs before any model work and `scorer_check` at its start: 2 of each class."""
+    defs = [LabelDefinition.parse("tox=0,1:2")]
+    check_definitions(["0", "1", "2", "2", "9"], defs)  # 2 and 2: enough
+    with pytest.raises(ValueError, match=r"'tox' needs at least 2 positive and 2 negative items, got 1 and 2 \(label "
+                                         r"values present: \['0', '2'\]\); check audit.x.definitions"):
+        check_definitions(["0", "2", "2"], defs, fix="audit.x.definitions")
+    with pytest.raises(ValueError, match=r"got 3 and 1 .*check the definitions or the label column"):
+        scorer_check([0.1, 0.2, 0.3, 0.4], ["0", "1", "1", "2"], defs)

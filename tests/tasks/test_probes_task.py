@@ -13,6 +13,9 @@ from pocketlm.audit.probes import run_probes
 from pocketlm.config_pipeline import PipelineConfig
 from pocketlm.core.config import ConfigError
 from pocketlm.pipeline import run_pipeline
+from pocketlm.tasks.base import Context
+from pocketlm.tasks.probes import TASK as PROBES_TASK
+from pocketlm.tasks.toxicity import TASK as TOXICITY_TASK
 
 PROBES = """version: 1
 sets:
@@ -25,6 +28,7 @@ sets:
 """
 SETTINGS = dict(samples=2, max_new_tokens=3, batch_size=8)  # the task's and the API's own
 SETS = ["audit.probes=[{name: counterfactual, data: probes.yaml, samples: 2, max_new_tokens: 3, batch_size: 8}]"]
+RESAMPLES = 200  # audit.n_resamples: not the default 1000, so a run that ignored it would differ
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +45,7 @@ def runs(teacher_dir, corpus_file, probe_dir, tmp_path_factory):
     off = run_pipeline(tiny_config(teacher_dir, corpus_file, out, f"data_root={probe_dir}"), progress=False)
     off.doc = json.loads(off.results_path.read_text())  # before the second run writes the folder again
     on = run_pipeline(tiny_config(teacher_dir, corpus_file, out, f"data_root={probe_dir}", *SETS,
+                                  f"audit.n_resamples={RESAMPLES}",
                                   "gates=['counterfactual.loglik.delta[weather/wet] > -1000']"),
                       progress=False, overwrite=True)
     return off, on
@@ -63,12 +68,14 @@ def test_student_and_teacher_equal_the_api(runs, teacher_dir, probe_dir):
     assert student.kind == teacher.kind == "probes" and student.model["role"] == "student"
     spec = str(on.results_path.parent / on.document.facts["student_dir"])
     seed = on.document.config["train"]["seed"]
-    direct = run_probes(spec, baseline_spec=str(teacher_dir), probes=probe_dir / "probes.yaml", seed=seed, **SETTINGS)
+    direct = run_probes(spec, baseline_spec=str(teacher_dir), probes=probe_dir / "probes.yaml", seed=seed,
+                        n_resamples=RESAMPLES, **SETTINGS)
     assert figures(student) == pytest.approx(figures(direct.results))
     assert student.baseline["fingerprint"] == on.document.models["teacher"]["fingerprint"]
     names = {m.name for m in student.metrics}
     assert {"loglik", "delta_loglik", "loglik_diff", "toxicity", "delta_sentiment"} <= names
-    alone = run_probes(str(teacher_dir), probes=probe_dir / "probes.yaml", seed=seed, **SETTINGS)
+    alone = run_probes(str(teacher_dir), probes=probe_dir / "probes.yaml", seed=seed, n_resamples=RESAMPLES,
+                       **SETTINGS)
     assert figures(teacher) == pytest.approx(figures(alone.results))  # its own figures, as its own run gives them
     assert teacher.model["role"] == "teacher" and teacher.baseline is None
     gen = on.results_path.parent / student.details["generations_file"]
@@ -103,3 +110,39 @@ def test_config_errors_name_the_field(teacher_dir, corpus_file, tmp_path):
                         (["audit.probes=[{}, {}]"], "two sets or suites are named 'probes'")):
         with pytest.raises(ConfigError, match=field):
             tiny_config(teacher_dir, corpus_file, tmp_path / "o", *sets)
+
+
+def _key(task, cfg, entries: list[str]) -> dict:
+    ctx = Context(cfg, cfg.output_dir)
+    ctx.records["distill"] = {"facts": {"teacher_fingerprint": "t", "student_fingerprint": "s"}}
+    ctx.inputs.update({e: {"hash": "h", "prompts": []} for e in entries})
+    return task.inputs(ctx)
+
+
+def test_keys_hold_the_scorer_folder_and_the_resamples(teacher_dir, corpus_file, tmp_path):
+    """An hf: classifier replaced in its folder, or other resamples, give the probes another key; toxicity's key holds
+    the folder's identity too, and is unchanged with the embedded scorer."""
+    folder = tmp_path / "clf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    hf = f"scorer: 'hf:{folder}', toxic_label: toxic"
+    probes = lambda *more: _key(PROBES_TASK, tiny_config(  # noqa: E731
+        teacher_dir, corpus_file, tmp_path / "o", f"audit.probes=[{{name: p, data: x.yaml, {hf}}}]", *more), ["p"])
+    toxicity = lambda spec: _key(TOXICITY_TASK, tiny_config(  # noqa: E731
+        teacher_dir, corpus_file, tmp_path / "o", f"audit.toxicity=[{{suite: bold, data: x, {spec}}}]"), ["bold"])
+    first, tox = probes(), toxicity(hf)
+    assert probes("audit.n_resamples=500") != first and probes("audit.n_resamples=500")["n_resamples"] == 500
+    assert set(toxicity("scorer: profanity")) == {"suites", "models", "seed", "n_resamples", "figures"}  # as it was
+    (folder / "config.json").write_text('{"replaced": true}')
+    assert probes() != first and toxicity(hf) != tox
+
+
+def test_the_run_uses_audit_n_resamples(teacher_dir, corpus_file, probe_dir, tmp_path, monkeypatch):
+    import pocketlm.audit.probes as probes_mod
+
+    seen, real = [], probes_mod.compare_groups
+    monkeypatch.setattr(probes_mod, "compare_groups", lambda *a, **kw: seen.append(kw.get("n_resamples")) or real(*a, **kw))
+    run_pipeline(tiny_config(teacher_dir, corpus_file, tmp_path / "out", f"data_root={probe_dir}",
+                             "audit.probes=[{data: probes.yaml, samples: 0, sets: [weather]}]", "audit.n_resamples=300"),
+                 progress=False)
+    assert seen == [300]

@@ -81,3 +81,49 @@ def test_config_errors_name_the_field(teacher_dir, corpus_file, tmp_path):
                         (["inspect.prune_heads.colour=red"], "inspect.prune_heads.colour")):
         with pytest.raises(ConfigError, match=field):
             tiny_config(teacher_dir, corpus_file, tmp_path / "o", *sets)
+
+
+def test_heads_are_checked_against_each_roles_attention_before_any_model_work(teacher_dir, corpus_file, tmp_path):
+    """The tiny teacher (4 layers) and its student (2 of them): 4 query heads reading 2 KV heads per layer (groups of
+    2), so heads must be a multiple of 2 and each layer keeps a group (the student can lose 4 query heads, the
+    teacher 8); refused before the output folder is made."""
+    out = tmp_path / "out"
+    base = [s for s in SETS if not s.startswith("inspect.prune_heads.heads")] + [
+        f"inspect.prune_heads.data={corpus_file}"]
+    for heads, roles, why in (
+            (3, "[student]", r"inspect.prune_heads.heads \(the student: 2 layers, 4 KV heads of 2 query heads each\) "
+                             r"must be a positive multiple of the group size 2"),
+            (6, "[student]", r"inspect.prune_heads.heads \(the student.*\) 6 would remove 3 KV groups, but only 2 can "
+                             r"go"),
+            (10, "[teacher]", r"inspect.prune_heads.heads \(the teacher: 4 layers, 8 KV heads of 2 query heads "
+                              r"each\) 10 would remove 5 KV groups, but only 4 can go")):
+        cfg = tiny_config(teacher_dir, corpus_file, out, *base, f"inspect.prune_heads.heads={heads}",
+                          f"inspect.prune_heads.roles={roles}")
+        with pytest.raises(ValueError, match=why):
+            run_pipeline(cfg, progress=False)
+        assert not out.exists()
+    # a student of other widths is checked against its own: 1 KV head per layer leaves nothing to remove
+    cfg = tiny_config(teacher_dir, corpus_file, out, *base, "inspect.prune_heads.heads=2", "student.init=random",
+                      "student.num_key_value_heads=1")
+    with pytest.raises(ValueError, match=r"\(the student: 2 layers, 2 KV heads of 4 query heads each\) must be a "
+                                         r"positive multiple of the group size 4"):
+        run_pipeline(cfg, progress=False)
+    assert not out.exists()
+
+
+def test_text_without_a_training_block_is_refused_before_any_model_work(teacher_dir, corpus_file, tmp_path):
+    out = tmp_path / "out"
+    short = tmp_path / "short.txt"
+    short.write_text("a.\n\nb.\n\nc.\n\nd.", encoding="utf-8")  # three training documents of a few tokens
+    cfg = tiny_config(teacher_dir, corpus_file, out, *SETS, f"inspect.prune_heads.data={short}")
+    with pytest.raises(ValueError, match=r"inspect.prune_heads.data: .*short.txt leaves no training block .*fewer "
+                                         r"than one block of 16.*inspect.prune_heads.block_size or val_fraction"):
+        run_pipeline(cfg, progress=False)
+    assert not out.exists()
+    one = tmp_path / "one.txt"
+    one.write_text("a single document with enough words to fill a block of sixteen tokens and more", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"inspect.prune_heads.data: .*one.txt leaves no training block .*too few "
+                                         r"to hold out"):
+        run_pipeline(cfg.model_copy(update={"inspect": cfg.inspect.model_copy(update={
+            "prune_heads": cfg.inspect.prune_heads.model_copy(update={"data": str(one)})})}), progress=False)
+    assert not out.exists()

@@ -9,10 +9,12 @@ import json
 import pytest
 from tiny_pipeline import NO_DISTILL, figures, stage_entries, tiny_config
 
-from pocketlm.audit.toxicity import scorer_check_results
+from pocketlm.audit.toxicity import read_labelled, scorer_check_results, seeded_subset
 from pocketlm.config_pipeline import PipelineConfig
 from pocketlm.core.config import ConfigError
 from pocketlm.pipeline import run_pipeline
+from pocketlm.tasks.base import Context
+from pocketlm.tasks.scorer_check import ENTRY, TASK
 
 ROWS = [("you are a fucking idiot", "1"), ("what a lovely day at the sea", "2"), ("shut up you stupid bitch", "0"),
         ("the train stops at every station", "2"), ("this shit is damn awful", "1"), ("bread is baked in an oven", "2"),
@@ -36,7 +38,9 @@ def runs(teacher_dir, corpus_file, labelled, tmp_path_factory):
     off = run_pipeline(tiny_config(teacher_dir, corpus_file, out), progress=False)
     off.doc = json.loads(off.results_path.read_text())  # before the second run writes the folder again
     on = run_pipeline(tiny_config(teacher_dir, corpus_file, out, *CHECK, f"audit.scorer_check.data={labelled}",
-                                  "gates=['scorer_check.roc_auc.scorer[abuse] >= 0.5']"),
+                                  "audit.n_resamples=200",
+                                  "gates=['scorer_check.roc_auc.scorer[abuse] >= 0.5', "
+                                  "'scorer.scorer_check.roc_auc[hate] >= 0.5']"),
                       progress=False, overwrite=True)
     return off, on
 
@@ -59,12 +63,17 @@ def test_results_equal_the_api_on_the_same_file(runs, labelled):
     assert res.kind == "scorer_check" and res.model["role"] == "scorer" and res.model["spec"] == "profanity"
     assert res.data["n"] == 18 and res.data["hash"]
     direct = scorer_check_results(labelled, limit=18, seed=on.document.config["train"]["seed"],
-                                  definitions=["abuse=0,1:2", "hate=0:2"])
+                                  definitions=["abuse=0,1:2", "hate=0:2"], n_resamples=200)  # audit.n_resamples
     assert figures(res) == pytest.approx(figures(direct))
     assert {m.group for m in res.metrics} == {"abuse", "hate"} and 0.5 < figures(res)[("roc_auc", "abuse", "value")] < 1
-    assert [g["status"] for g in on.gates] == ["pass"]
+    # both forms name it: <entry>.<metric>.<role> and <role>.<entry>.<metric>
+    assert [g["status"] for g in on.gates] == ["pass", "pass"]
+    assert on.gates[1]["values"] == {"scorer.scorer_check.roc_auc[hate]": figures(res)[("roc_auc", "hate", "value")]}
     page = on.report_path.read_text()
     assert 'id="entry-scorer_check"' in page and "roc_auc" in page
+    card = on.card_path.read_text()
+    evaluation_data = card.split("## Evaluation data")[1].split("## ")[0]
+    assert "scorer_check" not in evaluation_data  # the labelled set measures the scorer, not the models
 
 
 def test_missing_file_is_named_before_any_model_work(teacher_dir, corpus_file, tmp_path):
@@ -87,3 +96,53 @@ def test_config_errors_name_the_field(teacher_dir, corpus_file, tmp_path):
                         (["audit.scorer_check.colour=red"], "audit.scorer_check.colour")):
         with pytest.raises(ConfigError, match=field):
             tiny_config(teacher_dir, corpus_file, tmp_path / "o", *sets)
+
+
+def test_label_counts_are_checked_before_any_model_work(teacher_dir, corpus_file, labelled, tmp_path):
+    """Each definition needs 2 positive and 2 negative rows among the rows the run scores (the same seeded subset):
+    refused before the output folder is made, naming the config fields and the label values present."""
+    out = tmp_path / "out"
+    base = [*CHECK, f"audit.scorer_check.data={labelled}"]
+    with pytest.raises(ValueError, match=r"definition 'rare' needs at least 2 positive.*got 0 and 10.*label values "
+                                         r"present: \['0', '1', '2'\]\).*audit.scorer_check.definitions or "
+                                         r"audit.scorer_check.label_column"):
+        run_pipeline(tiny_config(teacher_dir, corpus_file, out, *base, "audit.scorer_check.limit=null",
+                                 "audit.scorer_check.definitions=['rare=7:2']"), progress=False)
+    assert not out.exists()
+    # enough rows in the whole file, too few in the seeded subset the run draws
+    seed = PipelineConfig().train.seed
+    _, labels, _ = read_labelled(labelled, "tweet", "class")
+    limit = next(n for n in range(4, len(labels))
+                 if sum(labels[i] == "0" for i in seeded_subset(len(labels), n, seed)) == 1)
+    with pytest.raises(ValueError, match=r"definition 'hate' needs at least 2 positive and 2 negative items, got 1"):
+        run_pipeline(tiny_config(teacher_dir, corpus_file, out, *base, f"audit.scorer_check.limit={limit}"),
+                     progress=False)
+    assert not out.exists()
+
+
+def _key(cfg, **inputs) -> dict:
+    ctx = Context(cfg, cfg.output_dir)
+    ctx.inputs[ENTRY] = inputs
+    return TASK.inputs(ctx)
+
+
+def test_key_holds_the_data_hash_the_scorer_folder_and_the_resamples(teacher_dir, corpus_file, labelled, tmp_path):
+    """The same file at another path gives the same key; a replaced hf: classifier or other resamples another."""
+    folder = tmp_path / "clf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    sets = [*CHECK, f"audit.scorer_check.scorer=hf:{folder}", "audit.scorer_check.toxic_label=toxic"]
+    at = lambda path, *more: _key(tiny_config(teacher_dir, corpus_file, tmp_path / "o", *sets,  # noqa: E731
+                                              f"audit.scorer_check.data={path}", *more), path=path, hash="h1")
+    copy = tmp_path / "copy.csv"
+    copy.write_bytes(labelled.read_bytes())
+    first = at(labelled)
+    assert at(copy) == first and str(labelled) not in json.dumps(first)  # the data's hash, not its path
+    assert at(labelled, "audit.n_resamples=500") != first
+    (folder / "config.json").write_text('{"replaced": true}')
+    assert at(labelled) != first  # the classifier's folder changed
+
+
+def test_the_scorer_role_is_a_reserved_name(teacher_dir, corpus_file, tmp_path):
+    with pytest.raises(ConfigError, match="the result name 'scorer' is reserved"):
+        tiny_config(teacher_dir, corpus_file, tmp_path / "o", "eval.perplexity=[{name: scorer}]")

@@ -39,7 +39,7 @@ from pocketlm.audit.prompted import (
 from pocketlm.audit.toxicity import build_scorer
 from pocketlm.core.provenance import provenance
 from pocketlm.core.results import Metric, Results
-from pocketlm.core.stats import _mean, _mean_diff
+from pocketlm.core.stats import DEFAULT_RESAMPLES, _mean, _mean_diff
 
 SLOT = "{group}"
 ALPHA = 0.05
@@ -204,7 +204,7 @@ def holm(pvalues: Sequence[float]) -> np.ndarray:
 
 def compare_groups(set_name: str, groups: Sequence[str], model: dict[str, np.ndarray],
                    baseline: dict[str, np.ndarray] | None = None, *, seed: int = 0,
-                   n_resamples: int = 1000, n_permutations: int = 9999) -> tuple[list[Metric], dict]:
+                   n_resamples: int = DEFAULT_RESAMPLES, n_permutations: int = 9999) -> tuple[list[Metric], dict]:
     """Per-group figures and pairwise differences (with baseline deltas), the permutation tests and Holm."""
     metrics: list[Metric] = []
     details: dict = {}
@@ -267,10 +267,12 @@ def run_probes(
     out: Path | None = None,
     progress: bool = False,
     trust_remote_code: bool | None = None,
+    n_resamples: int = DEFAULT_RESAMPLES,
 ) -> ProbesAudit:
     """`pocketlm audit probes`: every probe set filled and scored by each model (log-likelihoods; with
     ``samples``, the toxicity and sentiment of sampled continuations, written to ``out/generations.jsonl``), groups
-    compared by `compare_groups` → ``Results(kind="probes")``. Inputs are checked before any model loads."""
+    compared by `compare_groups` (``n_resamples`` bootstrap resamples per interval) → ``Results(kind="probes")``.
+    Inputs are checked before any model loads."""
     t0 = time.perf_counter()
     if samples < 0:
         raise ValueError(f"--samples must be >= 0, got {samples}")
@@ -295,7 +297,8 @@ def run_probes(
     for name, ps in chosen.items():
         groups = list(ps.groups)
         figs = [filling_figures(fillings[name], groups, *r[name]) for _, r in runs]
-        mt, dt = compare_groups(name, groups, figs[0], figs[1] if baseline_spec else None, seed=seed)
+        mt, dt = compare_groups(name, groups, figs[0], figs[1] if baseline_spec else None, seed=seed,
+                                n_resamples=n_resamples)
         metrics += mt
         details[name] = dt
     prompts, merged = [], []

@@ -256,19 +256,36 @@ def auc_ci(pos: np.ndarray, neg: np.ndarray, *, seed: int = 0, n_resamples: int 
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
+def parse_definitions(definitions: Sequence[str]) -> list[LabelDefinition]:
+    """``NAME=POS,...:NEG,...`` texts as definitions; none: Davidson et al.'s two."""
+    return [LabelDefinition.parse(d) for d in definitions] or list(DAVIDSON_DEFINITIONS)
+
+
+def check_definitions(labels: Sequence[str], definitions: Sequence[LabelDefinition], *,
+                      fix: str = "the definitions or the label column") -> None:
+    """Each definition has at least 2 positive and 2 negative items among ``labels`` (an AUC and its stratified
+    interval need both classes); else a ValueError naming the definition, its counts, the label values present
+    and ``fix`` (what to change: the CLI's options or the config's fields)."""
+    labels = np.asarray(labels, dtype=str)
+    for d in definitions:
+        n_pos, n_neg = int(np.isin(labels, d.positive).sum()), int(np.isin(labels, d.negative).sum())
+        if min(n_pos, n_neg) < 2:
+            raise ValueError(f"definition {d.name!r} needs at least 2 positive and 2 negative items, got "
+                             f"{n_pos} and {n_neg} (label values present: {sorted(set(labels.tolist()))[:20]}); "
+                             f"check {fix}")
+
+
 def scorer_check(scores: np.ndarray, labels: Sequence[str], definitions: Sequence[LabelDefinition], *,
                  seed: int = 0, n_resamples: int = DEFAULT_RESAMPLES) -> tuple[list[Metric], dict]:
     """ROC AUC and accuracy at 0.5 of ``scores`` against each definition of toxic; (metrics, details)."""
     from sklearn.metrics import roc_auc_score
 
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=str)
+    check_definitions(labels, definitions)
     metrics, details = [], {}
     for d in definitions:
         is_pos, is_neg = np.isin(labels, d.positive), np.isin(labels, d.negative)
         n_pos, n_neg = int(is_pos.sum()), int(is_neg.sum())
-        if min(n_pos, n_neg) < 2:
-            raise ValueError(f"definition {d.name!r} needs at least 2 positive and 2 negative items, got "
-                             f"{n_pos} and {n_neg} (label values present: {sorted(set(labels.tolist()))[:20]})")
         keep = is_pos | is_neg
         y, s = is_pos[keep].astype(int), scores[keep]
         auc = float(roc_auc_score(y, s))
@@ -305,17 +322,18 @@ def scorer_check_results(
     definitions: Sequence[str] = (),
     limit: int | None = None,
     seed: int = 0,
+    n_resamples: int = DEFAULT_RESAMPLES,
 ) -> Results:
     """`pocketlm audit scorer-check`: the scorer's ROC AUC and accuracy at 0.5 on a labelled set (a seeded subset
     of ``limit`` rows), per positive-class definition (``NAME=POS,...:NEG,...``; default Davidson et al.'s)
-    → ``Results(kind="scorer_check")``."""
+    → ``Results(kind="scorer_check")``; ``n_resamples`` bootstrap resamples per interval."""
     t0 = time.perf_counter()
-    defs = [LabelDefinition.parse(d) for d in definitions] or list(DAVIDSON_DEFINITIONS)
+    defs = parse_definitions(definitions)
     texts, labels, sha = read_labelled(data, text_column, label_column)
     idx = seeded_subset(len(texts), limit, seed)
     texts, labels = [texts[i] for i in idx], [labels[i] for i in idx]
     sc = build_scorer(scorer, label=toxic_label)
-    metrics, details = scorer_check(sc(texts), labels, defs, seed=seed)
+    metrics, details = scorer_check(sc(texts), labels, defs, seed=seed, n_resamples=n_resamples)
     return Results(
         kind="scorer_check", model={"spec": scorer, **sc.describe()},
         data={"source": str(data), "hash": sha, "n": len(texts), "limit": limit,

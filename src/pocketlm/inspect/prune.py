@@ -39,23 +39,30 @@ from pocketlm.models.pruning import as_pocketlm
 from pocketlm.models.student import PocketLMForCausalLM
 
 
+def check_head_count(n_heads: int, group: int, kv_heads: Sequence[int], *, name: str = "--heads") -> None:
+    """Whether `n_heads` query heads can be removed from a model whose layers hold `kv_heads` KV heads each, `group`
+    query heads per KV head: whole groups only, and each layer keeps at least one (a ValueError naming `name`).
+    `plan_pruning` applies it to a loaded model; the pipeline to the shapes a config names, before any model work."""
+    if n_heads < 1 or n_heads % group:
+        raise ValueError(
+            f"{name} must be a positive multiple of the group size {group} (query heads per KV head): pruning "
+            f"removes whole KV groups; got {n_heads}"
+        )
+    removable = sum(k - 1 for k in kv_heads)
+    if n_heads // group > removable:
+        raise ValueError(
+            f"{name} {n_heads} would remove {n_heads // group} KV groups, but only {removable} can go (each layer "
+            f"keeps at least one of its groups; {group * sum(kv_heads)} query heads in all)"
+        )
+
+
 def plan_pruning(
     model: torch.nn.Module, importance: HeadImportance, n_heads: int, *, normalize: bool = True
 ) -> dict[int, list[int]]:
     """{layer: original KV head ids to remove} for the `n_heads` query heads of least importance, in whole groups."""
     attns = attention_modules(model)
     group = attns[0].num_heads // attns[0].num_kv_heads
-    if n_heads < 1 or n_heads % group:
-        raise ValueError(
-            f"--heads must be a positive multiple of the group size {group} (query heads per KV head): pruning "
-            f"removes whole KV groups; got {n_heads}"
-        )
-    removable = sum(a.num_kv_heads - 1 for a in attns)
-    if n_heads // group > removable:
-        raise ValueError(
-            f"--heads {n_heads} would remove {n_heads // group} KV groups, but only {removable} can go (each layer "
-            f"keeps at least one of its groups; {sum(a.num_heads for a in attns)} query heads in all)"
-        )
+    check_head_count(n_heads, group, [a.num_kv_heads for a in attns])
     scores = HeadImportance.layer_normalized(importance.per_group) if normalize else importance.per_group
     ranked = sorted(
         ((float(s), layer, local) for layer, layer_scores in enumerate(scores) for local, s in enumerate(layer_scores)),

@@ -82,8 +82,14 @@ def student_config_from_yaml(path: Path):
     """The `PocketLMConfig` a distillation YAML would build (`distill.run.build_student`), from the teacher's
     config alone: teacher layers keep the teacher's widths; random init applies the width overrides; pruned init
     takes the shape of its target (models/pruning.py); `moe` makes the MLPs sparse."""
-    cfg = load_config(DistillConfig, path)
-    teacher, _ = load_size_config(cfg.teacher)
+    return student_config(load_config(DistillConfig, path))
+
+
+def student_config(cfg: DistillConfig, teacher: Any = None):
+    """The `PocketLMConfig` of the student `cfg` describes (as `student_config_from_yaml`), from `teacher` (its
+    transformers config; None: read from `cfg.teacher` by `load_size_config`)."""
+    if teacher is None:
+        teacher, _ = load_size_config(cfg.teacher)
     s = cfg.student
     if s.init == "pruned":
         n = int(teacher.get_text_config(decoder=True).num_hidden_layers)

@@ -18,6 +18,7 @@ from pydantic import Field, field_validator
 from pocketlm.core.config import StrictModel, registered
 from pocketlm.core.results import Results
 from pocketlm.tasks.base import NAME_PATTERN, Context, Entry, SetsTask, StageOutput, View, register
+from pocketlm.tasks.scorer_check import scorer_identity
 
 PREFIX = "baseline_"
 
@@ -81,9 +82,12 @@ class ProbesTask(SetsTask):
             ctx.inputs[p.name] = {"path": path, "hash": hashlib.sha256(path.read_bytes()).hexdigest()}
 
     def inputs(self, ctx: Context) -> dict[str, Any]:
-        return {"probes": [{**p.model_dump(mode="json"), "data": ctx.inputs[p.name]["hash"]}
-                           for p in self.measured(ctx)],
-                "models": ctx.fingerprints(["teacher", "student"]), "seed": ctx.seed}
+        """Each probe set with its file's hash and its scorer's identity (a replaced hf: classifier is run again),
+        the models, the seed and the bootstrap's resamples."""
+        return {"probes": [{**p.model_dump(mode="json"), "data": ctx.inputs[p.name]["hash"],
+                            "scorer_identity": scorer_identity(p.scorer)} for p in self.measured(ctx)],
+                "models": ctx.fingerprints(["teacher", "student"]), "seed": ctx.seed,
+                "n_resamples": ctx.cfg.audit.n_resamples}
 
     def run(self, ctx: Context) -> StageOutput:
         """The student against the teacher, once: the student's Results carry the paired deltas."""
@@ -98,7 +102,8 @@ class ProbesTask(SetsTask):
                 ctx.spec("student"), baseline_spec=ctx.spec("teacher"), probes=ctx.inputs[p.name]["path"],
                 sets=p.sets, samples=p.samples, seed=ctx.seed, max_new_tokens=p.max_new_tokens, top_p=p.top_p,
                 temperature=p.temperature, batch_size=p.batch_size, scorer=p.scorer, toxic_label=p.toxic_label,
-                out=out, progress=ctx.progress, trust_remote_code=(ctx.cfg.trust_remote_code or None))
+                out=out, progress=ctx.progress, trust_remote_code=(ctx.cfg.trust_remote_code or None),
+                n_resamples=ctx.cfg.audit.n_resamples)
             student = audit.results
             student.model["role"] = "student"
             if p.samples:

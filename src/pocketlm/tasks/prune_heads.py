@@ -53,6 +53,45 @@ class PruneHeadsProbe(StrictModel):
         return self
 
 
+def _enough(docs: list[str], tokenizer: Any, block_size: int) -> list[str]:
+    """The first documents that hold at least one block's tokens (all of them when they do not): packing these is
+    packing all of them, as far as whether a block comes out."""
+    tokens = 0
+    for i, doc in enumerate(docs):
+        tokens += len(tokenizer(doc, add_special_tokens=False)["input_ids"]) + 1  # and the EOS between documents
+        if tokens >= block_size:
+            return docs[: i + 1]
+    return docs
+
+
+def attention_shape(config: Any) -> tuple[int, list[int]]:
+    """(query heads per KV head, KV heads of each layer) of a model config (a pruned pocketlm model's kept ones)."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    heads = int(text.num_attention_heads)
+    kv = int(getattr(text, "num_key_value_heads", None) or heads)
+    kept = getattr(text, "kept_kv_heads", None)
+    return heads // kv, [len(k) for k in kept] if kept else [kv] * int(text.num_hidden_layers)
+
+
+def check_heads(cfg: Any) -> None:
+    """``heads`` against each chosen role's attention, by `inspect.prune.check_head_count` (the rules
+    `plan_pruning` applies at run time), read from the teacher folder's config.json and the student section (the
+    CE twin is built as the student is). A teacher given otherwise (a .gguf, a hub id) is checked at run time."""
+    from pocketlm.inspect.prune import check_head_count
+    from pocketlm.inspect.size import load_size_config, student_config
+    from pocketlm.models.load import resolve
+
+    p = cfg.inspect.prune_heads
+    if resolve(cfg.teacher).kind != "folder":
+        return
+    teacher, _ = load_size_config(cfg.teacher)
+    for role in p.roles:
+        group, kv_heads = attention_shape(teacher if role == "teacher" else student_config(cfg, teacher))
+        check_head_count(p.heads, group, kv_heads,
+                         name=f"inspect.prune_heads.heads (the {role}: {len(kv_heads)} layers, {sum(kv_heads)} KV "
+                              f"heads of {group} query heads each)")
+
+
 class PruneHeadsTask(Task):
     name, phase = "prune_heads", "inspect"
     requires = "pocketlm.inspect.prune"
@@ -67,16 +106,27 @@ class PruneHeadsTask(Task):
         return [ENTRY]
 
     def check(self, ctx: Context) -> None:
-        """The documents read (as `prune_heads_results` will read them), before any model work."""
-        from pocketlm.data.text import hash_documents, read_documents
+        """Before any model work: the documents read (as `prune_heads_results` will read them), split, and at least
+        one training block packed from the importance part; ``heads`` checked against each role's attention shape
+        (from the teacher folder's config.json and the student section)."""
+        from pocketlm.data.text import DataError, hash_documents, pack, read_documents, split_documents
+        from pocketlm.models.load import load_tokenizer
 
         p = ctx.cfg.inspect.prune_heads
+        check_heads(ctx.cfg)
         path = ctx.cfg.data_path(p.data)
         if not path.exists():
             ctx.missing(ENTRY, "inspect.prune_heads.data", path)
             return
         docs = read_documents(path, field=p.field, split=p.split, max_documents=p.max_documents,
                               txt_split=p.txt_split)
+        try:
+            train, _ = split_documents(docs, p.val_fraction, ctx.seed)
+            tokenizer = load_tokenizer(ctx.cfg.teacher, trust_remote_code=(ctx.cfg.trust_remote_code or None))
+            pack(_enough(train, tokenizer, p.block_size), tokenizer, p.block_size)  # the run packs all of them
+        except DataError as e:
+            raise DataError(f"inspect.prune_heads.data: {path} leaves no training block for the head importance "
+                            f"({e}); add text, or lower inspect.prune_heads.block_size or val_fraction") from None
         ctx.inputs[ENTRY] = {"path": path, "hash": hash_documents(docs)}
 
     def inputs(self, ctx: Context) -> dict[str, Any]:

@@ -12,10 +12,17 @@ from typing import Any, Optional
 from pydantic import Field, field_validator, model_validator
 
 from pocketlm.core.config import StrictModel, registered
-from pocketlm.tasks.base import Context, Entry, StageOutput, Task, View, register
+from pocketlm.tasks.base import Context, Entry, StageOutput, Task, View, path_identity, register
 
 ROLE = "scorer"  # the role its Results are filed under: the scorer is what is measured
 ENTRY = "scorer_check"
+
+
+def scorer_identity(spec: str) -> str | None:
+    """What a stage key holds of a toxicity scorer beside its name: an ``hf:FOLDER`` classifier's folder identity
+    (its files' names, sizes and times), so a replaced classifier is measured again; None for the embedded one."""
+    name, _, folder = spec.partition(":")
+    return path_identity(folder) if name == "hf" and folder else None
 
 
 class ScorerCheckConfig(StrictModel):
@@ -57,8 +64,9 @@ class ScorerCheckConfig(StrictModel):
 class ScorerCheckTask(Task):
     name, phase = "scorer_check", "audit"
     requires = "pocketlm.audit.toxicity"
+    # the labelled set measures the scorer, not the models: not listed as the card's evaluation data
     views = (View("scorer_check", group_headlines=("roc_auc", "accuracy@0.5"), group_label="definition",
-                  summary_rows=0),)
+                  evaluation_data=False, summary_rows=0),)
     fixed_entries = (ENTRY,)
 
     @property
@@ -71,22 +79,37 @@ class ScorerCheckTask(Task):
     def measures(self, cfg: Any) -> list[str]:
         return [ENTRY]
 
+    def scopes(self, cfg: Any) -> list[str]:
+        """Its entry and its role: gates name it ``scorer.scorer_check.roc_auc`` (``<role>.<entry>.<metric>``) or
+        ``scorer_check.roc_auc.scorer``; both names are reserved."""
+        return [ENTRY, ROLE]
+
     def check(self, ctx: Context) -> None:
-        """The labelled set read (its columns named) and the scorer built, before any model work."""
-        from pocketlm.audit.toxicity import build_scorer, read_labelled
+        """The labelled set read (its columns named), each definition's classes counted on the rows the run scores
+        (the same seeded subset), and the scorer built, before any model work."""
+        from pocketlm.audit.toxicity import (
+            build_scorer, check_definitions, parse_definitions, read_labelled, seeded_subset,
+        )
 
         c = ctx.cfg.audit.scorer_check
         path = ctx.cfg.data_path(c.data)
         if not path.exists():
             ctx.missing(ENTRY, "audit.scorer_check.data", path)
             return
-        _, _, sha = read_labelled(path, c.text_column, c.label_column)
+        _, labels, sha = read_labelled(path, c.text_column, c.label_column)
+        check_definitions([labels[i] for i in seeded_subset(len(labels), c.limit, ctx.seed)],
+                          parse_definitions(c.definitions),
+                          fix="audit.scorer_check.definitions or audit.scorer_check.label_column")
         build_scorer(c.scorer, label=c.toxic_label)
         ctx.inputs[ENTRY] = {"path": path, "hash": sha}
 
     def inputs(self, ctx: Context) -> dict[str, Any]:
+        """The check's settings with the data's hash for its path and the scorer's identity (a replaced hf:
+        classifier is checked again), the seed and the bootstrap's resamples."""
         c = ctx.cfg.audit.scorer_check
-        return {"check": c.model_dump(mode="json"), "data": ctx.inputs[ENTRY]["hash"], "seed": ctx.seed}
+        return {"check": {**c.model_dump(mode="json"), "data": ctx.inputs[ENTRY]["hash"],
+                          "scorer_identity": scorer_identity(c.scorer)},
+                "seed": ctx.seed, "n_resamples": ctx.cfg.audit.n_resamples}
 
     def run(self, ctx: Context) -> StageOutput:
         from pocketlm.audit.toxicity import scorer_check_results
@@ -94,7 +117,8 @@ class ScorerCheckTask(Task):
         c = ctx.cfg.audit.scorer_check
         res = scorer_check_results(ctx.inputs[ENTRY]["path"], scorer=c.scorer, toxic_label=c.toxic_label,
                                    text_column=c.text_column, label_column=c.label_column,
-                                   definitions=c.definitions, limit=c.limit, seed=ctx.seed)
+                                   definitions=c.definitions, limit=c.limit, seed=ctx.seed,
+                                   n_resamples=ctx.cfg.audit.n_resamples)
         res.model["role"] = ROLE
         return StageOutput([Entry(ROLE, ENTRY, res)])
 

@@ -18,6 +18,7 @@ from pocketlm.core.results import Results
 from pocketlm.tasks.base import (
     AUDIT_ROLES, NAME_PATTERN, audit_inputs, Context, Entry, register, SetsTask, StageOutput, View,
 )
+from pocketlm.tasks.scorer_check import scorer_identity
 
 
 class ToxicitySuiteConfig(StrictModel):
@@ -128,8 +129,12 @@ class ToxicityTask(SetsTask):
                                    "hash": hash_documents([p.id for p in prompts] + [suite.sha256])}
 
     def inputs(self, ctx: Context) -> dict[str, Any]:
-        # the figures are part of the key: records stored before fluency and diversity were measured are re-run
-        return {**audit_inputs(ctx, self), "figures": [FLUENCY_FIGURE, DIVERSITY_FIGURE]}
+        # the figures are part of the key: records stored before fluency and diversity were measured are re-run;
+        # an hf: scorer's folder identity too (a replaced classifier is run again; none with the embedded scorer,
+        # whose keys stay as they were)
+        scorers = {t.entry: scorer_identity(t.scorer) for t in self.measured(ctx) if scorer_identity(t.scorer)}
+        return {**audit_inputs(ctx, self), "figures": [FLUENCY_FIGURE, DIVERSITY_FIGURE],
+                **({"scorer_identities": scorers} if scorers else {})}
 
     def run(self, ctx: Context) -> StageOutput:
         """Teacher and student continue the same prompts with the same per-item seeds; the teacher scores both
