@@ -8,7 +8,8 @@ c·√n, and an item is re-scored in fp32 when a compared difference is within t
 (`pocketlm.audit.bias_core.pair_near_ties`, `argmax_near_ties`).
 
 Evidence (``benchmarks/bf16_error.py``; raw answers in ``outputs/bf16-error/``; 2 cores, 1 thread, fp32 vs bf16 on
-the same requests, batch 16, packed as the suites pack them):
+the same requests, batch 16; measured when a bf16 run did not pack shared prefixes — the probe that allows packing
+ran in bf16 and failed on bf16 noise — so bf16 rows were plain and fp32 rows packed; re-measured packed below):
 
 * per token (body wholly in bf16): |Δ| median 0.015, q99 0.12, max 0.69 nats at positions ≥ 2; at position 1 up to
   3.7 (q99 1.3) on the teacher — the attention sinks' massive activations, hence fp32 there;
@@ -25,10 +26,14 @@ pairs, 30.8 % of its BBQ sample, 32 % / 18 % of the student's; plain bf16 decide
 those differently from fp32, auto none. A smaller c re-scores less (0.1: 14 % of CrowS) with no decision wrong on
 the measured data down to c = 0.03, but would leave measured differences outside their bound.
 
-Checked again on a larger BBQ sample after the bound was fixed (``--suites bbq --bbq-limit 1200 --token-items 0``:
-1,200 seeded items over all six categories, 3,600 answers, the teacher): largest compared-difference ratio 0.096
-(the same as on 240 items), largest error / bound 0.48, re-scored 28.8 %; plain bf16 decides 12 items differently
-from fp32, auto none.
+Re-measured with bf16 packing as fp32 does (``python benchmarks/bf16_error.py --raw FILE --bbq-limit 1200
+--token-items 0``; the record holds the tokens each precision ran: equal), teacher: all 1,508 CrowS pairs, largest
+compared-difference ratio 0.108, largest error / bound 0.54, re-scored 28.8 %, plain bf16 decides 11 pairs differently
+from fp32, auto none; 1,200 seeded BBQ items over all six categories, ratio 0.091, error / bound 0.45, re-scored
+28.6 %, plain bf16 9 items, auto none. Student (the 15-layer depth-pruned one, ``--no-teacher --student
+outputs/bench-compression-frontier/students/50-depth --crows-limit 1000 --bbq-limit 150``): CrowS ratio 0.034, error /
+bound 0.17, re-scored 32 %, plain bf16 7 pairs, auto none; BBQ ratio 0.069, 0.35, re-scored 18 %, plain bf16 1, auto
+none. Every compared difference within its bound; c stays 0.2 (1.85x the largest ratio measured with packing).
 
 The bound is a safety margin fitted to these measurements, not a proof: a model whose bf16 error is far larger than
 the SmolLM2 family's could exceed it. ``benchmarks/bf16_error.py --student FOLDER`` checks it on another model (every
