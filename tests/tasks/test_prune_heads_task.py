@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny_pipeline import NO_DISTILL, figures, stage_entries, tiny_config
+from tiny_pipeline import figures, refused_then_skipped, stage_entries, tiny_config
 
 from pocketlm.config_pipeline import PipelineConfig
 from pocketlm.core.config import ConfigError
@@ -63,13 +63,7 @@ def test_missing_file_is_named_before_any_model_work(teacher_dir, corpus_file, t
     out = tmp_path / "out"
     cfg = tiny_config(teacher_dir, corpus_file, out, *SETS, "inspect.prune_heads.data=nope.txt",
                       f"data_root={tmp_path}")
-    with pytest.raises(FileNotFoundError, match=r"inspect.prune_heads.data: data not found: .*nope.txt"):
-        run_pipeline(cfg, progress=False)
-    assert not out.exists()  # refused before the output folder (and any model) was made
-    done = run_pipeline(cfg.model_copy(update={"missing_data": "skip"}), progress=False, tasks=NO_DISTILL)
-    st = done.document.stages["prune_heads"]
-    assert st.status == "skipped" and "nope.txt" in st.reason and "prune_heads" in done.document.skipped
-
+    refused_then_skipped(cfg, "prune_heads", "inspect.prune_heads.data", "nope.txt", "prune_heads")
 
 def test_config_errors_name_the_field(teacher_dir, corpus_file, tmp_path):
     for sets, field in ((["inspect.prune_heads.enabled=true", "inspect.prune_heads.heads=2"],

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny_pipeline import NO_DISTILL, figures, stage_entries, tiny_config
+from tiny_pipeline import figures, refused_then_skipped, stage_entries, tiny_config
 
 from pocketlm.audit.toxicity import read_labelled, scorer_check_results, seeded_subset
 from pocketlm.config_pipeline import PipelineConfig
@@ -80,14 +80,7 @@ def test_missing_file_is_named_before_any_model_work(teacher_dir, corpus_file, t
     out = tmp_path / "out"
     cfg = tiny_config(teacher_dir, corpus_file, out, *CHECK, "audit.scorer_check.data=nope.csv",
                       f"data_root={tmp_path}")
-    with pytest.raises(FileNotFoundError, match=r"audit.scorer_check.data: data not found: .*nope.csv"):
-        run_pipeline(cfg, progress=False)
-    assert not out.exists()  # refused before the output folder (and any model) was made
-    skip = cfg.model_copy(update={"missing_data": "skip"})
-    done = run_pipeline(skip, progress=False, tasks=NO_DISTILL)
-    st = done.document.stages["scorer_check"]
-    assert st.status == "skipped" and "nope.csv" in st.reason and "scorer_check" in done.document.skipped
-
+    refused_then_skipped(cfg, "scorer_check", "audit.scorer_check.data", "nope.csv", "scorer_check")
 
 def test_config_errors_name_the_field(teacher_dir, corpus_file, tmp_path):
     for sets, field in ((["audit.scorer_check.enabled=true"], "audit.scorer_check"),

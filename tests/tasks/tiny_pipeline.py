@@ -2,10 +2,13 @@
 measurement off (the student is distilled in two steps), so a test turns on only the task it is about."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import pytest
+
 from pocketlm.config_pipeline import PipelineConfig, load_pipeline_config
-from pocketlm.pipeline import PIPELINE
+from pocketlm.pipeline import PIPELINE, run_pipeline
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "pipeline_tiny.yaml"
 NO_DISTILL = [t for t in PIPELINE if t.name != "distill"]  # nothing needs a student: no model work at all
@@ -33,3 +36,14 @@ def figures(results) -> dict:
         if m.ci is not None:
             out[(m.name, m.group, "low")], out[(m.name, m.group, "high")] = m.ci
     return out
+
+
+def refused_then_skipped(cfg: PipelineConfig, stage: str, field: str, missing: str, entry: str) -> None:
+    """Data that is not there: refused, naming ``field`` and the file, before the output folder (and any model) is
+    made; under ``missing_data: skip`` the stage is skipped with the reason and ``entry`` listed as left out."""
+    with pytest.raises(FileNotFoundError, match=rf"{re.escape(field)}: data not found: .*{re.escape(missing)}"):
+        run_pipeline(cfg, progress=False)
+    assert not Path(cfg.output_dir).exists()
+    done = run_pipeline(cfg.model_copy(update={"missing_data": "skip"}), progress=False, tasks=NO_DISTILL)
+    st = done.document.stages[stage]
+    assert st.status == "skipped" and missing in st.reason and entry in done.document.skipped

@@ -13,37 +13,22 @@ import dataclasses
 import hashlib
 from typing import Any, Optional
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from pocketlm.core.config import StrictModel, registered
 from pocketlm.core.results import Results
 from pocketlm.tasks.base import NAME_PATTERN, Context, Entry, SetsTask, StageOutput, View, register
-from pocketlm.tasks.scorer_check import scorer_identity
+from pocketlm.tasks.scorer_check import SampledScoring, scorer_identity
 
 PREFIX = "baseline_"
 
 
-class ProbesConfig(StrictModel):
+class ProbesConfig(SampledScoring):
     """One probe file (`pocketlm.audit.probes` format) scored by teacher and student."""
 
     data: Optional[str] = None  # a probe YAML; null: the shipped examples (gender, religion, nationality, age)
     name: str = Field("probes", pattern=NAME_PATTERN)
     sets: list[str] = []  # only these sets of the file; []: all
     samples: int = Field(5, ge=0)  # continuations per filling for toxicity and sentiment (0: log-likelihood only)
-    max_new_tokens: int = Field(20, ge=1)
-    top_p: float = Field(0.9, gt=0, le=1)
-    temperature: float = Field(1.0, gt=0)
-    batch_size: int = Field(32, ge=1)
-    scorer: str = "profanity"  # profanity | hf:FOLDER
-    toxic_label: Optional[str] = None
-
-    @field_validator("scorer")
-    @classmethod
-    def _known_scorer(cls, v: str) -> str:
-        from pocketlm.audit.toxicity import SCORERS
-
-        registered(SCORERS, v.partition(":")[0])
-        return v
 
 
 def teacher_results(student: Results) -> Results:

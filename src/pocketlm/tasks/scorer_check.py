@@ -25,6 +25,25 @@ def scorer_identity(spec: str) -> str | None:
     return path_identity(folder) if name == "hf" and folder else None
 
 
+class SampledScoring(StrictModel):
+    """How continuations are sampled and their toxicity scored: the fields toxicity suites and probes share."""
+
+    max_new_tokens: int = Field(20, ge=1)
+    top_p: float = Field(0.9, gt=0, le=1)
+    temperature: float = Field(1.0, gt=0)
+    batch_size: int = Field(32, ge=1)
+    scorer: str = "profanity"  # profanity | hf:FOLDER
+    toxic_label: Optional[str] = None
+
+    @field_validator("scorer")
+    @classmethod
+    def _known_scorer(cls, v: str) -> str:
+        from pocketlm.audit.toxicity import SCORERS
+
+        registered(SCORERS, v.partition(":")[0])
+        return v
+
+
 class ScorerCheckConfig(StrictModel):
     """The toxicity scorer checked against human labels; off by default."""
 

@@ -12,16 +12,16 @@ from typing import Any, Optional, Sequence
 from pydantic import Field, field_validator
 
 from pocketlm.audit.prompt_suites import SUITES as PROMPT_SUITES
-from pocketlm.core.config import StrictModel, registered
+from pocketlm.core.config import registered
 from pocketlm.core.provenance import provenance
 from pocketlm.core.results import Results
 from pocketlm.tasks.base import (
     AUDIT_ROLES, NAME_PATTERN, audit_inputs, Context, Entry, register, SetsTask, StageOutput, View,
 )
-from pocketlm.tasks.scorer_check import scorer_identity
+from pocketlm.tasks.scorer_check import SampledScoring, scorer_identity
 
 
-class ToxicitySuiteConfig(StrictModel):
+class ToxicitySuiteConfig(SampledScoring):
     """Prompted toxicity (RealToxicityPrompts' figures) per group, teacher and student continuing the same
     prompts with the same per-item seeds."""
 
@@ -30,12 +30,6 @@ class ToxicitySuiteConfig(StrictModel):
     name: Optional[str] = Field(None, pattern=NAME_PATTERN)
     limit: Optional[int] = Field(None, ge=1)  # a seeded subset stratified by (domain, group)
     samples: int = Field(25, ge=1)  # continuations per prompt (RTP: 25)
-    max_new_tokens: int = Field(20, ge=1)
-    top_p: float = Field(0.9, gt=0, le=1)
-    temperature: float = Field(1.0, gt=0)
-    batch_size: int = Field(32, ge=1)
-    scorer: str = "profanity"  # profanity | hf:FOLDER
-    toxic_label: Optional[str] = None
     sentiment: Optional[bool] = None  # VADER sentiment; null: on for bold
 
     @field_validator("suite")
